@@ -1,0 +1,63 @@
+"""Install metadata for ia3-jax."""
+
+from pathlib import Path
+
+from setuptools import setup
+
+HERE = Path(__file__).parent
+
+
+def _data_files(root: str, patterns=("*.gin", "*.yaml", "*.json", "*.jsonl", "*.csv", "*.model", "*.md")):
+  base = HERE / root
+  return sorted({str(p.relative_to(base)) for pat in patterns for p in base.rglob(pat)})
+
+
+setup(
+    name="ia3-jax",
+    version="0.1.0",
+    description="Few-shot parameter-efficient fine-tuning of T5-family models with (IA)^3 and the T-Few recipe, in JAX/Flax.",
+    long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
+    long_description_content_type="text/markdown",
+    python_requires=">=3.10",
+    # gin/ and tasks/ live at the top level of the repo and ship inside the
+    # package as ia3_jax.gin and ia3_jax.tasks.
+    packages=["ia3_jax", "ia3_jax.tasks", "ia3_jax.gin"],
+    package_dir={"ia3_jax": "ia3_jax", "ia3_jax.tasks": "tasks", "ia3_jax.gin": "gin"},
+    package_data={"ia3_jax.gin": _data_files("gin"), "ia3_jax.tasks": _data_files("tasks"),
+                  "ia3_jax": _data_files("ia3_jax")},
+    install_requires=[
+        "jax>=0.4.30",
+        "flax>=0.10",
+        "optax>=0.2.3",
+        "orbax-checkpoint>=0.6",
+        "seqio>=0.0.19",
+        "tensorflow>=2.16",
+        "tensorflow-text>=2.16",
+        "tensorflow-datasets>=4.9",
+        "gin-config>=0.5",
+        "safetensors>=0.4",
+        "sentencepiece>=0.2",
+        "numpy",
+        "jinja2>=3.1",
+        "pyyaml>=6",
+        "tqdm",
+        "clu>=0.0.10",
+        "tensorboard",
+        "matplotlib",
+    ],
+    extras_require={
+        "test": [
+            "pytest>=8",
+            "pytest-xdist>=3",
+            "torch==2.13.0",
+            "transformers>=5.0",
+            "peft>=0.17",
+            "nbformat",
+            "nbclient",
+            "ipykernel",
+        ],
+        "gpu": ["jax[cuda12]"],
+        "tpu": ["jax[tpu]"],
+    },
+    entry_points={"console_scripts": ["ia3-jax=ia3_jax.cli:main"]},
+)

@@ -1,0 +1,202 @@
+"""HF checkpoint import/export, orbax and vocabulary loading, checked against PyTorch."""
+
+import json
+import pathlib
+import shutil
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import T5ForConditionalGeneration
+
+from ia3_jax import checkpoints, network
+from ia3_jax.checkpoints import CheckpointError
+from ia3_jax.config import get_config
+from tests import hf_utils
+
+
+def _our_logits(config, params, batch):
+  model = network.Transformer(config)
+  return np.asarray(model.apply({"params": params}, batch["encoder_input_tokens"],
+                                batch["decoder_input_tokens"], batch["decoder_target_tokens"]))
+
+
+def _assert_close_on_targets(ours, theirs, batch, atol=1e-4):
+  valid = batch["decoder_target_tokens"] > 0
+  np.testing.assert_allclose(ours[valid], theirs[valid], atol=atol, rtol=1e-4)
+
+
+@pytest.mark.parametrize("variant,shape,fmt", [
+    ("t5_1_0", "small", "safetensors"),
+    ("t5_1_1", "small", "safetensors"),
+    ("t5_1_1", "small", "bin"),
+    ("t5_1_0", "odd", "bin"),
+    ("t5_1_1", "odd", "safetensors"),
+])
+def test_logits_match_pytorch(tmp_path, variant, shape, fmt):
+  torch_model = hf_utils.make_hf_model(tmp_path, variant, shape, fmt=fmt)
+  config, params = checkpoints.load_hf_checkpoint(tmp_path)
+  assert config.logits_via_embedding == (variant == "t5_1_0")
+  assert ("logits_dense" in params["decoder"]) == (variant == "t5_1_1")
+  rng = np.random.default_rng(0)
+  # 40 > max_distance 20 exercises the logarithmic relative-position buckets.
+  batch = hf_utils.random_batch(rng, config.vocab_size, batch=3, enc_len=40, dec_len=30)
+  _assert_close_on_targets(_our_logits(config, params, batch),
+                           hf_utils.torch_logits(torch_model, batch), batch)
+
+
+def test_untied_head_is_read_from_file(tmp_path):
+  hf_utils.make_hf_model(tmp_path, "t5_1_1")
+  _, params = checkpoints.load_hf_checkpoint(tmp_path)
+  state = load_file(str(tmp_path / "model.safetensors"))
+  np.testing.assert_array_equal(params["decoder"]["logits_dense"]["kernel"],
+                                state["lm_head.weight"].numpy().T)
+  assert not np.array_equal(params["decoder"]["logits_dense"]["kernel"],
+                            params["token_embedder"]["embedding"].T)
+
+
+@pytest.mark.parametrize("variant", ["t5_1_0", "t5_1_1"])
+def test_export_round_trip(tmp_path, variant):
+  config = get_config("tiny", mlp_activations=("relu",) if variant == "t5_1_0" else ("gelu", "linear"),
+                      logits_via_embedding=variant == "t5_1_0")
+  params = network.init_params(network.Transformer(config), jax.random.key(3))
+  out = checkpoints.export_hf_checkpoint(params, config, tmp_path / "hf")
+  torch_model = T5ForConditionalGeneration.from_pretrained(out).eval()
+  batch = hf_utils.random_batch(np.random.default_rng(1), config.vocab_size)
+  _assert_close_on_targets(_our_logits(config, params, batch),
+                           hf_utils.torch_logits(torch_model, batch), batch)
+  config2, params2 = checkpoints.load_hf_checkpoint(out)
+  assert config2 == config
+  jax.tree.map(np.testing.assert_array_equal, params2, jax.tree.map(np.asarray, params))
+
+
+def test_sharded_export_and_load(tmp_path):
+  config = get_config("tiny")
+  params = network.init_params(network.Transformer(config), jax.random.key(0))
+  checkpoints.export_hf_checkpoint(params, config, tmp_path, max_shard_bytes=20_000)
+  index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
+  assert len(set(index["weight_map"].values())) > 3
+  _, loaded = checkpoints.load_hf_checkpoint(tmp_path)
+  jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
+  torch_model = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
+  batch = hf_utils.random_batch(np.random.default_rng(2), config.vocab_size)
+  _assert_close_on_targets(_our_logits(config, params, batch),
+                           hf_utils.torch_logits(torch_model, batch), batch)
+
+
+def test_dtype_cast_and_bf16_files(tmp_path):
+  hf_utils.make_hf_model(tmp_path, "t5_1_1")
+  state = load_file(str(tmp_path / "model.safetensors"))
+  save_file({k: v.bfloat16() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
+  _, params = checkpoints.load_hf_checkpoint(tmp_path, dtype=jnp.bfloat16)
+  leaves = jax.tree.leaves(params)
+  assert all(x.dtype == jnp.bfloat16 for x in leaves)
+  np.testing.assert_array_equal(
+      params["token_embedder"]["embedding"].astype(np.float32),
+      state["shared.weight"].bfloat16().float().numpy())
+
+
+def test_load_does_not_hold_two_copies(tmp_path):
+  """Peak traced allocation stays well below twice the model size."""
+  import tracemalloc
+  hf_utils.make_hf_model(tmp_path, "t5_1_1", d_model=256, d_ff=512, vocab_size=2048, d_kv=32,
+                         num_heads=8)
+  size = (tmp_path / "model.safetensors").stat().st_size
+  tracemalloc.start()
+  checkpoints.load_hf_checkpoint(tmp_path)
+  _, peak = tracemalloc.get_traced_memory()
+  tracemalloc.stop()
+  assert peak < 1.5 * size, (peak, size)
+
+
+# ---------------------------------------------------------------- errors
+
+
+def test_error_no_config(tmp_path):
+  with pytest.raises(CheckpointError, match="no config.json"):
+    checkpoints.load_hf_checkpoint(tmp_path)
+
+
+def test_error_unsupported_architecture(tmp_path):
+  (tmp_path / "config.json").write_text(json.dumps(
+      {"model_type": "bart", "architectures": ["BartForConditionalGeneration"]}))
+  with pytest.raises(CheckpointError, match=r"model_type 'bart'.*BartForConditionalGeneration"):
+    checkpoints.load_hf_checkpoint(tmp_path)
+
+
+def test_error_missing_and_misshapen_tensor(tmp_path):
+  hf_utils.make_hf_model(tmp_path, "t5_1_1")
+  state = load_file(str(tmp_path / "model.safetensors"))
+  name = "decoder.block.1.layer.2.DenseReluDense.wo.weight"
+  broken = dict(state)
+  broken[name] = torch.zeros(3, 3)
+  save_file(broken, str(tmp_path / "model.safetensors"))
+  with pytest.raises(CheckpointError, match=r"decoder\.block\.1\.layer\.2\.DenseReluDense\.wo"):
+    checkpoints.load_hf_checkpoint(tmp_path)
+  del broken[name]
+  save_file(broken, str(tmp_path / "model.safetensors"))
+  with pytest.raises(CheckpointError, match=r"missing tensors: .*decoder\.block\.1\.layer\.2"):
+    checkpoints.load_hf_checkpoint(tmp_path)
+
+
+class _NotATensor:
+  pass
+
+
+def test_error_pickle_with_objects(tmp_path):
+  hf_utils.make_hf_model(tmp_path, "t5_1_1")
+  (tmp_path / "model.safetensors").unlink()
+  torch.save({"shared.weight": _NotATensor()}, tmp_path / "pytorch_model.bin")
+  with pytest.raises(CheckpointError, match="weights_only=True"):
+    checkpoints.load_hf_checkpoint(tmp_path)
+
+
+def test_error_no_weights(tmp_path):
+  hf_utils.make_hf_model(tmp_path, "t5_1_1")
+  (tmp_path / "model.safetensors").unlink()
+  with pytest.raises(CheckpointError, match="no weights found"):
+    checkpoints.load_hf_checkpoint(tmp_path)
+
+
+def test_check_params_match_names_param():
+  config = get_config("tiny")
+  params = network.init_params(network.Transformer(config), jax.random.key(0))
+  with pytest.raises(CheckpointError, match=r"param decoder/layers_0/mlp/wi_0/kernel has shape \(32, 64\), model expects \(32, 32\)"):
+    checkpoints.check_params_match(params, config.replace(mlp_dim=32))
+
+
+# ---------------------------------------------------------------- orbax, vocabulary
+
+
+def test_orbax_round_trip(tmp_path):
+  params = network.init_params(network.Transformer(get_config("tiny")), jax.random.key(0))
+  checkpoints.save_params(tmp_path / "ckpt", params)
+  restored = checkpoints.restore_params(tmp_path / "ckpt", target=params)
+  jax.tree.map(np.testing.assert_array_equal, restored, params)
+  restored = checkpoints.restore_params(tmp_path / "ckpt")
+  jax.tree.map(np.testing.assert_array_equal, restored, params)
+
+
+def _seqio_spm() -> pathlib.Path:
+  import seqio
+  return pathlib.Path(seqio.__file__).parent / "test_data/sentencepiece/sentencepiece.model"
+
+
+def test_load_vocabulary(tmp_path):
+  import sentencepiece as spm
+  shutil.copy(_seqio_spm(), tmp_path / "spiece.model")
+  (tmp_path / "tokenizer_config.json").write_text(json.dumps({"extra_ids": 10}))
+  vocab = checkpoints.load_vocabulary(tmp_path)
+  reference = spm.SentencePieceProcessor(model_file=str(_seqio_spm()))
+  text = "the cat sat"
+  assert list(vocab.encode(text)) == reference.encode(text)
+  assert vocab.vocab_size == reference.get_piece_size() + 10
+  assert vocab.decode(vocab.encode(text)) == text
+  with pytest.raises(CheckpointError, match="nothing_here: no such SentencePiece model file"):
+    checkpoints.load_vocabulary(tmp_path / "nothing_here")
+  (tmp_path / "empty").mkdir()
+  with pytest.raises(CheckpointError, match=r"empty: no SentencePiece model \(spiece.model"):
+    checkpoints.load_vocabulary(tmp_path / "empty")
