@@ -183,7 +183,7 @@ def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
                         "or a sharded *.index.json)")
 
 
-def _iter_safetensors(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
+def iter_safetensors(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
   from safetensors import safe_open
   with safe_open(str(file), framework="numpy") as f:
     for name in f.keys():
@@ -195,7 +195,7 @@ def _iter_safetensors(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
         yield name, f.get_tensor(name)
 
 
-def _iter_torch_bin(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
+def iter_torch_bin(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
   try:
     import torch
   except ImportError as e:
@@ -224,7 +224,7 @@ def _iter_torch_bin(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
 def iter_hf_tensors(path: PathLike) -> Iterator[tuple[str, np.ndarray]]:
   """Yields (name, array) for every tensor of an HF directory, one at a time."""
   for file in _weight_files(pathlib.Path(path)):
-    reader = _iter_safetensors if file.suffix == ".safetensors" else _iter_torch_bin
+    reader = iter_safetensors if file.suffix == ".safetensors" else iter_torch_bin
     yield from reader(file)
 
 

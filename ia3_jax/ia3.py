@@ -1,0 +1,295 @@
+"""(IA)^3 (Liu et al. 2022) as module overrides, with per-example task vector banks.
+
+A *site* is an activation that an (IA)^3 vector rescales elementwise:
+
+  site        block      scales                               param name            width
+  "k"         attention  output of `key`                      ia3_key               joined_kv
+  "v"         attention  output of `value`                    ia3_value             joined_kv
+  "ff"        mlp        input of `wo` (intermediate act.)    ia3_ff                mlp
+  "q"         attention  output of `query`                    ia3_query             joined_kv
+  "o"         attention  input of `out` (per-head outputs)    ia3_out_input         joined_kv
+  "attn_out"  attention  output of `out` (block output)       ia3_attention_output  embed
+  "mlp_out"   mlp        output of `wo` (block output)        ia3_mlp_output        embed
+
+The paper's (IA)^3 is ("k", "v", "ff"), applied in encoder self-attention,
+decoder self-attention and encoder-decoder attention. Each vector is a bank
+`[num_tasks, width]` (logical axes ("tasks", width axis); "tasks" is not
+sharded by the default rules), initialised to ones, living next to the
+projections it scales, e.g. `encoder/layers_0/attention/ia3_key`,
+`decoder/layers_3/encoder_decoder_attention/ia3_value`,
+`decoder/layers_3/mlp/ia3_ff`. Example b uses row `task_id[b]`; without a
+`task_id` a bank of one row is used as is (the paper's case).
+
+Merging folds one task's vectors into the kernels they multiply (output sites
+scale kernel columns, input sites kernel rows: `key[:, j] * l_k[j]`,
+`wo[i, :] * l_ff[i]`), keeping the original kernels for an exact unmerge.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+from typing import Any, Mapping, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ia3_jax import layers, network
+from ia3_jax import params as P
+from ia3_jax.config import T5Config
+
+Array = jax.Array
+Params = dict[str, Any]
+
+DEFAULT_SITES = ("k", "v", "ff")
+PARAM_NAMES = {"q": "ia3_query", "k": "ia3_key", "v": "ia3_value", "o": "ia3_out_input",
+               "attn_out": "ia3_attention_output", "ff": "ia3_ff", "mlp_out": "ia3_mlp_output"}
+SITES = tuple(PARAM_NAMES)
+SITE_OF_PARAM = {v: k for k, v in PARAM_NAMES.items()}
+# site -> (projection name, "in" | "out"): which side of which projection it scales.
+SITE_TARGETS = {"q": ("query", "out"), "k": ("key", "out"), "v": ("value", "out"),
+                "o": ("out", "in"), "attn_out": ("out", "out"),
+                "ff": ("wo", "in"), "mlp_out": ("wo", "out")}
+SITE_BY_PROJECTION = {(proj, side): site for site, (proj, side) in SITE_TARGETS.items()}
+# Matches every (IA)^3 param path (`re.fullmatch`, see `params.trainable_mask`).
+IA3_PATTERN = r"(.*/)?ia3_[a-z_]+"
+TASKS_AXIS = "tasks"
+
+
+def check_sites(sites: Sequence[str]) -> tuple[str, ...]:
+  sites = tuple(sites)
+  unknown = [s for s in sites if s not in PARAM_NAMES]
+  if unknown or not sites:
+    raise ValueError(f"(IA)^3 sites {list(sites)}: unknown {unknown or 'empty'}; "
+                     f"choose from {list(SITES)} (the paper uses {list(DEFAULT_SITES)})")
+  if len(set(sites)) != len(sites):
+    raise ValueError(f"(IA)^3 sites {list(sites)} contain duplicates")
+  return sites
+
+
+def gather_task_rows(bank: Array, task_id: Optional[Array], like: Array) -> Array:
+  """Per-example scale from a `[num_tasks, n]` bank, broadcastable against `like [B, ..., n]`.
+
+  Out-of-range task ids give NaN (never a silently wrong row).
+  """
+  if task_id is None:
+    if bank.shape[0] != 1:
+      raise ValueError(f"(IA)^3 bank has {bank.shape[0]} tasks: pass task_id [batch] "
+                       "to pick each example's vectors")
+    return bank[0]
+  task_id = jnp.asarray(task_id)
+  if task_id.ndim != 1 or task_id.shape[0] != like.shape[0]:
+    raise ValueError(f"task_id must have shape [batch={like.shape[0]}], got {task_id.shape}")
+  rows = jnp.take(bank, task_id, axis=0, mode="fill", fill_value=jnp.nan)
+  return rows.reshape((like.shape[0],) + (1,) * (like.ndim - 2) + (bank.shape[-1],))
+
+
+class _IA3Mixin:
+  """Shared `project` override: scale the input and/or output of selected projections."""
+
+  def _scale(self, x: Array, site: str, axis: str, task_id: Optional[Array]) -> Array:
+    bank = self.param(PARAM_NAMES[site], layers.logical(nn.initializers.ones, (TASKS_AXIS, axis)),
+                      (self.num_tasks, x.shape[-1]), jnp.float32)
+    scale = gather_task_rows(bank, task_id, x)
+    return (x.astype(jnp.float32) * scale).astype(x.dtype)
+
+  def project(self, x: Array, name: str, features: int, kernel_axes: tuple[str, str],
+              task_id: Optional[Array], kernel_init: Optional[layers.Initializer] = None) -> Array:
+    in_site, out_site = SITE_BY_PROJECTION.get((name, "in")), SITE_BY_PROJECTION.get((name, "out"))
+    if in_site in self.sites:
+      x = self._scale(x, in_site, kernel_axes[0], task_id)
+    y = super().project(x, name, features, kernel_axes, task_id, kernel_init)
+    if out_site in self.sites:
+      y = self._scale(y, out_site, kernel_axes[1], task_id)
+    return y
+
+
+class IA3Attention(_IA3Mixin, layers.MultiHeadDotProductAttention):
+  """T5 attention whose q/k/v/out projections may carry (IA)^3 vectors."""
+
+  sites: tuple[str, ...] = DEFAULT_SITES
+  num_tasks: int = 1
+
+
+class IA3Mlp(_IA3Mixin, layers.MlpBlock):
+  """T5 MLP whose `wo` input ("ff") and/or output ("mlp_out") may carry (IA)^3 vectors."""
+
+  sites: tuple[str, ...] = DEFAULT_SITES
+  num_tasks: int = 1
+
+
+def ia3_blocks(sites: Sequence[str] = DEFAULT_SITES, num_tasks: int = 1,
+               base: Optional[network.Blocks] = None) -> network.Blocks:
+  """`network.Blocks` with (IA)^3 attention and MLP overrides (other blocks from `base`)."""
+  sites = check_sites(sites)
+  if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
+    raise ValueError(f"(IA)^3 num_tasks must be a positive int, got {num_tasks!r}")
+  base = base or network.Blocks()
+  return base.replace(
+      attention=functools.partial(IA3Attention, sites=sites, num_tasks=int(num_tasks)),
+      mlp=functools.partial(IA3Mlp, sites=sites, num_tasks=int(num_tasks)))
+
+
+def ia3_model(config: T5Config, sites: Sequence[str] = DEFAULT_SITES,
+              num_tasks: int = 1) -> network.Transformer:
+  return network.Transformer(config, blocks=ia3_blocks(sites, num_tasks))
+
+
+# --------------------------------------------------------------------------- param trees
+
+
+def abstract_ia3(config: T5Config, sites: Sequence[str] = DEFAULT_SITES,
+                 num_tasks: int = 1) -> Params:
+  """Boxed ShapeDtypeStructs of the (IA)^3 params alone (no memory allocated)."""
+  model = ia3_model(config, sites, num_tasks)
+  abstract = network.abstract_params(model, with_task_id=num_tasks > 1)
+  return extract_ia3(abstract)[0]
+
+
+def init_ia3(config: T5Config, sites: Sequence[str] = DEFAULT_SITES, num_tasks: int = 1) -> Params:
+  """(IA)^3 params at their initial value (ones): the model equals the base model."""
+  abstract = nn.unbox(abstract_ia3(config, sites, num_tasks))
+  return jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), abstract)
+
+
+def count_ia3(config: T5Config, sites: Sequence[str] = DEFAULT_SITES, num_tasks: int = 1) -> int:
+  """Number of (IA)^3 scalars, computed with `jax.eval_shape` (works for 11B configs)."""
+  return P.count(abstract_ia3(config, sites, num_tasks))
+
+
+def trainable_mask(params: Mapping[str, Any]) -> Params:
+  """True at the (IA)^3 params: the paper trains these alone."""
+  return P.trainable_mask(params, IA3_PATTERN)
+
+
+def extract_ia3(params: Mapping[str, Any]) -> tuple[Params, Params]:
+  """(ia3 subtree, base params) -- both sparse trees in the original nesting."""
+  return P.partition(params, P.trainable_mask(params, IA3_PATTERN, allow_unmatched=True))
+
+
+def insert_ia3(params: Mapping[str, Any], ia3: Mapping[str, Any]) -> Params:
+  """Base params (any (IA)^3 params in them are replaced) plus the `ia3` subtree."""
+  _, base = extract_ia3(params)
+  unknown = [p for p in P.flatten(ia3) if p.rsplit("/", 1)[-1] not in SITE_OF_PARAM]
+  if unknown:
+    raise ValueError(f"insert_ia3: not (IA)^3 params: {', '.join(unknown[:5])}")
+  return P.combine(base, ia3)
+
+
+def with_ia3(base_params: Mapping[str, Any], config: T5Config, sites: Sequence[str] = DEFAULT_SITES,
+             num_tasks: int = 1) -> Params:
+  """Base params (e.g. from `checkpoints.load_hf_checkpoint`) plus fresh (IA)^3 vectors."""
+  return insert_ia3(base_params, init_ia3(config, sites, num_tasks))
+
+
+def sites_of(ia3: Mapping[str, Any]) -> tuple[str, ...]:
+  """The sites an (IA)^3 tree holds, in `SITES` order."""
+  found = {SITE_OF_PARAM[p.rsplit("/", 1)[-1]] for p in P.flatten(ia3)}
+  return tuple(s for s in SITES if s in found)
+
+
+def num_tasks_of(ia3: Mapping[str, Any]) -> int:
+  sizes = {int(np.shape(v)[0]) for v in P.flatten(ia3).values()}
+  if len(sizes) != 1:
+    raise ValueError(f"(IA)^3 tree has banks of different sizes {sorted(sizes)}" if sizes
+                     else "(IA)^3 tree is empty")
+  return sizes.pop()
+
+
+def select_task(ia3: Mapping[str, Any], task: int) -> Params:
+  """A one-task bank holding row `task` of every vector."""
+  n = num_tasks_of(ia3)
+  if not 0 <= task < n:
+    raise ValueError(f"task {task} out of range: the bank holds {n} tasks")
+  return jax.tree.map(lambda v: v[task:task + 1], P.unflatten(P.flatten(ia3)))
+
+
+def stack_tasks(banks: Sequence[Mapping[str, Any]]) -> Params:
+  """Concatenates banks with the same params along the task axis (task order kept)."""
+  if not banks:
+    raise ValueError("stack_tasks: no banks given")
+  flats = [P.flatten(b) for b in banks]
+  for i, f in enumerate(flats[1:], 1):
+    if set(f) != set(flats[0]):
+      diff = sorted(set(f) ^ set(flats[0]))
+      raise ValueError(f"stack_tasks: bank {i} has different params from bank 0: "
+                       f"{', '.join(diff[:5])}")
+  return P.unflatten({p: jnp.concatenate([jnp.asarray(f[p]) for f in flats], axis=0)
+                      for p in flats[0]})
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def merge(params: Mapping[str, Any], task: int = 0) -> tuple[Params, Params]:
+  """Folds task `task`'s vectors into the kernels: returns (merged base params, originals).
+
+  The merged tree has the base network's names (run it with
+  `network.Transformer(config)`, export it with `checkpoints.export_hf_checkpoint`).
+  `originals = {"kernels": original kernels that changed, "ia3": the (IA)^3 subtree}`
+  lets `unmerge` restore `params` bit for bit (no division by the vectors).
+  """
+  ia3, base = extract_ia3(params)
+  if not P.flatten(ia3):
+    raise ValueError("merge: params hold no (IA)^3 vectors (names ia3_*)")
+  n = num_tasks_of(ia3)
+  if not 0 <= task < n:
+    raise ValueError(f"merge: task {task} out of range: the bank holds {n} tasks")
+  flat = P.flatten(base)
+  originals: dict[str, Any] = {}
+  for path, bank in sorted(P.flatten(ia3).items()):
+    block, leaf = path.rsplit("/", 1)
+    proj, side = SITE_TARGETS[SITE_OF_PARAM[leaf]]
+    kpath = f"{block}/{proj}/kernel"
+    if kpath not in flat:
+      raise ValueError(f"merge: {path} scales {kpath}, which the params lack")
+    originals.setdefault(kpath, flat[kpath])
+    kernel = jnp.asarray(flat[kpath])
+    vec = jnp.asarray(bank)[task].astype(kernel.dtype)
+    flat[kpath] = kernel * (vec[None, :] if side == "out" else vec[:, None])
+  return P.unflatten(flat), {"kernels": P.unflatten(originals), "ia3": ia3}
+
+
+def unmerge(merged: Mapping[str, Any], originals: Mapping[str, Any]) -> Params:
+  """Inverse of `merge`: puts back the original kernels and the (IA)^3 subtree."""
+  flat = P.flatten(merged)
+  for path, kernel in P.flatten(originals["kernels"]).items():
+    if path not in flat:
+      raise ValueError(f"unmerge: merged params lack {path}")
+    flat[path] = kernel
+  return P.combine(P.unflatten(flat), originals["ia3"])
+
+
+def merge_checkpoint(base: Any, ia3: Any, out_dir: str | os.PathLike, *, task: int = 0,
+                     config: Optional[T5Config] = None, output_format: str = "hf",
+                     model_type: str = "t5") -> str:
+  """Writes base params with task `task`'s (IA)^3 vectors folded in.
+
+  `base`: an HF model directory, or a param tree (then pass `config`).
+  `ia3`: a peft IA3 adapter directory, a T-Few state dict file (`*.pt`/`*.bin`/
+  `*.safetensors`), an orbax checkpoint of the (IA)^3 params (or of a tree
+  holding them), or a param tree. `output_format`: "hf" (an HF directory that
+  `from_pretrained` loads) or "orbax". Returns the output path.
+  """
+  from ia3_jax import checkpoints, peft_io
+  if isinstance(base, (str, os.PathLike)):
+    config, base = checkpoints.load_hf_checkpoint(base)
+  elif config is None:
+    raise ValueError("merge_checkpoint: pass `config` when `base` is a param tree")
+  if isinstance(ia3, (str, os.PathLike)):
+    if os.path.isdir(ia3) and os.path.exists(os.path.join(ia3, "adapter_config.json")):
+      ia3 = peft_io.import_peft_adapter(ia3, config)
+    elif os.path.isfile(ia3):
+      ia3 = peft_io.import_tfew_state_dict(ia3, config)
+    else:
+      ia3 = checkpoints.restore_params(ia3)
+  ia3, _ = extract_ia3(ia3)
+  merged, _ = merge(insert_ia3(base, ia3), task)
+  if output_format == "hf":
+    return str(checkpoints.export_hf_checkpoint(merged, config, out_dir, model_type=model_type))
+  if output_format == "orbax":
+    return str(checkpoints.save_params(out_dir, merged))
+  raise ValueError(f"merge_checkpoint: output_format must be 'hf' or 'orbax', "
+                   f"got {output_format!r}")
