@@ -44,6 +44,7 @@ setup(
         "clu>=0.0.10",
         "tensorboard",
         "matplotlib",
+        "importlib_resources",  # tensorflow-datasets needs it to prepare builders
     ],
     extras_require={
         "test": [

@@ -1,0 +1,726 @@
+"""seqio glue: few-shot prompted tasks, and the batch iterator the trainer calls.
+
+Registering a dataset (`register_dataset`, or `register_task` for a user's
+JSONL/CSV files or lists) creates these seqio tasks and mixtures:
+
+  {key}_fewshot_seed{S}   training: the k few-shot examples for seed S, one
+                          random template per example each time it is drawn
+                          (only split "train")
+  {key}_train             training on the whole train split (when num_shots is None)
+  {key}_eval_{template}   evaluation: one task per template, every split of the source
+  {key}_eval              mixture of all of the dataset's evaluation tasks
+
+Every task yields `inputs`, `targets` (the correct choice), `choices`,
+`label`, `task_id`, `template_id`, `example_id`; `RankClassificationFeatureConverter`
+turns them into the batch layout. `get_batches` is the entry point for the
+trainer and evaluator (no gin needed).
+
+Task ids: every dataset key has a stable integer id (`task_id(key)`), carried by
+all its examples as `task_id`: the built-in datasets have fixed ids (see
+`ia3_jax.tasks.BUILTIN_TASK_IDS`), user datasets take the id they pass, or the
+next free id from 100 on, in registration order. `get_batches(task_id_map=)`
+renumbers them into the rows of a task bank.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import functools
+import logging
+import math
+import os
+import re
+import threading
+from typing import Any, Iterator, Mapping, Sequence
+
+import numpy as np
+import seqio
+
+from ia3_jax import fewshot
+from ia3_jax.feature_converters import EOS_ID, RankClassificationFeatureConverter, TruncationStats
+from ia3_jax.sources import CsvSource, InMemorySource, JsonlSource, Record, Source, import_tf
+from ia3_jax.templates import DataError, Template, TemplateSet, load_templates
+
+tf = import_tf()
+log = logging.getLogger(__name__)
+
+_KEY_RE = re.compile(r"^[a-z0-9_]+$")
+FIRST_USER_TASK_ID = 100
+
+# --------------------------------------------------------------------------- vocabulary
+
+_DEFAULT_VOCAB: seqio.Vocabulary | None = None
+# The T5 / T0 SentencePiece model (32000 pieces + 100 extra ids), as T5X uses it.
+T5_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
+BUNDLED_SPM_PATH = os.path.join(os.path.dirname(__file__), "assets", "sentencepiece.model")
+
+
+def set_default_vocabulary(vocabulary: seqio.Vocabulary | str | None) -> None:
+  """Sets the vocabulary used when a registration gets none (a path is a SentencePiece model)."""
+  global _DEFAULT_VOCAB
+  if isinstance(vocabulary, str):
+    vocabulary = seqio.SentencePieceVocabulary(vocabulary)
+  _DEFAULT_VOCAB = vocabulary
+
+
+def default_vocabulary() -> seqio.Vocabulary:
+  """The default vocabulary: `set_default_vocabulary`, else $IA3_JAX_SPM_PATH, else the
+  model bundled at `ia3_jax/assets/sentencepiece.model`, else T5's public vocabulary."""
+  if _DEFAULT_VOCAB is not None:
+    return _DEFAULT_VOCAB
+  path = os.environ.get("IA3_JAX_SPM_PATH")
+  if not path:
+    path = BUNDLED_SPM_PATH if os.path.exists(BUNDLED_SPM_PATH) else T5_SPM_PATH
+  extra_ids = 100 if path == T5_SPM_PATH else 0
+  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+
+
+# --------------------------------------------------------------------------- task ids
+
+_TASK_IDS: dict[str, int] = {}
+
+
+def register_task_id(key: str, task_id: int | None = None) -> int:
+  """Gives dataset `key` a stable task id (the given one, or the next free one >= 100)."""
+  if key in _TASK_IDS and (task_id is None or _TASK_IDS[key] == task_id):
+    return _TASK_IDS[key]
+  if task_id is None:
+    task_id = max([FIRST_USER_TASK_ID - 1, *_TASK_IDS.values()]) + 1
+  owner = next((k for k, v in _TASK_IDS.items() if v == task_id and k != key), None)
+  if owner is not None:
+    raise ValueError(f"task id {task_id} of {key!r} is already used by {owner!r}")
+  if not isinstance(task_id, int) or task_id < 0:
+    raise ValueError(f"task id of {key!r} must be a non-negative int, got {task_id!r}")
+  _TASK_IDS[key] = task_id
+  return task_id
+
+
+def task_id(key: str) -> int:
+  """The task id of a dataset key."""
+  if key not in _TASK_IDS:
+    raise DataError(f"no task id for dataset {key!r}; known: {sorted(_TASK_IDS)}")
+  return _TASK_IDS[key]
+
+
+def task_ids() -> dict[str, int]:
+  """All dataset keys and their task ids."""
+  return dict(_TASK_IDS)
+
+
+# --------------------------------------------------------------------------- specs
+
+@dataclasses.dataclass(frozen=True)
+class DatasetSpec:
+  """A dataset with its templates and few-shot setup.
+
+  Attributes:
+    key: short lower-case name; prefixes every task name.
+    source: where the examples come from.
+    templates: the template set (or the path of a template file).
+    train_split: source split few-shot (or full) training examples come from.
+    eval_split: source split `get_batches` evaluates on by default.
+    num_shots: k few-shot examples per seed; None trains on the whole train split.
+    seeds: few-shot seeds, one training task each.
+    num_choices: expected number of answer choices (checked for every example).
+    unlabeled_splits: splits without labels (targets empty, label -1).
+    task_id: fixed task id (None: assigned, see module doc).
+  """
+  key: str
+  source: Source
+  templates: TemplateSet | str
+  train_split: str = "train"
+  eval_split: str = "validation"
+  num_shots: int | None = None
+  seeds: tuple[int, ...] = fewshot.TFEW_SEEDS
+  num_choices: int | None = None
+  unlabeled_splits: frozenset[str] = frozenset()
+  task_id: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class TaskInfo:
+  """What `get_batches` knows about a task or mixture registered here."""
+  name: str
+  key: str
+  kind: str                  # "train" or "eval"
+  default_split: str
+  template_names: tuple[str, ...]
+  task_id: int
+  vocabulary: Any
+
+
+_INFO: dict[str, TaskInfo] = {}
+_RENDERERS: dict[str, Any] = {}  # task name -> split -> rendered rows
+_LOCK = threading.Lock()
+
+
+def get_task_info(name: str) -> TaskInfo | None:
+  """Our metadata for a registered task or mixture (None for foreign seqio ones)."""
+  return _INFO.get(name)
+
+
+def rendered_examples(name: str, split: str | None = None) -> list[dict]:
+  """The rendered rows of a task registered here (before tokenization), for inspection.
+
+  Each row holds, per template the task renders (all of them for training
+  tasks, one for evaluation tasks): `inputs`, `targets`, `choices`, `label`,
+  `template_id`; plus `example_id` and `task_id`.
+  """
+  if name not in _RENDERERS:
+    raise DataError(f"{name!r} is not a task registered by ia3_jax.data")
+  return _RENDERERS[name](split or _INFO[name].default_split)
+
+
+def registered_names(key: str | None = None) -> list[str]:
+  """Names of the tasks and mixtures registered here (of one dataset key if given)."""
+  return sorted(n for n, i in _INFO.items() if key is None or i.key == key)
+
+
+# --------------------------------------------------------------------------- rendering
+
+_RECORD_CACHE: dict[tuple, tuple[Source, list[Record]]] = {}
+_ROW_CACHE: dict[tuple, tuple[DatasetSpec, TemplateSet, list[dict]]] = {}
+
+
+def clear_cache() -> None:
+  """Forgets loaded and rendered examples (e.g. after the data files changed)."""
+  _RECORD_CACHE.clear()
+  _ROW_CACHE.clear()
+
+
+# Cache entries keep the objects whose ids are in their keys alive, so ids are not reused.
+def _records(spec: DatasetSpec, split: str) -> list[Record]:
+  key = (id(spec.source), split)
+  with _LOCK:
+    if key not in _RECORD_CACHE:
+      _RECORD_CACHE[key] = (spec.source, spec.source.load(split))
+    return _RECORD_CACHE[key][1]
+
+
+def _render_row(spec: DatasetSpec, templates: Sequence[Template], template_ids: Sequence[int],
+                record: Record, labeled: bool, tid: int) -> dict:
+  rendered = [t.render(record.fields, where=record.where, labeled=labeled) for t in templates]
+  row = {"inputs": [], "targets": [], "choices": [], "label": [], "template_id": list(template_ids),
+         "example_id": record.index, "task_id": tid}
+  for template, r in zip(templates, rendered):
+    choices = list(r.choices) if r.choices is not None else [r.target]
+    if spec.num_choices is not None and len(choices) != spec.num_choices:
+      raise DataError(f"{record.where}: {template.location}: renders {len(choices)} answer "
+                      f"choices; dataset {spec.key!r} expects {spec.num_choices}: {choices}")
+    row["inputs"].append(r.inputs)
+    row["targets"].append(r.target)
+    row["choices"].append(choices)
+    row["label"].append(r.label if r.choices is not None or not labeled else 0)
+  return row
+
+
+def _rows(spec: DatasetSpec, templates: TemplateSet, template_idx: Sequence[int], split: str,
+          shots: tuple[int | None, int] | None, tid: int) -> list[dict]:
+  """Rendered rows of a split (optionally a few-shot sample), cached."""
+  key = (id(spec), id(templates), split, tuple(template_idx), shots)
+  with _LOCK:
+    cached = _ROW_CACHE.get(key)
+  if cached is not None:
+    return cached[2]
+  records = _records(spec, split)
+  if shots is not None:
+    records = fewshot.sample(records, shots[0], shots[1], what=f"{spec.source.name} split {split!r}")
+  chosen = [templates.templates[i] for i in template_idx]
+  labeled = split not in spec.unlabeled_splits
+  rows = [_render_row(spec, chosen, template_idx, r, labeled, tid) for r in records]
+  with _LOCK:
+    _ROW_CACHE[key] = (spec, templates, rows)
+  return rows
+
+
+def _stream_rows(spec: DatasetSpec, templates: TemplateSet, template_idx: Sequence[int], split: str,
+                 tid: int) -> Iterator[dict]:
+  """Rendered rows of a whole split, read and rendered lazily."""
+  chosen = [templates.templates[i] for i in template_idx]
+  labeled = split not in spec.unlabeled_splits
+  for record in spec.source.iterate(split):
+    yield _render_row(spec, chosen, template_idx, record, labeled, tid)
+
+
+def _rows_dataset(rows: Sequence[dict], num_templates: int):
+  """Rows -> tf.data with choices stored flat (rebuilt as ragged by `_pick`)."""
+  flat, counts = [], []
+  for row in rows:
+    counts.append([len(c) for c in row["choices"]])
+    flat.append([x for c in row["choices"] for x in c])
+  n = len(rows)
+  features = {
+      "inputs": tf.constant([r["inputs"] for r in rows], tf.string, shape=[n, num_templates]),
+      "targets": tf.constant([r["targets"] for r in rows], tf.string, shape=[n, num_templates]),
+      "choices_flat": tf.ragged.constant(flat, dtype=tf.string, ragged_rank=1) if n else
+                      tf.RaggedTensor.from_row_lengths(tf.constant([], tf.string), tf.zeros([0], tf.int64)),
+      "choices_count": tf.constant(counts, tf.int32, shape=[n, num_templates]),
+      "label": tf.constant([r["label"] for r in rows], tf.int32, shape=[n, num_templates]),
+      "template_id": tf.constant([r["template_id"] for r in rows], tf.int32, shape=[n, num_templates]),
+      "example_id": tf.constant([r["example_id"] for r in rows], tf.int32, shape=[n]),
+      "task_id": tf.constant([r["task_id"] for r in rows], tf.int32, shape=[n]),
+  }
+  return tf.data.Dataset.from_tensor_slices(features)
+
+
+def _row_signature(num_templates: int) -> dict:
+  return {"inputs": tf.TensorSpec([num_templates], tf.string),
+          "targets": tf.TensorSpec([num_templates], tf.string),
+          "choices_flat": tf.TensorSpec([None], tf.string),
+          "choices_count": tf.TensorSpec([num_templates], tf.int32),
+          "label": tf.TensorSpec([num_templates], tf.int32),
+          "template_id": tf.TensorSpec([num_templates], tf.int32),
+          "example_id": tf.TensorSpec([], tf.int32), "task_id": tf.TensorSpec([], tf.int32)}
+
+
+def _row_tensors(row: dict) -> dict:
+  return {"inputs": row["inputs"], "targets": row["targets"],
+          "choices_flat": [x for c in row["choices"] for x in c],
+          "choices_count": [len(c) for c in row["choices"]], "label": row["label"],
+          "template_id": row["template_id"], "example_id": row["example_id"], "task_id": row["task_id"]}
+
+
+class _RenderedSource(seqio.FunctionDataSource):
+  """A FunctionDataSource over rendered rows.
+
+  Materialized (few-shot samples, evaluation splits: errors surface when the
+  dataset is built, sizes are known) or streamed (whole training splits:
+  examples are read and rendered as the pipeline pulls them).
+  """
+
+  def __init__(self, rows_fn, splits, num_templates: int, stream_fn=None):
+    def dataset_fn(split, shuffle_files=False):
+      del shuffle_files
+      if stream_fn is not None:
+        gen = lambda: (_row_tensors(row) for row in stream_fn(split))
+        return tf.data.Dataset.from_generator(gen, output_signature=_row_signature(num_templates))
+      return _rows_dataset(rows_fn(split), num_templates)
+    super().__init__(dataset_fn=dataset_fn, splits=splits)
+    self.rows = rows_fn
+    self.streaming = stream_fn is not None
+
+  def num_input_examples(self, split: str) -> int | None:
+    return None if self.streaming else len(self.rows(split))
+
+  def get_dataset(self, split="train", shuffle=True, seed=None, shard_info=None, **unused):
+    if shard_info and shard_info.num_shards > 1:
+      raise ValueError("shard with tf.data.Dataset.shard")  # seqio shards examples itself
+    return self._dataset_fn(split=split, shuffle_files=shuffle)
+
+
+# --------------------------------------------------------------------------- preprocessors
+
+def _pick(ex, i):
+  choices = tf.RaggedTensor.from_row_lengths(ex["choices_flat"], ex["choices_count"])
+  return {"inputs": ex["inputs"][i], "targets": ex["targets"][i], "choices": choices[i],
+          "label": ex["label"][i], "template_id": ex["template_id"][i],
+          "example_id": ex["example_id"], "task_id": ex["task_id"]}
+
+
+@seqio.map_over_dataset(num_seeds=1)
+@tf.autograph.experimental.do_not_convert
+def select_random_template(ex, seed):
+  """Keeps one template per example, drawn with a seqio-managed stateless seed."""
+  n = tf.shape(ex["inputs"])[0]
+  return _pick(ex, tf.random.stateless_uniform([], seed=seed, maxval=n, dtype=tf.int32))
+
+
+@seqio.map_over_dataset
+@tf.autograph.experimental.do_not_convert
+def select_first_template(ex):
+  """Keeps the (only) rendered template."""
+  return _pick(ex, 0)
+
+
+def tokenize_prompted(dataset, output_features):
+  """Tokenizes inputs, targets and every choice; appends EOS to each."""
+  def fn(ex):
+    out = dict(ex)
+    for key in ("inputs", "targets", "choices"):
+      feature = output_features[key]
+      tokens = feature.vocabulary.encode_tf(ex[key])
+      if key == "choices":
+        eos = tf.fill([tokens.nrows(), 1], tf.constant(feature.vocabulary.eos_id, tokens.dtype))
+        tokens = tf.concat([tokens, tf.RaggedTensor.from_tensor(eos)], axis=1)
+      else:
+        tokens = tf.concat([tokens, [feature.vocabulary.eos_id]], axis=0)
+      out[key] = tokens
+      out[f"{key}_pretokenized"] = ex[key]
+    return out
+  return dataset.map(tf.autograph.experimental.do_not_convert(fn), num_parallel_calls=tf.data.AUTOTUNE)
+
+
+def output_features(vocabulary: seqio.Vocabulary) -> dict[str, seqio.Feature]:
+  """The output features of every prompted task."""
+  ints = seqio.PassThroughVocabulary(size=0)
+  scalar = functools.partial(seqio.Feature, ints, add_eos=False, dtype=tf.int32, rank=0)
+  return {
+      "inputs": seqio.Feature(vocabulary, add_eos=True),
+      "targets": seqio.Feature(vocabulary, add_eos=True),
+      "choices": seqio.Feature(vocabulary, add_eos=True, rank=2),
+      "label": scalar(), "task_id": scalar(), "template_id": scalar(), "example_id": scalar(),
+  }
+
+
+# --------------------------------------------------------------------------- registration
+
+@dataclasses.dataclass(frozen=True)
+class Registered:
+  """Names created by `register_dataset`."""
+  train: tuple[str, ...]
+  eval: tuple[str, ...]
+  eval_mixture: str
+
+
+def _remove(name: str) -> None:
+  seqio.TaskRegistry.remove(name)
+  seqio.MixtureRegistry.remove(name)
+  _INFO.pop(name, None)
+  _RENDERERS.pop(name, None)
+
+
+def _add_task(name, info: TaskInfo, source, preprocessors, vocabulary, replace: bool):
+  if replace:
+    _remove(name)
+  elif name in seqio.TaskRegistry.names() or name in seqio.MixtureRegistry.names():
+    raise ValueError(f"seqio task or mixture {name!r} already registered")
+  seqio.TaskRegistry.add(name, source=source, preprocessors=preprocessors,
+                         output_features=output_features(vocabulary), metric_fns=[])
+  _INFO[name] = info
+  _RENDERERS[name] = source.rows
+
+
+def add_mixture(name: str, tasks: Sequence[str], *, kind: str, default_split: str,
+                rates: Sequence[float] | None = None, replace: bool = True) -> str:
+  """Registers a seqio mixture of tasks registered here (equal rates by default)."""
+  infos = [_INFO.get(t) for t in tasks]
+  if any(i is None for i in infos):
+    raise DataError(f"mixture {name!r}: unknown tasks {[t for t, i in zip(tasks, infos) if i is None]}")
+  if replace:
+    _remove(name)
+  entries = list(zip(tasks, rates)) if rates is not None else list(tasks)
+  seqio.MixtureRegistry.add(name, entries, default_rate=None if rates is not None else 1.0)
+  keys = {i.key for i in infos}
+  _INFO[name] = TaskInfo(name, keys.pop() if len(keys) == 1 else name, kind, default_split,
+                         tuple(n for i in infos for n in i.template_names),
+                         infos[0].task_id if len(keys) <= 1 else -1, infos[0].vocabulary)
+  return name
+
+
+def register_dataset(spec: DatasetSpec, vocabulary: seqio.Vocabulary | None = None, *,
+                     replace: bool = True) -> Registered:
+  """Registers the training tasks, evaluation tasks and evaluation mixture of `spec`."""
+  if not _KEY_RE.match(spec.key):
+    raise ValueError(f"dataset key {spec.key!r} must match {_KEY_RE.pattern}")
+  vocabulary = vocabulary or default_vocabulary()
+  templates = spec.templates if isinstance(spec.templates, TemplateSet) else load_templates(spec.templates)
+  if replace:  # forget this dataset's earlier tasks (e.g. registered with other templates)
+    for name in registered_names(spec.key):
+      _remove(name)
+  tid = register_task_id(spec.key, spec.task_id)
+  names_all = tuple(t.name for t in templates)
+  for split in (spec.train_split, spec.eval_split):
+    if split not in spec.source.splits:
+      raise DataError(f"dataset {spec.key!r}: split {split!r} not in source {spec.source.name} "
+                      f"(splits {list(spec.source.splits)})")
+
+  all_idx = tuple(range(len(templates)))
+  train_names = []
+  if spec.num_shots is None:
+    runs = [(f"{spec.key}_train", None)]
+  else:
+    runs = [(f"{spec.key}_fewshot_seed{seed}", (spec.num_shots, seed)) for seed in spec.seeds]
+  for name, shots in runs:
+    rows_fn = lambda split, _shots=shots: _rows(spec, templates, all_idx, spec.train_split, _shots, tid)
+    stream_fn = None
+    if shots is None:  # a whole training split: stream it
+      stream_fn = lambda split: _stream_rows(spec, templates, all_idx, spec.train_split, tid)
+    _add_task(name, TaskInfo(name, spec.key, "train", "train", names_all, tid, vocabulary),
+              _RenderedSource(rows_fn, ["train"], len(all_idx), stream_fn),
+              [select_random_template, tokenize_prompted], vocabulary, replace)
+    train_names.append(name)
+
+  eval_names = []
+  for i, template in enumerate(templates):
+    name = f"{spec.key}_eval_{template.slug}"
+    rows_fn = lambda split, _i=i: _rows(spec, templates, (_i,), split, None, tid)
+    _add_task(name, TaskInfo(name, spec.key, "eval", spec.eval_split, (template.name,), tid, vocabulary),
+              _RenderedSource(rows_fn, list(spec.source.splits), 1),
+              [select_first_template, tokenize_prompted], vocabulary, replace)
+    eval_names.append(name)
+  mixture = add_mixture(f"{spec.key}_eval", eval_names, kind="eval", default_split=spec.eval_split,
+                        replace=replace)
+  return Registered(tuple(train_names), tuple(eval_names), mixture)
+
+
+def register_task(key: str, data: Mapping[str, Any], templates: str | TemplateSet, *,
+                  vocabulary: seqio.Vocabulary | None = None, num_shots: int | None = None,
+                  seeds: Sequence[int] = (0,), train_split: str = "train",
+                  eval_split: str = "validation", num_choices: int | None = None,
+                  unlabeled_splits: Sequence[str] = (), task_id: int | None = None,
+                  replace: bool = True) -> Registered:
+  """Registers a user's dataset in one call.
+
+  Args:
+    key: dataset name (lower case, digits, underscores).
+    data: split -> a `.jsonl` / `.csv` path, or a list of dicts (or a `Source`
+      under the key "source").
+    templates: template file path (promptsource format) or a TemplateSet.
+    num_shots: k examples per few-shot seed; None trains on the whole split.
+    seeds: few-shot seeds (one training task `{key}_fewshot_seed{S}` each).
+    Other args: see `DatasetSpec`.
+  """
+  source = data.get("source") if isinstance(data.get("source"), Source) else _source_for(key, data)
+  spec = DatasetSpec(key=key, source=source, templates=templates, train_split=train_split,
+                     eval_split=eval_split if eval_split in source.splits else train_split,
+                     num_shots=num_shots, seeds=tuple(seeds), num_choices=num_choices,
+                     unlabeled_splits=frozenset(unlabeled_splits), task_id=task_id)
+  return register_dataset(spec, vocabulary, replace=replace)
+
+
+def _source_for(key: str, data: Mapping[str, Any]) -> Source:
+  if all(isinstance(v, (list, tuple)) for v in data.values()):
+    return InMemorySource(key, data)
+  paths = {s: os.fspath(p) for s, p in data.items()}
+  exts = {os.path.splitext(p)[1].lower() for p in paths.values()}
+  if exts <= {".jsonl", ".json"}:
+    return JsonlSource(paths, name=key)
+  if exts == {".csv"}:
+    return CsvSource(paths, name=key)
+  if exts == {".tsv"}:
+    return CsvSource(paths, name=key, delimiter="\t")
+  raise DataError(f"dataset {key!r}: files must all be .jsonl, .csv or .tsv, got {sorted(paths.values())}")
+
+
+# --------------------------------------------------------------------------- batches
+
+def _lookup(name: str):
+  try:
+    return seqio.get_mixture_or_task(name)
+  except ValueError:
+    pass
+  names = sorted(set(seqio.TaskRegistry.names()) | set(seqio.MixtureRegistry.names()))
+  close = difflib.get_close_matches(name, names, n=5, cutoff=0.6)
+  hint = f"; did you mean {close}?" if close else ""
+  raise DataError(f"unknown task or mixture name {name!r}{hint} ({len(names)} registered; "
+                  "built-in tasks need ia3_jax.tasks.register_all())")
+
+
+def _leaf_tasks(provider) -> list:
+  if isinstance(provider, seqio.Mixture):
+    return list(provider.tasks)  # already flattened, in mixture order
+  return [provider]
+
+
+def _pad_batch(batch: dict[str, np.ndarray], batch_size: int) -> dict[str, np.ndarray]:
+  """Pads a partial batch with dummy rows (example_mask 0) that are still valid inputs."""
+  n = batch["label"].shape[0]
+  out = {}
+  for key, value in batch.items():
+    pad = np.zeros((batch_size - n,) + value.shape[1:], value.dtype)
+    out[key] = np.concatenate([value, pad])
+  if n < batch_size:
+    out["task_id"][n:] = batch["task_id"][0] if n else 0
+    out["encoder_input_tokens"][n:, 0] = EOS_ID
+    out["choice_tokens"][n:, 0, 0] = EOS_ID
+    out["choice_mask"][n:, 0] = 1
+    out["example_id"][n:] = -1
+    out["template_id"][n:] = -1
+  out["example_mask"] = (np.arange(batch_size) < n).astype(np.int32)
+  return out
+
+
+class BatchIterator:
+  """Iterator of numpy batches; `stats` counts truncation over the rows yielded so far."""
+
+  def __init__(self, name: str, batches: Iterator[dict], stats: TruncationStats,
+               num_batches: int | None, task_id_map: Mapping[str, int] | None):
+    self.name = name
+    self.stats = stats
+    self.num_batches = num_batches  # known for evaluation; None when repeating
+    self._batches = batches
+    self._remap = None
+    if task_id_map is not None:
+      ids = task_ids()
+      unknown = set(task_id_map) - set(ids)
+      if unknown:
+        raise DataError(f"task_id_map: unknown dataset keys {sorted(unknown)}")
+      self._remap = {ids[k]: v for k, v in task_id_map.items()}
+    self._reported = False
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, np.ndarray]:
+    try:
+      batch = next(self._batches)
+    except StopIteration:
+      if not self._reported and self.stats.any_truncated:
+        log.warning("%s", self.stats.report(self.name))
+      self._reported = True
+      raise
+    except tf.errors.OpError as e:  # a failed check or a DataError raised inside tf.data
+      raise DataError(f"{self.name}: {e.message}") from None
+    self.stats.update(batch)
+    if self._remap is not None:
+      ids, real = batch["task_id"], batch["example_mask"].astype(bool)
+      missing = set(np.unique(ids[real]).tolist()) - set(self._remap)
+      if missing:
+        raise DataError(f"{self.name}: task ids {sorted(missing)} not in task_id_map")
+      fallback = min(self._remap.values())  # padding rows: any valid bank row
+      batch["task_id"] = np.array([self._remap[i] if r else fallback for i, r in zip(ids.tolist(), real)],
+                                  np.int32)
+    return batch
+
+  def truncation_report(self) -> str:
+    return self.stats.report(self.name)
+
+
+def _converted(ds, feature_lengths, lm_only):
+  converter = RankClassificationFeatureConverter(lm_only=lm_only)
+  return converter(ds, dict(feature_lengths))
+
+
+def get_batches(name: str, split: str | None, batch_size: int, feature_lengths: Mapping[str, int],
+                *, shuffle: bool | None = None, seed: int = 0, shard_id: int = 0,
+                num_shards: int = 1, repeat: bool | None = None, start_step: int = 0,
+                lm_only: bool | None = None, task_id_map: Mapping[str, int] | None = None
+                ) -> BatchIterator:
+  """Numpy batches of a seqio task or mixture in the rank-classification layout.
+
+  Training (the default for `*_fewshot_seed*` / `*_train` tasks and their
+  mixtures): shuffled with `seed`, repeated, full batches only; the stream is a
+  pure function of (name, split, batch size, lengths, seed, shard), so
+  `start_step=n` resumes exactly where n batches were consumed.
+
+  Evaluation (the default for other tasks): every example once, in order,
+  mixtures task after task; the last batch is padded with `example_mask` 0
+  rows, and every shard yields the same number of batches.
+
+  Args:
+    name: seqio task or mixture name.
+    split: split; None picks the task's default (training: "train"; evaluation:
+      the dataset's evaluation split, e.g. ANLI's test split).
+    batch_size: rows per batch (per shard).
+    feature_lengths: {"inputs": L, "targets": T, "num_choices": C}.
+    shuffle, repeat: override the training/evaluation defaults.
+    seed: shuffling and template-drawing seed.
+    shard_id, num_shards: this host's shard.
+    start_step: batches to skip (training resume).
+    lm_only: LM layout (C=1, the choice is the target, label 0); default: True
+      when feature_lengths["num_choices"] == 1.
+    task_id_map: dataset key -> row of the task bank (default: global ids).
+  """
+  provider = _lookup(name)
+  info = _INFO.get(name)
+  if split is None:
+    if info is None:
+      raise DataError(f"{name!r} is not registered by ia3_jax.data: pass split explicitly")
+    split = info.default_split
+  training = info is not None and info.kind == "train"
+  shuffle = training if shuffle is None else shuffle
+  repeat = training if repeat is None else repeat
+  if batch_size < 1 or not 0 <= shard_id < num_shards:
+    raise ValueError(f"bad batch_size={batch_size} or shard {shard_id}/{num_shards}")
+  if lm_only is None:
+    lm_only = feature_lengths.get("num_choices") == 1
+  lengths = dict(feature_lengths)
+  probe = RankClassificationFeatureConverter(lm_only=lm_only)
+  length, target_length, c = probe._lengths(lengths)  # validates early  # pylint: disable=protected-access
+  stats = TruncationStats(length, target_length, c)
+  lengths["num_choices"] = c
+  for task in _leaf_tasks(provider):
+    if split not in task.splits:
+      raise DataError(f"{name}: task {task.name!r} has no split {split!r}; splits {list(task.splits)}")
+
+  if repeat or shuffle:
+    ds = _stream(provider, split, shuffle, seed, shard_id, num_shards, repeat)
+    ds = _converted(ds, lengths, lm_only).batch(batch_size, drop_remainder=True).skip(start_step)
+    batches = (_pad_batch(b, batch_size) for b in ds.as_numpy_iterator())
+    return BatchIterator(name, batches, stats, None, task_id_map)
+  if start_step:
+    raise ValueError("start_step applies to training streams (repeat or shuffle)")
+  batches, num_batches = _eval_batches(provider, split, batch_size, lengths, lm_only,
+                                       shard_id, num_shards)
+  return BatchIterator(name, batches, stats, num_batches, task_id_map)
+
+
+def _stream(provider, split, shuffle, seed, shard_id, num_shards, repeat):
+  kwargs = dict(sequence_length=None, split=split, shuffle=shuffle, seed=seed,
+                shard_info=seqio.ShardInfo(shard_id, num_shards) if num_shards > 1 else None,
+                num_epochs=None if repeat else 1, trim_output_features=False)
+  ds = provider.get_dataset(**kwargs)
+  options = tf.data.Options()
+  options.deterministic = True
+  return ds.with_options(options)
+
+
+def _task_dataset(task, split):
+  return task.get_dataset(sequence_length=None, split=split, shuffle=False, seed=0,
+                          num_epochs=1, trim_output_features=False)
+
+
+def _count(task, split) -> int:
+  size = None
+  if isinstance(task.source, _RenderedSource) and not task.source.streaming:
+    size = len(task.source.rows(split))
+  if size is None:
+    size = int(_task_dataset(task, split).reduce(0, lambda n, _: n + 1))
+  return size
+
+
+def _eval_dataset(tasks, split):
+  """Every example of every task once, task after task (unconverted)."""
+  infos = [_INFO.get(t.name) for t in tasks]
+  if all(i is not None and i.kind == "eval" for i in infos) and len({id(i.vocabulary) for i in infos}) == 1:
+    # Our evaluation tasks: one pipeline over all their rendered rows, with the same
+    # preprocessors seqio would run per task (tracing one pipeline, not one per template).
+    rows = [row for t in tasks for row in t.source.rows(split)]
+    ds = select_first_template(_rows_dataset(rows, 1))
+    return tokenize_prompted(ds, output_features(infos[0].vocabulary))
+  keep = set(output_features(seqio.PassThroughVocabulary(0)))
+  select = tf.autograph.experimental.do_not_convert(lambda ex: {k: v for k, v in ex.items() if k in keep})
+  datasets = [_task_dataset(t, split).map(select) for t in tasks]
+  return functools.reduce(lambda a, b: a.concatenate(b), datasets)
+
+
+def _eval_batches(provider, split, batch_size, lengths, lm_only, shard_id, num_shards):
+  tasks = _leaf_tasks(provider)
+  total = sum(_count(t, split) for t in tasks)
+  ds = _converted(_eval_dataset(tasks, split), lengths, lm_only)
+  if num_shards > 1:
+    ds = ds.shard(num_shards, shard_id)
+  num_batches = math.ceil(math.ceil(total / num_shards) / batch_size)
+  ds = ds.batch(batch_size)
+
+  def gen():
+    count = 0
+    template = None
+    for batch in ds.as_numpy_iterator():
+      template = batch
+      count += 1
+      yield _pad_batch(batch, batch_size)
+    if template is None:
+      template = _empty_batch(lengths, lm_only)
+    empty = {k: v[:0] for k, v in template.items()}
+    for _ in range(count, num_batches):
+      yield _pad_batch(empty, batch_size)
+  return gen(), num_batches
+
+
+def _empty_batch(lengths, lm_only) -> dict[str, np.ndarray]:
+  c = 1 if lm_only else lengths["num_choices"]
+  z = lambda *shape: np.zeros((0, *shape), np.int32)
+  return {"encoder_input_tokens": z(lengths["inputs"]), "choice_tokens": z(c, lengths["targets"]),
+          "choice_mask": z(c), "label": z(), "task_id": z(), "template_id": z(), "example_id": z(),
+          "inputs_length": z(), "num_choices": z(), "choice_lengths": z(c)}
+
+
+def truncation_report(name: str, split: str | None, feature_lengths: Mapping[str, int], *,
+                      lm_only: bool | None = None) -> TruncationStats:
+  """One pass over a split (no shuffling or repeat) counting what the lengths would cut."""
+  it = get_batches(name, split, 64, feature_lengths, shuffle=False, repeat=False, lm_only=lm_only)
+  for _ in it:
+    pass
+  return it.stats
