@@ -1,0 +1,161 @@
+"""The `ia3-jax` console script.
+
+  ia3-jax train  --gin_file=... [--gin.KEY=VALUE ...]   fine-tune (runs/finetune.gin)
+  ia3-jax eval   --gin_file=... [--gin.KEY=VALUE ...]   accuracy of a checkpoint (runs/eval.gin)
+  ia3-jax score  --gin_file=... [--gin.KEY=VALUE ...]   per-choice scores (runs/score.gin)
+  ia3-jax infer  --gin_file=... [--gin.KEY=VALUE ...]   predictions (runs/infer.gin)
+  ia3-jax convert SRC DST                               HF directory <-> orbax params
+  ia3-jax merge --base HF_DIR --ia3 CKPT --out DIR      fold (IA)^3 vectors into the kernels
+  ia3-jax export-peft --checkpoint CKPT --out DIR       (IA)^3 vectors as an HF peft adapter
+  ia3-jax costs [...]                                   the paper's FLOPs / storage table
+
+train/eval/score/infer take the flags of `python -m ia3_jax.main` and add
+their run file when none is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pathlib
+import sys
+from typing import Optional, Sequence
+
+COMMANDS = ("train", "eval", "score", "infer", "convert", "merge", "export-peft", "costs")
+
+
+def _usage() -> str:
+  return __doc__.split("\n\n")[1] if __doc__ else ""
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _config_for(model: Optional[str], base: Optional[str], checkpoint_meta: Optional[dict]):
+  """Model config from a preset name, an HF directory's config.json, or a checkpoint's meta."""
+  from ia3_jax import checkpoints, config as config_lib
+  if model:
+    return config_lib.get_config(model)
+  if base:
+    return checkpoints.load_hf_config(base)
+  if checkpoint_meta and "model_config" in checkpoint_meta:
+    fields = dict(checkpoint_meta["model_config"])
+    return config_lib.T5Config(**fields)
+  raise SystemExit("error: give --model PRESET or --base HF_DIR to know the model shape")
+
+
+def _trainable_dir(path: str) -> tuple[pathlib.Path, dict]:
+  """The `trainable/` item of a training checkpoint (MODEL_DIR, checkpoints/ or a step)."""
+  from ia3_jax import checkpointing
+  step_dir, meta = checkpointing.read_checkpoint_meta(path)
+  return step_dir / "trainable", meta
+
+
+def _is_training_checkpoint(path: str) -> bool:
+  p = pathlib.Path(path)
+  return p.is_dir() and ((p / "trainable").exists() or (p / "checkpoints").exists() or any(
+      (c / "trainable").exists() for c in p.iterdir() if c.is_dir()))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def convert(argv: Sequence[str]) -> int:
+  p = argparse.ArgumentParser(prog="ia3-jax convert", description=(
+      "HF T5/T0/mT5 directory -> orbax param checkpoint (fast, sharded loading as "
+      "INITIAL_CHECKPOINT_PATH), or orbax params -> HF directory (--to hf)."))
+  p.add_argument("src")
+  p.add_argument("dst")
+  p.add_argument("--to", choices=("orbax", "hf"), default=None,
+                 help="output format (default: the other one)")
+  p.add_argument("--model", default=None, help="preset of an orbax source (for --to hf)")
+  p.add_argument("--model_type", default="t5", choices=("t5", "mt5"))
+  args = p.parse_args(argv)
+  from ia3_jax import checkpoints
+  src_is_hf = (pathlib.Path(args.src) / "config.json").exists()
+  to = args.to or ("orbax" if src_is_hf else "hf")
+  if src_is_hf:
+    config, params = checkpoints.load_hf_checkpoint(args.src)
+  else:
+    params = checkpoints.restore_params(args.src)
+    meta_file = pathlib.Path(args.src) / "model_config.json"
+    meta = {"model_config": json.loads(meta_file.read_text())} if meta_file.exists() else None
+    config = _config_for(args.model, None, meta)
+    checkpoints.check_params_match(params, config, source=args.src)
+  if to == "orbax":
+    out = checkpoints.save_params(args.dst, params)
+    (pathlib.Path(args.dst) / "model_config.json").write_text(
+        json.dumps(config.to_dict(), indent=2))
+  else:
+    out = checkpoints.export_hf_checkpoint(params, config, args.dst, model_type=args.model_type)
+  print(f"wrote {to} checkpoint {out}")
+  return 0
+
+
+def merge(argv: Sequence[str]) -> int:
+  p = argparse.ArgumentParser(prog="ia3-jax merge", description=(
+      "Fold one task's (IA)^3 vectors into the base kernels and write the merged model."))
+  p.add_argument("--base", required=True, help="HF model directory")
+  p.add_argument("--ia3", required=True, help="training checkpoint (MODEL_DIR, checkpoints/ "
+                 "or a step), peft IA3 adapter directory, T-Few state dict, or orbax params")
+  p.add_argument("--out", required=True)
+  p.add_argument("--task", type=int, default=0, help="row of a task bank")
+  p.add_argument("--format", choices=("hf", "orbax"), default="hf")
+  p.add_argument("--model_type", choices=("t5", "mt5"), default="t5")
+  args = p.parse_args(argv)
+  from ia3_jax import ia3
+  source = args.ia3
+  if _is_training_checkpoint(source):
+    source = str(_trainable_dir(source)[0])
+  out = ia3.merge_checkpoint(args.base, source, args.out, task=args.task,
+                             output_format=args.format, model_type=args.model_type)
+  print(f"wrote merged model {out}")
+  return 0
+
+
+def export_peft(argv: Sequence[str]) -> int:
+  p = argparse.ArgumentParser(prog="ia3-jax export-peft", description=(
+      "Write the (IA)^3 vectors of a training checkpoint as an HF peft IA3 adapter."))
+  p.add_argument("--checkpoint", required=True, help="MODEL_DIR, checkpoints/ or a step")
+  p.add_argument("--out", required=True)
+  p.add_argument("--base", default=None, help="HF model directory (for the model shape)")
+  p.add_argument("--model", default=None, help="model preset (for the model shape)")
+  p.add_argument("--task", type=int, default=0)
+  p.add_argument("--convention", choices=("t5", "mt5", "tfew"), default="t5")
+  p.add_argument("--base_model_name_or_path", default=None)
+  args = p.parse_args(argv)
+  from ia3_jax import checkpointing, peft_io
+  trainable, meta = checkpointing.restore_trainable(args.checkpoint)
+  config = _config_for(args.model, args.base, meta)
+  out = peft_io.export_peft_adapter(trainable, config, args.out, task=args.task,
+                                    convention=args.convention,
+                                    base_model_name_or_path=(args.base_model_name_or_path
+                                                             or args.base))
+  print(f"wrote peft adapter {out}")
+  return 0
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+  argv = list(sys.argv[1:] if argv is None else argv)
+  if not argv or argv[0] in ("-h", "--help"):
+    print(f"usage: ia3-jax {{{','.join(COMMANDS)}}} ...\n\n{_usage()}")
+    return 0 if argv else 2
+  cmd, rest = argv[0], argv[1:]
+  if cmd in ("train", "eval", "score", "infer"):
+    from ia3_jax import main as main_lib
+    return main_lib.main(rest, action=cmd, prog=f"ia3-jax {cmd}")
+  if cmd == "convert":
+    return convert(rest)
+  if cmd == "merge":
+    return merge(rest)
+  if cmd == "export-peft":
+    return export_peft(rest)
+  if cmd == "costs":
+    from ia3_jax import costs
+    return costs.main(rest)
+  print(f"ia3-jax: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
+  return 2
+
+
+if __name__ == "__main__":
+  sys.exit(main())

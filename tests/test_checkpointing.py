@@ -1,0 +1,126 @@
+"""Checkpoints: kill mid-run and resume == uninterrupted; trainable-only content; keep last K;
+a checkpoint of another model shape names the param."""
+
+import os
+import pathlib
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+
+from ia3_jax import checkpointing, checkpoints, config, ia3, trainer
+from ia3_jax import params as P
+from tests import trainer_utils as tu
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+STEPS, PERIOD = 8, 2
+
+CHILD = """
+import sys
+from tests import trainer_utils as tu
+res = tu.run_tiny(sys.argv[1], steps=int(sys.argv[2]), checkpoint_period=int(sys.argv[3]),
+                  delay=float(sys.argv[4]))
+print("FIRST_STEP", res["train_losses"][0][0], flush=True)
+"""
+
+
+@pytest.fixture(scope="module", autouse=True)
+def compile_cache(tmp_path_factory):
+  """Shared persistent compilation cache (see trainer_utils.compilation_cache_dir)."""
+  path = tu.compilation_cache_dir(tmp_path_factory)
+  tu.enable_compilation_cache(path)
+  return path
+
+
+def _committed_steps(model_dir: pathlib.Path) -> list[int]:
+  root = model_dir / "checkpoints"
+  if not root.exists():
+    return []
+  return sorted(int(p.name) for p in root.iterdir() if p.name.isdigit())
+
+
+def _write_checkpoint(model_dir: pathlib.Path, cfg, step: int = 3) -> None:
+  """A checkpoint as `trainer.train` writes it, without training (no step to compile)."""
+  from ia3_jax import network, optimizers
+  tr = trainer.Trainer(network.Transformer(cfg, ia3.ia3_blocks()), trainable=ia3.IA3_PATTERN,
+                       optimizer=optimizers.OptimizerConfig(total_steps=10).build())
+  state = tr.init_state(tu.random_base_params(cfg))
+  ckpt = checkpointing.Checkpointer(model_dir / "checkpoints")
+  ckpt.save(step, state, {"seed": 0, "batch_size": 8, "grad_accum_steps": 1,
+                          "initial_checkpoint_path": None, "data_position": step})
+  ckpt.close()
+
+
+def test_kill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path, compile_cache):
+  """A run SIGKILLed after a checkpoint, then resumed, ends with the same params (bit for bit,
+  dropout on) as an uninterrupted run; checkpoints hold the trainable params only, the last
+  KEEP of them."""
+  reference_dir = tmp_path / "reference"
+  reference = tu.run_tiny(str(reference_dir), steps=STEPS, checkpoint_period=PERIOD)
+  want = jax.device_get(reference["state"].trainable)
+
+  model_dir = tmp_path / "run"
+  env = tu.child_env(compile_cache)
+  args = [sys.executable, "-c", CHILD, str(model_dir), str(STEPS), str(PERIOD)]
+  proc = subprocess.Popen(args + ["0.4"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  try:
+    while not _committed_steps(model_dir) and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+    killed_at = _committed_steps(model_dir)
+    os.kill(proc.pid, signal.SIGKILL)
+  finally:
+    out, _ = proc.communicate(timeout=60)
+  assert proc.returncode == -signal.SIGKILL, out[-3000:]
+  assert killed_at and max(killed_at) < STEPS, (killed_at, out[-3000:])
+
+  resumed = subprocess.run(args + ["0"], env=env, cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+  assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+  first = int(resumed.stdout.split("FIRST_STEP")[1].split()[0])
+  assert first > max(killed_at) >= PERIOD  # it continued, it did not start over
+  got, meta = checkpointing.restore_trainable(model_dir)
+  assert meta["step"] == STEPS and meta["data_position"] == STEPS
+  for name, value in P.flatten(want).items():
+    np.testing.assert_array_equal(P.flatten(got)[name], value, err_msg=name)
+
+  # What a checkpoint holds, and how many are kept.
+  assert _committed_steps(reference_dir) == [4, 6, 8]  # keep=3 of 2, 4, 6, 8
+  step_dir = reference_dir / "checkpoints" / "8"
+  assert sorted(p.name for p in step_dir.iterdir() if p.is_dir()) == ["meta", "opt_state",
+                                                                      "trainable"]
+  saved, meta = checkpointing.restore_trainable(reference_dir)
+  assert set(P.flatten(saved)) == set(P.flatten(want))
+  assert all(p.rsplit("/", 1)[-1].startswith("ia3_") for p in P.flatten(saved))
+  assert meta["trainable_params"] == sorted(P.flatten(want))
+  assert meta["seed"] == 0 and meta["batch_size"] == 8
+  assert reference["checkpoint"] == str(step_dir)
+
+
+def test_resume_with_another_model_shape_names_the_param(tmp_path):
+  _write_checkpoint(tmp_path, config.get_config("tiny"))
+  wide = config.get_config("tiny").replace(mlp_dim=96)
+  with pytest.raises(checkpoints.CheckpointError,
+                     match=r"checkpoints/3/trainable: param decoder/layers_0/mlp/ia3_ff has shape "
+                           r"\(1, 64\) in the checkpoint; this model expects \(1, 96\)"):
+    trainer.train(model_dir=str(tmp_path), config=wide, blocks=ia3.ia3_blocks(),
+                  trainable=ia3.IA3_PATTERN, train_data=tu.SyntheticBatches(8),
+                  train_config=trainer.TrainConfig(train_steps=10, seed=0, tensorboard=False,
+                                                   progress=False),
+                  initial_params=tu.random_base_params(wide))
+
+
+def test_resume_with_another_batch_size_is_refused(tmp_path):
+  tiny = config.get_config("tiny")
+  _write_checkpoint(tmp_path, tiny)
+  with pytest.raises(checkpoints.CheckpointError, match="batch_size=8, this run has batch_size=4"):
+    trainer.train(model_dir=str(tmp_path), config=tiny, blocks=ia3.ia3_blocks(),
+                  trainable=ia3.IA3_PATTERN, train_data=tu.SyntheticBatches(4),
+                  train_config=trainer.TrainConfig(train_steps=10, batch_size=4, seed=0,
+                                                   tensorboard=False, progress=False),
+                  initial_params=tu.random_base_params(tiny))
