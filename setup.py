@@ -21,7 +21,7 @@ setup(
     python_requires=">=3.10",
     # gin/ and tasks/ live at the top level of the repo and ship inside the
     # package as ia3_jax.gin and ia3_jax.tasks.
-    packages=["ia3_jax", "ia3_jax.tasks", "ia3_jax.gin"],
+    packages=["ia3_jax", "ia3_jax.peft_methods", "ia3_jax.tasks", "ia3_jax.gin"],
     package_dir={"ia3_jax": "ia3_jax", "ia3_jax.tasks": "tasks", "ia3_jax.gin": "gin"},
     package_data={"ia3_jax.gin": _data_files("gin"), "ia3_jax.tasks": _data_files("tasks"),
                   "ia3_jax": _data_files("ia3_jax")},

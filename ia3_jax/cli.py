@@ -8,6 +8,7 @@
   ia3-jax merge --base HF_DIR --ia3 CKPT --out DIR      fold (IA)^3 vectors into the kernels
   ia3-jax export-peft --checkpoint CKPT --out DIR       (IA)^3 vectors as an HF peft adapter
   ia3-jax costs [...]                                   the paper's FLOPs / storage table
+  ia3-jax peft-counts [--model PRESET]                  trainable params per PEFT method
 
 train/eval/score/infer take the flags of `python -m ia3_jax.main` and add
 their run file when none is given.
@@ -21,7 +22,8 @@ import pathlib
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ("train", "eval", "score", "infer", "convert", "merge", "export-peft", "costs")
+COMMANDS = ("train", "eval", "score", "infer", "convert", "merge", "export-peft", "costs",
+            "peft-counts")
 
 
 def _usage() -> str:
@@ -153,6 +155,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if cmd == "costs":
     from ia3_jax import costs
     return costs.main(rest)
+  if cmd == "peft-counts":
+    from ia3_jax.peft_methods import counts
+    return counts.main(rest)
   print(f"ia3-jax: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
   return 2
 

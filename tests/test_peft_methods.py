@@ -1,0 +1,327 @@
+"""PEFT baselines: identity at init, what trains, loss goes down, mixed tasks, counts."""
+
+import functools
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+from ia3_jax import network
+from ia3_jax import params as P
+from ia3_jax.config import get_config
+from ia3_jax.peft_methods import counts, registry
+
+# Small hyper-parameters for the tiny preset (defaults elsewhere are for T0).
+TINY_KW = {
+    "ia3": {}, "lora": dict(rank=2, alpha=3.0), "bitfit": {}, "layernorm": {},
+    "prompt_tuning": dict(length=3), "prefix_tuning": dict(length=2), "full": {},
+}
+# Methods whose model starts as the base model (prompt/prefix tuning: explicit references in
+# test_peft_prompt_prefix.py).
+IDENTITY_AT_INIT = ("ia3", "lora", "bitfit", "layernorm", "full")
+
+
+@pytest.fixture(scope="module")
+def tiny():
+  config = get_config("tiny")
+  base = network.init_params(network.Transformer(config), jax.random.key(0))
+  rng = np.random.default_rng(0)
+  enc = rng.integers(2, config.vocab_size, (4, 9)).astype(np.int32)
+  enc[1:, 6:] = 0  # padding
+  targets = rng.integers(2, config.vocab_size, (4, 5)).astype(np.int32)
+  targets[2, 3:] = 0
+  batch = dict(enc=jnp.asarray(enc), dec_in=network.shift_right(jnp.asarray(targets)),
+               targets=jnp.asarray(targets))
+  base_model = network.Transformer(config)
+  batch["base_logits"] = jax.jit(lambda p: base_model.apply(
+      {"params": p}, batch["enc"], batch["dec_in"], batch["targets"]))(base)
+  return config, base, batch
+
+
+def _method_params(name, config, base, **kw):
+  """(model, params): the method's fresh params on top of `base`."""
+  method = registry.get_method(name)
+  kw = {**TINY_KW[name], **kw}
+  model = network.Transformer(config, blocks=method.blocks(config, **kw))
+  with_task_id = kw.get("num_tasks", 1) > 1
+  # Eager init: far cheaper on CPU than compiling an init (its ops are cached across tests).
+  init = network.init_params(model, jax.random.key(1), with_task_id=with_task_id)
+  new = {p: v for p, v in P.flatten(init).items() if p not in P.flatten(base)}
+  return model, P.combine(base, P.unflatten(new))
+
+
+def _loss(model, params, batch):
+  """(token cross-entropy on the targets, logits)."""
+  logits = model.apply({"params": params}, batch["enc"], batch["dec_in"], batch["targets"])
+  mask = batch["targets"] > 0
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["targets"])
+  return jnp.sum(ce * mask) / jnp.sum(mask), logits
+
+
+def test_registry_names_and_uniform_signature(tiny):
+  config, _, _ = tiny
+  assert registry.method_names() == ("ia3", "lora", "bitfit", "layernorm", "prompt_tuning",
+                                     "prefix_tuning", "full")
+  for name, m in registry.METHODS.items():
+    assert isinstance(m.blocks(config, **m.defaults), network.Blocks), name
+    assert m.supports_mixed_tasks == (name in ("ia3", "prompt_tuning", "prefix_tuning"))
+  with pytest.raises(KeyError, match="Unknown PEFT method 'lorra'.*lora"):
+    registry.get_method("lorra")
+
+
+def test_ia3_pattern_matches_ia3_module():
+  from ia3_jax import ia3
+  assert registry.IA3_PATTERN == ia3.IA3_PATTERN
+
+
+def _expected_trainable(name, flat_params, base_paths):
+  if name == "full":
+    return set(flat_params)
+  if name == "layernorm":
+    return {p for p in base_paths if p.endswith("norm/scale")}
+  return set(flat_params) - base_paths  # adapters train exactly the params they add
+
+
+@pytest.mark.parametrize("name", list(TINY_KW))
+def test_starts_as_base_trains_only_its_params_and_lowers_loss(tiny, name):
+  config, base, batch = tiny
+  method = registry.get_method(name)
+  model, params = _method_params(name, config, base)
+  trainable, frozen = P.select(params, method.trainable_patterns)
+  assert set(P.flatten(trainable)) == _expected_trainable(name, P.flatten(params),
+                                                          set(P.flatten(base)))
+  opt = optax.adam(3e-2 if name != "full" else 3e-3)
+
+  @jax.jit
+  def step(t, s):  # returns the loss and logits before the update
+    (loss, logits), grads = jax.value_and_grad(
+        lambda t: _loss(model, P.combine(t, frozen), batch), has_aux=True)(t)
+    updates, s = opt.update(grads, s, t)
+    return optax.apply_updates(t, updates), s, loss, logits
+
+  t, state = trainable, opt.init(trainable)
+  losses = []
+  for i in range(12):
+    t, state, loss, logits = step(t, state)
+    losses.append(float(loss))
+    if i == 0 and name in IDENTITY_AT_INIT:  # initial logits are the base model's
+      np.testing.assert_allclose(logits, batch["base_logits"], atol=1e-5, rtol=0)
+  assert losses[-1] < losses[0] - 0.05, (name, losses)
+  before, after = P.flatten(trainable), P.flatten(t)
+  unchanged = [p for p in before if np.array_equal(before[p], after[p])]
+  assert not unchanged, f"{name}: never trained: {unchanged}"
+
+
+@pytest.mark.parametrize("name", ["prompt_tuning", "prefix_tuning", "ia3"])
+def test_mixed_task_batch_equals_per_task_runs(tiny, name):
+  config, base, batch = tiny
+  model, params = _method_params(name, config, base, num_tasks=3)
+  # Make the tasks differ (init gives identical or random rows depending on the method).
+  method = registry.get_method(name)
+  trainable, frozen = P.select(params, method.trainable_patterns)
+  noise = jax.tree.map(
+      lambda x: x + 0.3 * jax.random.normal(jax.random.key(x.size), x.shape), trainable)
+  params = P.combine(noise, frozen)
+  run = jax.jit(lambda ids: model.apply({"params": params}, batch["enc"], batch["dec_in"],
+                                        task_id=ids))
+  task_id = jnp.array([2, 0, 1, 2])
+  mixed = run(task_id)
+  for b, t in enumerate(np.asarray(task_id)):
+    np.testing.assert_allclose(mixed[b], run(jnp.full((4,), t))[b], atol=1e-6)
+  assert np.abs(np.asarray(mixed[0] - run(jnp.zeros(4, jnp.int32))[0])).max() > 1e-3
+  method.check_task_ids(np.asarray(task_id), num_tasks=3)
+  with pytest.raises(ValueError, match=r"task_id values must lie in \[0, 3\)"):
+    method.check_task_ids(np.array([0, 3]), num_tasks=3)
+
+
+@pytest.mark.parametrize("name", ["lora", "bitfit", "layernorm", "full"])
+def test_mixed_tasks_rejected_clearly(tiny, name):
+  config, _, _ = tiny
+  method = registry.get_method(name)
+  with pytest.raises(ValueError, match=f"{name} does not support mixed-task batches"):
+    method.blocks(config, num_tasks=2)
+  with pytest.raises(ValueError, match=f"{name} does not support mixed-task batches.*values"):
+    method.check_task_ids(np.array([0, 1, 0]))
+  method.check_task_ids(np.zeros(3, np.int32))  # a single-task batch is fine
+  method.check_task_ids(None)
+
+
+def _abstract_params(model, with_task_id=False):
+  return jax.eval_shape(lambda k: network.init_params(model, k, with_task_id=with_task_id),
+                        jax.random.key(0))
+
+
+def test_bank_without_task_id_is_an_error(tiny):
+  config, _, batch = tiny
+  model = network.Transformer(config, blocks=registry.get_method("prompt_tuning").blocks(
+      config, length=2, num_tasks=2))
+  params = _abstract_params(model, with_task_id=True)
+  with pytest.raises(ValueError, match="bank of 2 tasks needs task_id"):
+    jax.eval_shape(lambda p: model.apply({"params": p}, batch["enc"], batch["dec_in"]), params)
+
+
+def test_bad_hyper_parameters_are_named(tiny):
+  config, _, _ = tiny
+  from ia3_jax.peft_methods import bitfit, lora, prefix_tuning, prompt_tuning
+  with pytest.raises(ValueError, match="lora targets: unknown target 'qq'"):
+    lora.lora_blocks(targets=["qq"])
+  with pytest.raises(ValueError, match="lora: rank must be a positive int"):
+    lora.lora_blocks(rank=0)
+  with pytest.raises(ValueError, match="prefix_tuning: unknown sites"):
+    prefix_tuning.prefix_tuning_blocks(sites=["encoder", "both"])
+  with pytest.raises(ValueError, match=r"init_token_ids must lie in \[1, 128\)"):
+    prompt_tuning.prompt_tuning_blocks(config, length=2, init_token_ids=[5, 500])
+  with pytest.raises(ValueError, match="lora targets: this model's MLP has no wi "):
+    lora.lora_blocks(config, targets=["q", "wi"])  # T5 1.1 is gated: wi_0, wi_1
+  blocks = lora.lora_blocks(targets=["wi"])  # without a config: checked at model init
+  with pytest.raises(ValueError, match="lora targets: this model's MLP has no wi "):
+    _abstract_params(network.Transformer(config, blocks=blocks))
+  # HF names and groups are accepted and normalised.
+  b = bitfit.bitfit_blocks(targets=["q", "mlp"])
+  assert b.attention.keywords["targets"] == ("query",)
+  assert b.mlp.keywords["targets"] == ("wi", "wi_0", "wi_1", "wo")
+
+
+def test_bitfit_and_layernorm_params(tiny):
+  config, base, _ = tiny
+  params = _abstract_params(network.Transformer(config, blocks=registry.get_method(
+      "bitfit").blocks(config)))
+  biases = {p: v.shape for p, v in P.flatten(params).items() if p.endswith("_bias")}
+  assert biases["encoder/layers_0/attention/query_bias"] == (config.joined_kv,)
+  assert biases["decoder/layers_1/mlp/wi_1_bias"] == (config.mlp_dim,)
+  assert biases["decoder/layers_1/encoder_decoder_attention/out_bias"] == (config.emb_dim,)
+  layers_ = config.num_encoder_layers + config.num_decoder_layers
+  assert len(biases) == 4 * layers_ + 4 * config.num_decoder_layers + 3 * layers_
+  norms = P.flatten(P.select(base, registry.get_method("layernorm").trainable_patterns)[0])
+  assert len(norms) == 2 * config.num_encoder_layers + 3 * config.num_decoder_layers + 2
+
+
+# --------------------------------------------------------------------------- counts
+
+
+def _t0_3b_formulas():
+  """Hand-computed trainable counts for T0-3B (= T5 1.1 XL) with the default settings."""
+  d, d_kv, d_ff, n_enc, n_dec, vocab = 2048, 32 * 64, 5120, 24, 24, 32128
+  n_attn = n_enc + 2 * n_dec                       # self + self + cross attentions
+  mlp_kernels = [(d, d_ff), (d, d_ff), (d_ff, d)]  # wi_0, wi_1, wo
+  attn_kernels = [(d, d_kv)] * 3 + [(d_kv, d)]     # q, k, v, o
+  rank = 4
+  lora = rank * (n_attn * sum(i + o for i, o in attn_kernels)
+                 + (n_enc + n_dec) * sum(i + o for i, o in mlp_kernels))
+  bitfit = n_attn * sum(o for _, o in attn_kernels) + (n_enc + n_dec) * sum(
+      o for _, o in mlp_kernels)
+  layernorm = d * (2 * n_enc + 3 * n_dec + 2)
+  base = (vocab * d * 2 + 2 * 32 * 32 + layernorm
+          + n_attn * 4 * d * d_kv + (n_enc + n_dec) * 3 * d * d_ff)
+  return {
+      "ia3": n_enc * (2 * d_kv + d_ff) + n_dec * (4 * d_kv + d_ff),
+      "lora": lora, "bitfit": bitfit, "layernorm": layernorm,
+      "prompt_tuning": 100 * d,
+      "prefix_tuning": n_attn * 2 * 10 * d_kv,
+      "full": base,
+  }
+
+
+def test_t0_3b_counts_match_hand_formulas():
+  expected = _t0_3b_formulas()
+  assert expected["ia3"] == 540_672  # the paper's figure (DESIGN.md)
+  assert expected["full"] == 2_849_757_184
+  got = counts.count_all(get_config("t0_3b"))
+  assert {c.method: c.trainable for c in got} == expected
+  assert all(c.base == expected["full"] for c in got)
+  table = counts.markdown_table(got, "t0_3b")
+  assert "| lora | rank=4 alpha=4.0 dropout=0.0 targets=all use_rslora=False | 8,847,360 |" in table
+
+
+def test_counts_command_prints_table(capsys):
+  out = subprocess.run([sys.executable, "-m", "ia3_jax.peft_methods.counts", "--model", "tiny",
+                        "--methods", "lora,prompt_tuning"], capture_output=True, text=True,
+                       check=True).stdout
+  rows = [l for l in out.splitlines() if l.startswith("| lora") or l.startswith("| prompt")]
+  assert len(rows) == 2
+  # tiny: emb 32, joined_kv 32, mlp 64, 2+2 layers; rank 4 on all projections.
+  lora = 4 * (6 * 4 * (32 + 32) + 4 * 3 * (32 + 64))
+  assert f"| {lora:,} |" in rows[0]
+  assert f"| {100 * 32:,} |" in rows[1]
+  with pytest.raises(SystemExit) as exit_info:
+    counts.main(["--methods", "x"])
+  assert exit_info.value.code == 2 and "Unknown PEFT method 'x'" in capsys.readouterr().err
+
+
+# --------------------------------------------------------------------------- gin files
+
+
+def _consumer(blocks=None, trainable=None, lr=None):
+  return blocks, trainable, lr
+
+
+@functools.lru_cache(maxsize=None)
+def _gin_consumer():
+  import gin
+  return gin.external_configurable(_consumer, "test_peft_consumer")
+
+
+def _parse_peft_gin(name, bindings=()):
+  import gin
+  from ia3_jax import gin_configurables
+  consumer = _gin_consumer()
+  path = f"{gin_configurables.gin_dir()}/peft/{name}.gin"
+  try:
+    gin.clear_config()
+    gin.parse_config_files_and_bindings([path], list(bindings) + [
+        "test_peft_consumer.blocks = %PEFT_BLOCKS",
+        "test_peft_consumer.trainable = %TRAINABLE_PARAMS",
+        "test_peft_consumer.lr = %LEARNING_RATE"])
+    return consumer()
+  finally:
+    gin.clear_config()
+
+
+GIN_FILES = {"lora": "lora", "bitfit": "bitfit", "layernorm": "layernorm",
+             "prompt_tuning": "prompt_tuning", "prefix_tuning": "prefix_tuning"}
+TFEW_LR = {"lora": 3e-3, "bitfit": 3e-4, "layernorm": 3e-4, "prompt_tuning": 0.3,
+           "prefix_tuning": 1e-2}
+
+
+@pytest.mark.parametrize("name", list(GIN_FILES))
+def test_gin_file_matches_registry(tiny, name):
+  config, _, _ = tiny
+  blocks, trainable, lr = _parse_peft_gin(GIN_FILES[name])
+  method = registry.get_method(name)
+  assert tuple(trainable) == method.trainable_patterns
+  assert lr == TFEW_LR[name]
+  expected = method.blocks(config, **method.defaults)
+  for field in ("attention", "mlp", "encoder"):
+    got, want = getattr(blocks, field), getattr(expected, field)
+    assert getattr(got, "func", got) is getattr(want, "func", want), (name, field)
+    assert getattr(got, "keywords", {}) == getattr(want, "keywords", {}), (name, field)
+
+
+def test_gin_prompt_tuning_trains_with_the_trainer(tmp_path):
+  """gin/peft/prompt_tuning.gin through trainer.train: only the prompt trains, and the prompt
+  starts from the rows of the given (not the random-init) embedding."""
+  from ia3_jax import checkpointing, losses, optimizers, trainer
+  from tests import trainer_utils as tu
+  config = get_config("tiny")
+  blocks, trainable, _ = _parse_peft_gin("prompt_tuning", ["PROMPT_LENGTH = 4"])
+  base = tu.random_base_params(config)
+  res = trainer.train(
+      model_dir=str(tmp_path), config=config, blocks=blocks, trainable=trainable,
+      train_data=tu.SyntheticBatches(8, num_distinct=1),
+      train_config=trainer.TrainConfig(train_steps=3, batch_size=8, log_period=1,
+                                       tensorboard=False, progress=False),
+      loss=losses.LossConfig(ul_weight=0.0),
+      optimizer=optimizers.OptimizerConfig(learning_rate=0.3, warmup_steps=0,
+                                           multiply_by_parameter_scale=False),
+      checkpoint=checkpointing.CheckpointConfig(period=0), dropout_rate=0.0,
+      initial_params=base)
+  state = jax.device_get(res["state"])
+  assert set(P.flatten(state.trainable)) == {"encoder/prompt_delta"}
+  delta = state.trainable["encoder"]["prompt_delta"]
+  assert delta.shape == (1, 4, config.emb_dim) and np.abs(delta).max() > 0
+  for path, value in P.flatten(state.frozen).items():
+    np.testing.assert_array_equal(value, P.flatten(base)[path])
