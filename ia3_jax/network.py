@@ -31,6 +31,10 @@ class Blocks:
   decoder_layer: Callable[..., nn.Module] = None
   encoder: Callable[..., nn.Module] = None
   decoder: Callable[..., nn.Module] = None
+  # Rematerialisation of each encoder/decoder layer in the backward pass:
+  # "none", "full" (keep only layer inputs, recompute the rest) or "dots"
+  # (keep matmul outputs, recompute elementwise ops). Same params, same math.
+  remat: str = "none"
 
   def __post_init__(self):
     defaults = dict(encoder_layer=EncoderLayer, decoder_layer=DecoderLayer,
@@ -38,9 +42,31 @@ class Blocks:
     for field, cls in defaults.items():
       if getattr(self, field) is None:
         object.__setattr__(self, field, cls)
+    if self.remat not in REMAT_POLICIES:
+      raise ValueError(f"Blocks.remat={self.remat!r}: choose from {sorted(REMAT_POLICIES)}")
 
   def replace(self, **changes) -> "Blocks":
     return dataclasses.replace(self, **changes)
+
+
+REMAT_POLICIES: dict[str, Any] = {
+    "none": None,
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+
+
+def _call_layer(blocks: "Blocks", layer: nn.Module, args: tuple, task_id: Optional[Array],
+                **static: Any) -> Array:
+  """`layer(*args, task_id=task_id, **static)`, rematerialised per `blocks.remat`
+  (never while decoding). `static` holds the Python-valued keywords."""
+  if blocks.remat == "none" or static.get("decode"):
+    return layer(*args, task_id=task_id, **static)
+
+  def call(module, tid, *a):
+    return module(*a, task_id=tid, **static)
+  return nn.remat(call, prevent_cse=True, policy=REMAT_POLICIES[blocks.remat])(
+      layer, task_id, *args)
 
 
 def _dropout(x: Array, cfg: T5Config, deterministic: bool) -> Array:
@@ -119,8 +145,8 @@ class Encoder(nn.Module):
     bias = _relpos(cfg)(positions, positions, bidirectional=True)
     bias = bias + layers.mask_to_bias(layers.padding_mask(valid, valid), cfg.activation_dtype)
     for i in range(cfg.num_encoder_layers):
-      x = self.blocks.encoder_layer(cfg, self.blocks, name=f"layers_{i}")(
-          x, bias, task_id=task_id, deterministic=deterministic)
+      layer = self.blocks.encoder_layer(cfg, self.blocks, name=f"layers_{i}")
+      x = _call_layer(self.blocks, layer, (x, bias), task_id, deterministic=deterministic)
     x = self.blocks.layer_norm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="encoder_norm")(x)
     return _dropout(x, cfg, deterministic), valid
 
@@ -166,19 +192,24 @@ class Decoder(nn.Module):
       self_mask = (keys <= position)[None, None, None, :]
       self_bias = relpos(position[None], keys, bidirectional=False)
     self_bias = self_bias + layers.mask_to_bias(self_mask, dtype)
-    query_valid = jnp.ones(decoder_input_tokens.shape, bool)
-    cross_bias = layers.mask_to_bias(layers.padding_mask(query_valid, encoder_valid), dtype)
+    # Every decoder position may attend to every valid encoder position:
+    # [Be, 1, 1, L], which also serves grouped rows (see `Transformer.decode`).
+    cross_bias = layers.mask_to_bias(encoder_valid[:, None, None, :], dtype)
     for i in range(cfg.num_decoder_layers):
-      x = self.blocks.decoder_layer(cfg, self.blocks, name=f"layers_{i}")(
-          x, encoded, self_bias, cross_bias, task_id=task_id, deterministic=deterministic,
-          decode=decode, decode_position=position)
+      layer = self.blocks.decoder_layer(cfg, self.blocks, name=f"layers_{i}")
+      if decode:
+        x = layer(x, encoded, self_bias, cross_bias, task_id=task_id,
+                  deterministic=deterministic, decode=decode, decode_position=position)
+      else:
+        x = _call_layer(self.blocks, layer, (x, encoded, self_bias, cross_bias), task_id,
+                        deterministic=deterministic)
     x = self.blocks.layer_norm(cfg.layer_norm_epsilon, dtype, name="decoder_norm")(x)
     x = _dropout(x, cfg, deterministic)
     if cfg.logits_via_embedding:
       logits = self.shared_embedding.attend(x * (cfg.emb_dim ** -0.5))
     else:
       logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), dtype=dtype,
-                            name="logits_dense")(x)
+                            output_dtype=jnp.float32, name="logits_dense")(x)
     return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
 
   def _cache_length(self) -> int:
@@ -206,7 +237,17 @@ class Transformer(nn.Module):
   def decode(self, encoded: Array, encoder_valid: Array, decoder_input_tokens: Array,
              decoder_target_tokens: Optional[Array] = None, *, task_id: Optional[Array] = None,
              enable_dropout: bool = False, decode: bool = False) -> Array:
-    """Logits [B, T, vocab] (float32) for decoder inputs against an encoder output."""
+    """Logits [B, T, vocab] (float32) for decoder inputs against an encoder output.
+
+    `encoded [Be, L, E]` may have fewer rows than the decoder inputs
+    `[B, T]` when Be divides B: encoder row b then serves decoder rows
+    b*g .. b*g + g - 1 (g = B / Be; the layout of `jnp.repeat(encoded, g,
+    axis=0)`, e.g. the C answer choices of one example in rank
+    classification), and each cross-attention computes that row's keys and
+    values once rather than g times. The logits equal those of the repeated
+    call.
+    """
+    _ = layers.attention_groups(decoder_input_tokens.shape[0], encoded.shape[0])
     return self.decoder(encoded, encoder_valid, decoder_input_tokens, decoder_target_tokens,
                         task_id=task_id, deterministic=not enable_dropout, decode=decode)
 
