@@ -1,0 +1,297 @@
+"""ia3-jax vs the PyTorch reference (transformers + peft IA3) on this CPU, side by side.
+
+  python benchmarks/bench_cpu.py                       # t5_1_1_small, batch 8, 256 tokens
+  python benchmarks/bench_cpu.py --preset tiny --iters 1 --memory-preset tiny   # smoke run
+
+One process runs both frameworks alternately (never concurrently), on the
+same model shape, the same batch and the same initial weights (the PyTorch
+model's weights are converted to the ia3-jax tree), and prints a markdown
+report: (IA)^3 training steps/s (L_LM alone, then the T-Few loss), rank
+classification examples/s (against a per-choice PyTorch scorer and the
+T-Few repo's encoder-reusing one), achieved FLOP/s against this machine's
+measured matmul peak, and peak memory of (IA)^3 training vs full fine-tuning
+(each mode in its own process). `--out FILE.md` / `--json FILE.json` save it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import subprocess
+import sys
+from typing import Any, Optional
+
+if __package__ in (None, ""):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import harness as H  # noqa: E402
+from benchmarks import report  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def _log(msg: str) -> None:
+  print(f"[bench {datetime.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
+
+
+# --------------------------------------------------------------------------- sections
+
+
+def bench_peaks(iters: int, n: int, torch_device: str) -> dict[str, float]:
+  from benchmarks import torch_reference as tr
+  import torch
+  return {"xla_fp32": H.matmul_peak(jnp.float32, n, repeats=iters),
+          "xla_bf16": H.matmul_peak(jnp.bfloat16, n, repeats=iters),
+          "torch_fp32": tr.matmul_peak(torch.float32, n, repeats=iters, device=torch_device),
+          "torch_bf16": tr.matmul_peak(torch.bfloat16, n, repeats=iters, device=torch_device),
+          "size": n}
+
+
+def _variants(dtypes: list[str], grouped: bool) -> list[tuple[str, bool]]:
+  """(dtype, grouped decoding) pairs to time; grouped ones only when scoring still repeats."""
+  out = [(dt, False) for dt in dtypes]
+  if grouped and H.scoring_repeats_encoder():
+    out += [(dt, True) for dt in dtypes]
+  return out
+
+
+def bench_training(w: H.Workload, batch: H.Batch, tm_builder, base: dict, loss: str,
+                   dtypes: list[str], warmup: int, iters: int, torch_device: str = "cpu",
+                   torch_autocast=None, grouped: bool = False) -> dict[str, Any]:
+  """Interleaved steps of torch and each ia3-jax dtype, all from the same weights."""
+  from benchmarks import torch_reference as tr
+  lm = loss == "lm"
+  jbatch = H.correct_choice_batch(batch) if lm else batch
+  cfg_loss = H.LM_ONLY if lm else H.TFEW
+  out: dict[str, Any] = {"losses": {}, "seconds": {}, "compile_s": {}, "xla_flops": {}}
+  fns = {}
+  tmodel = tm_builder()
+  tstep = tr.make_train_step(tmodel, lm_only=lm, autocast_dtype=torch_autocast)
+  targs = tr.to_torch(batch, torch_device)
+  out["losses"]["torch"] = []
+  fns["torch"] = lambda: out["losses"]["torch"].append(tstep(*targs))
+  out["matmul_flops"] = {}
+  for dt, grouped in _variants(dtypes, grouped and not lm):
+    name = f"jax_{dt}" + ("_grouped" if grouped else "")
+    t = H.JaxTraining(dataclass_replace(w, dtype=dt), jbatch, loss=cfg_loss, base=base)
+    with H.grouped_decoding(grouped):
+      t0 = _now()
+      compiled = t.compiled()
+      out["compile_s"][name] = _now() - t0
+      out["xla_flops"][name] = H.xla_flops(compiled)
+      key = "grouped" if grouped else "library"
+      if key not in out["matmul_flops"]:  # the same dots in every dtype
+        out["matmul_flops"][key] = t.matmul_flops()
+        out["num_trainable"] = t.num_trainable
+      out["losses"][name] = [t.step()]  # traces and compiles the step in this mode
+    fns[name] = (lambda t=t, name=name: out["losses"][name].append(t.step()))
+  out["losses"]["torch"].append(tstep(*targs))
+  times = H.interleaved_times(fns, warmup=warmup, iters=iters)
+  out["seconds"] = times
+  out["torch_num_trainable"] = sum(p.numel() for p in tmodel.parameters() if p.requires_grad)
+  return out
+
+
+def bench_rank(w: H.Workload, batch: H.Batch, tmodel, base: dict, dtypes: list[str],
+               warmup: int, iters: int, torch_device: str = "cpu",
+               torch_autocast=None, grouped: bool = False) -> dict[str, Any]:
+  from benchmarks import torch_reference as tr
+  targs = tr.to_torch(batch, torch_device)
+  preds: dict[str, list] = {}
+  scores: dict[str, np.ndarray] = {}
+
+  def torch_run(name: str, reuse: bool):
+    return lambda: preds.setdefault(name, []).append(tr.rank_classify(
+        tmodel, targs[0], targs[1], targs[2], reuse_encoder=reuse, autocast_dtype=torch_autocast))
+  fns = {"torch_per_choice": torch_run("torch_per_choice", False),
+         "torch_reuse_encoder": torch_run("torch_reuse_encoder", True)}
+  out: dict[str, Any] = {"xla_flops": {}, "matmul_flops": {}}
+  training = None
+  for dt, grouped_ in _variants(dtypes, grouped):
+    name = f"jax_{dt}" + ("_grouped" if grouped_ else "")
+    if training is None or training.model.config.dtype != dt:
+      training = H.JaxTraining(dataclass_replace(w, dtype=dt), batch, base=base)
+    rc = H.JaxRankClassification(training, batch)
+
+    def run(rc=rc, name=name):
+      r = rc()
+      preds.setdefault(name, []).append(r["predictions"])
+      scores[name] = r["scores"]
+    with H.grouped_decoding(grouped_):
+      out["xla_flops"][name] = H.xla_flops(rc.compiled())
+      key = "grouped" if grouped_ else "library"
+      if key not in out["matmul_flops"]:
+        out["matmul_flops"][key] = rc.matmul_flops()
+      run()  # traces and compiles in this mode
+    fns[name] = run
+  out["seconds"] = H.interleaved_times(fns, warmup=warmup, iters=iters)
+  out["predictions"] = {k: np.asarray(v[-1]).tolist() for k, v in preds.items()}
+  if "jax_float32" in scores and "jax_bfloat16" in scores:
+    a, b = scores["jax_float32"], scores["jax_bfloat16"]
+    finite = np.isfinite(a)
+    out["bf16_max_score_diff"] = float(np.max(np.abs(a[finite] - b[finite])))
+  return out
+
+
+MEMORY_SCHEDULER_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED"
+# name -> (extra memory.py arguments, extra XLA flags); see benchmarks/README.md.
+MEMORY_CONFIGS = {
+    "default": ([], ""),
+    "remat": (["--remat", "full"], MEMORY_SCHEDULER_FLAG),
+    "remat+grouped": (["--remat", "full", "--grouped"], MEMORY_SCHEDULER_FLAG),
+}
+
+
+def bench_memory(w: H.Workload, torch_side: bool, threads: int, steps: int,
+                 torch_device: str = "cpu", torch_autocast: str = "none",
+                 configs: tuple[str, ...] = ("default",)) -> dict[str, Any]:
+  """Each (side, mode, config) in a fresh process (peak RSS is per process)."""
+  out = {}
+  runs = [("jax", mode, c) for c in configs for mode in ("ia3", "full")]
+  if torch_side:
+    runs += [("torch", "ia3", "default"), ("torch", "full", "default")]
+  for side, mode, config in runs:
+    extra, flags = MEMORY_CONFIGS[config]
+    if config == "remat+grouped" and not H.scoring_repeats_encoder():
+      extra = [a for a in extra if a != "--grouped"]
+    cmd = [sys.executable, os.path.join(HERE, "memory.py"), "--side", side, "--mode", mode,
+           "--preset", w.preset, "--batch-size", str(w.batch_size),
+           "--input-length", str(w.input_length), "--target-length", str(w.target_length),
+           "--max-choices", str(w.max_choices), "--min-choices", str(w.min_choices),
+           "--dtype", w.dtype, "--steps", str(steps), "--torch-threads", str(threads),
+           "--torch-device", torch_device, "--torch-autocast", torch_autocast] + extra
+    env = dict(os.environ)
+    env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), flags) if f)
+    _log(f"memory: {side} {mode} {config} ({w.preset})")
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    line = [l for l in proc.stdout.splitlines() if l.startswith("MEMORY_JSON ")]
+    if proc.returncode or not line:
+      raise RuntimeError(f"memory run {side}/{mode}/{config} failed (exit {proc.returncode}):\n"
+                         f"{proc.stderr[-3000:]}")
+    entry = json.loads(line[-1].split(" ", 1)[1])
+    entry["config"] = config
+    entry["xla_flags"] = env["XLA_FLAGS"]
+    out[f"{side}_{mode}" + ("" if config == "default" else f"@{config}")] = entry
+  return out
+
+
+def dataclass_replace(w: H.Workload, **kw) -> H.Workload:
+  import dataclasses
+  return dataclasses.replace(w, **kw)
+
+
+def _now() -> float:
+  import time
+  return time.perf_counter()
+
+
+# --------------------------------------------------------------------------- main
+
+
+def build_parser(description: str = __doc__.splitlines()[0], **defaults) -> argparse.ArgumentParser:
+  ap = argparse.ArgumentParser(description=description)
+  ap.add_argument("--preset", default="t5_1_1_small")
+  ap.add_argument("--batch-size", type=int, default=8)
+  ap.add_argument("--input-length", type=int, default=256)
+  ap.add_argument("--target-length", type=int, default=16)
+  ap.add_argument("--max-choices", type=int, default=4)
+  ap.add_argument("--min-choices", type=int, default=2)
+  ap.add_argument("--dtypes", default="float32,bfloat16",
+                  help="ia3-jax activation dtypes to time (params stay float32)")
+  ap.add_argument("--warmup", type=int, default=1)
+  ap.add_argument("--iters", type=int, default=3)
+  ap.add_argument("--torch-threads", type=int, default=2)
+  ap.add_argument("--peak-size", type=int, default=2048, help="n of the n^3 peak matmul")
+  ap.add_argument("--memory-preset", default="t5_1_1_base",
+                  help="model shape for the memory comparison ('none' to skip)")
+  ap.add_argument("--memory-steps", type=int, default=2)
+  ap.add_argument("--memory-configs", default="default,remat,remat+grouped",
+                  help="ia3-jax memory configurations: " + ", ".join(MEMORY_CONFIGS))
+  ap.add_argument("--no-torch-memory", action="store_true",
+                  help="skip the PyTorch peak-RSS runs")
+  ap.add_argument("--skip", default="", help="comma list of sections to skip: train,rank,memory")
+  ap.add_argument("--torch-device", default="cpu")
+  ap.add_argument("--torch-autocast", default="none", choices=("none", "bfloat16", "float16"),
+                  help="torch.autocast dtype for the PyTorch side (float32 params)")
+  ap.add_argument("--peak-reference", default="xla_fp32", choices=("xla_fp32", "xla_bf16"),
+                  help="the measured peak that achieved FLOP/s are a fraction of")
+  ap.add_argument("--grouped-decoding", choices=("compare", "off"), default="compare",
+                  help="also time T-Few training and rank classification with the proposed "
+                       "scoring change (decoding against the unrepeated encoder output), "
+                       "while the library's scoring still repeats it")
+  ap.add_argument("--out", help="write the markdown report here")
+  ap.add_argument("--json", help="write the raw results here")
+  ap.set_defaults(**defaults)
+  return ap
+
+
+def run(a: argparse.Namespace) -> dict[str, Any]:
+  import torch
+  from benchmarks import torch_reference as tr
+  torch.set_num_threads(a.torch_threads)
+  autocast = None if a.torch_autocast == "none" else getattr(torch, a.torch_autocast)
+  dev = a.torch_device
+  skip = {s for s in a.skip.split(",") if s}
+  grouped = a.grouped_decoding == "compare"
+  dtypes = [d for d in a.dtypes.split(",") if d]
+  w = H.Workload(a.preset, a.batch_size, a.input_length, a.target_length, a.max_choices,
+                 a.min_choices, dtypes[0])
+  res: dict[str, Any] = {
+      "date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
+      "machine": H.machine_info(), "torch": torch.__version__,
+      "torch_threads": torch.get_num_threads(), "workload": w.describe(with_dtype=False),
+      "torch_device": dev, "torch_autocast": a.torch_autocast,
+      "peak_reference": a.peak_reference,
+      "scoring_repeats_encoder": H.scoring_repeats_encoder(),
+      "iters": a.iters, "warmup": a.warmup, "dtypes": dtypes,
+      "load_before": H.load_average(), "busy_before": H.busy_processes()}
+  _log(f"workload: {w.describe()}; load {res['load_before']}")
+  res["peaks"] = bench_peaks(max(3, a.iters + 2), a.peak_size, dev)
+  _log("peaks: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in res["peaks"].items()
+                             if k != "size"))
+  batch = H.make_batch(w)
+  builder = lambda: tr.build_model(w.config, ia3=True, seed=w.seed, device=dev)  # noqa: E731
+  base = tr.jax_params(builder(), w.config)
+  if "train" not in skip:
+    res["train"] = {}
+    for loss in ("lm", "tfew"):
+      _log(f"training ({loss})")
+      res["train"][loss] = bench_training(w, batch, builder, base, loss, dtypes, a.warmup,
+                                          a.iters, dev, autocast, grouped)
+  if "rank" not in skip:
+    _log("rank classification")
+    res["rank"] = bench_rank(w, batch, builder(), base, dtypes, a.warmup, a.iters, dev, autocast,
+                             grouped)
+  res["load_after_speed"] = H.load_average()
+  if "memory" not in skip and a.memory_preset != "none":
+    mw = dataclass_replace(w, preset=a.memory_preset, dtype=dtypes[0])
+    res["memory_workload"] = mw.describe()
+    res["memory"] = bench_memory(mw, not a.no_torch_memory, a.torch_threads, a.memory_steps,
+                                 dev, a.torch_autocast,
+                                 tuple(c for c in a.memory_configs.split(",") if c))
+  res["load_after"] = H.load_average()
+  res["busy_after"] = H.busy_processes()
+  return res
+
+
+def main(argv: Optional[list[str]] = None, parser: Optional[argparse.ArgumentParser] = None) -> int:
+  a = (parser or build_parser()).parse_args(argv)
+  res = run(a)
+  if a.json:
+    with open(a.json, "w") as f:
+      json.dump(res, f, indent=1, default=float)
+  text = report.render(res)
+  print(text)
+  if a.out:
+    with open(a.out, "w") as f:
+      f.write(text)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,197 @@
+"""Where the time of one ia3-jax train step (or rank classification) goes on this machine.
+
+  python benchmarks/profile_step.py --loss tfew --dtype float32
+
+Traces a few steps with `jax.profiler`, reads the trace back
+(`jax.profiler.ProfileData`), and charges every XLA thunk's time to its HLO
+instruction in the compiled module. Dot fusions get their FLOPs from the dot
+inside (so each gets an achieved GFLOP/s), and everything is grouped by the
+source op (`op_name` metadata: encoder/decoder, layer kind, projection) and
+by kind (matmul, elementwise fusion, transpose/copy, ...).
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import glob
+import os
+import re
+import sys
+import tempfile
+from typing import Optional
+
+if __package__ in (None, ""):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+
+from benchmarks import harness as H  # noqa: E402
+
+_INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? (\S+?)\((.*?)\)(.*)$")
+_SHAPE = re.compile(r"^[a-z0-9]+\[([0-9,]*)\]")
+
+
+def _shape(s: str) -> tuple[int, ...]:
+  m = _SHAPE.match(s)
+  return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
+
+
+def parse_hlo(text: str) -> tuple[dict, dict]:
+  """(instructions by name: dict(opcode, shape, calls, op_name), dot FLOPs per computation)."""
+  instrs: dict[str, dict] = {}
+  comp_flops: dict[str, float] = collections.defaultdict(float)
+  comp, shapes = None, {}
+  for line in text.splitlines():
+    head = re.match(r"^(?:ENTRY )?%(\S+) .*\{\s*$", line)
+    if head and not line.startswith(" "):
+      comp, shapes = head.group(1), {}
+      continue
+    m = _INSTR.match(line)
+    if not m:
+      continue
+    name, shape, opcode, operands, rest = m.groups()
+    shapes[name] = _shape(shape)
+    calls = re.search(r"calls=%(\S+?)[,\s]", rest + " ")
+    op_name = re.search(r'op_name="([^"]+)"', rest)
+    instrs[name] = {"opcode": opcode, "shape": shapes[name], "comp": comp,
+                    "calls": calls.group(1) if calls else None,
+                    "op_name": op_name.group(1) if op_name else ""}
+    if opcode == "dot" and comp is not None:
+      lhs = operands.split(",")[0].strip().lstrip("%").split(" ")[-1].lstrip("%")
+      contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
+      dims = [int(d) for d in contracting.group(1).split(",") if d] if contracting else []
+      lshape = shapes.get(lhs, ())
+      k = float(np.prod([lshape[d] for d in dims])) if lshape and dims else 1.0
+      instrs[name]["flops"] = 2.0 * float(np.prod(shapes[name] or (1,))) * k
+      comp_flops[comp] += instrs[name]["flops"]
+  return instrs, comp_flops
+
+
+def _kind(name: str, info: Optional[dict], flops: float) -> str:
+  if flops > 0:
+    return "matmul"
+  base = re.sub(r"\.\d+$", "", name)
+  if "transpose" in base or "copy" in base:
+    return "transpose/copy"
+  if "reduce" in base:
+    return "reduction"
+  return "elementwise/other"
+
+
+def _site(op_name: str) -> str:
+  """A short source label from XLA op_name metadata."""
+  parts = op_name.split("/")
+  bwd = "bwd" if any(p.startswith("transpose(") for p in parts) else "fwd"
+  stack = ("encoder" if "/encoder/" in op_name else "decoder" if "/decoder/" in op_name
+           else "other")
+  block = next((p for p in ("attention", "self_attention", "encoder_decoder_attention", "mlp",
+                            "logits_dense", "layer_norm", "relpos_bias")
+                 if f"/{p}/" in op_name or op_name.endswith(p) or f"{p}/" in op_name), "")
+  if not block:
+    block = "/".join(q for q in parts[-2:] if q)[:60]
+  proj = next((p for p in ("query", "key", "value", "out", "wi_0", "wi_1", "wi", "wo")
+               if f"/{p}/" in op_name), "")
+  if "bqhd,bkhd" in op_name or "bhqk,bkhd" in op_name:
+    proj = "scores" if "bqhd,bkhd" in op_name else "weights@v"
+  if not block and "logits" in op_name:
+    block = "logits"
+  return f"{stack} {block} {proj} {bwd}".replace("  ", " ").strip()
+
+
+def profile(fn, steps: int, compiled_text: str) -> dict:
+  d = tempfile.mkdtemp(prefix="ia3jax_trace_")
+  fn()
+  with jax.profiler.trace(d):
+    for _ in range(steps):
+      fn()
+  f = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
+  data = jax.profiler.ProfileData.from_file(f)
+  # A thunk that runs on several pool threads at once shows up on each of
+  # them: charge it the longest per-thread total, once.
+  per_line: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  wall = 0.0
+  for plane in data.planes:
+    for line in plane.lines:
+      for ev in line.events:
+        if "XLAEigen" in line.name and not ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool",
+                                                                  "end: ")):
+          per_line[ev.name][line.name] += ev.duration_ns / steps
+        if "XLAPjRtCpuClient" in line.name and ev.name.startswith("ThunkExecutor::Execute"):
+          wall += ev.duration_ns / steps
+  per = collections.Counter({k: max(v.values()) for k, v in per_line.items()})
+  instrs, comp_flops = parse_hlo(compiled_text)
+  return {"per": per, "instrs": instrs, "comp_flops": comp_flops, "wall_ns": wall}
+
+
+def report(p: dict, top: int = 25) -> str:
+  per, instrs, comp_flops = p["per"], p["instrs"], p["comp_flops"]
+  total = sum(per.values())
+  by_kind = collections.Counter()
+  by_site = collections.Counter()
+  site_flops = collections.Counter()
+  rows = []
+  for name, ns in per.items():
+    info = instrs.get(name)
+    flops = comp_flops.get(info["calls"], 0.0) if info and info["calls"] else 0.0
+    if info and info["opcode"] == "dot":
+      flops = info["flops"]
+    kind = _kind(name, info, flops)
+    by_kind[kind] += ns
+    site = _site(info["op_name"]) if info else "?"
+    if kind == "matmul":
+      by_site[site] += ns
+      site_flops[site] += flops
+    rows.append((ns, name, kind, flops, site, info["shape"] if info else ()))
+  out = [f"step wall (executor) {p['wall_ns'] / 1e6:.1f} ms; sum of thunk times "
+         f"{total / 1e6:.1f} ms (more than the wall when independent thunks overlap)", "",
+         "| kind | ms | share |", "|---|---|---|"]
+  out += [f"| {k} | {v / 1e6:.1f} | {100 * v / total:.1f}% |" for k, v in by_kind.most_common()]
+  mm_ns, mm_fl = by_kind["matmul"], sum(site_flops.values())
+  out += ["", f"matmul thunks: {mm_fl / 1e9:.1f} GFLOP in {mm_ns / 1e6:.1f} ms -> "
+          f"{mm_fl / (mm_ns / 1e9) / 1e9:.0f} GFLOP/s", "",
+          "| matmul site | ms | GFLOP | GFLOP/s |", "|---|---|---|---|"]
+  for site, ns in by_site.most_common(top):
+    out.append(f"| {site} | {ns / 1e6:.1f} | {site_flops[site] / 1e9:.2f} | "
+               f"{site_flops[site] / ns:.0f} |")
+  other = collections.Counter()
+  for ns, name, kind, flops, site, shape in rows:
+    if kind != "matmul":
+      other[f"{kind}: {site}"] += ns
+  out += ["", "| non-matmul site | ms |", "|---|---|"]
+  out += [f"| {k} | {v / 1e6:.1f} |" for k, v in other.most_common(top)]
+  out += ["", "| top thunks | kind | ms | shape | GFLOP/s | site |", "|---|---|---|---|---|---|"]
+  for ns, name, kind, flops, site, shape in sorted(rows, reverse=True)[:top]:
+    rate = f"{flops / ns:.0f}" if flops else ""
+    out.append(f"| {name} | {kind} | {ns / 1e6:.1f} | {list(shape)} | {rate} | {site} |")
+  return "\n".join(out)
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  ap.add_argument("--preset", default="t5_1_1_small")
+  ap.add_argument("--dtype", default="float32")
+  ap.add_argument("--loss", choices=("lm", "tfew", "rank"), default="tfew")
+  ap.add_argument("--batch-size", type=int, default=8)
+  ap.add_argument("--input-length", type=int, default=256)
+  ap.add_argument("--target-length", type=int, default=16)
+  ap.add_argument("--steps", type=int, default=2)
+  ap.add_argument("--top", type=int, default=25)
+  a = ap.parse_args(argv)
+  w = H.Workload(a.preset, a.batch_size, a.input_length, a.target_length, dtype=a.dtype)
+  batch = H.make_batch(w)
+  if a.loss == "rank":
+    rc = H.JaxRankClassification(H.JaxTraining(w, batch), batch)
+    fn, text = (lambda: jax.block_until_ready(rc())), rc.compiled().as_text()
+  else:
+    t = H.JaxTraining(w, H.correct_choice_batch(batch) if a.loss == "lm" else batch,
+                      loss=H.LM_ONLY if a.loss == "lm" else H.TFEW)
+    fn, text = t.step, t.compiled().as_text()
+  print(f"{w.describe()}, {a.loss}; load {H.load_average()}")
+  print(report(profile(fn, a.steps, text), a.top))
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())

@@ -1,0 +1,314 @@
+"""Markdown report of a `bench_cpu.py` / `bench_gpu.py` results dict (targets of issue 9)."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Optional
+
+import numpy as np
+
+# Issue 9 targets.
+TRAIN_SPEEDUP = 1.2        # (IA)^3 steps/s vs the PyTorch reference
+PEAK_FRACTION = 0.75       # achieved matmul FLOP/s / measured fp32 matmul peak
+RANK_VS_PER_CHOICE = 2.0   # examples/s vs the per-choice PyTorch scorer
+RANK_VS_REUSE = 1.0        # ... and faster than the encoder-reusing one
+MEMORY_RATIO = 0.60        # (IA)^3 peak / full fine-tuning peak on t5_1_1_base
+BF16_LOSS_RTOL = 0.01      # bf16 accepted when its losses are within 1% of float32's ...
+# ... and its rank-classification predictions equal float32's.
+
+LOSS_NAMES = {"lm": "L_LM only (correct choice decoded)", "tfew": "T-Few L_LM + L_UL + L_LN (all choices)"}
+
+
+def _med(xs) -> float:
+  return float(np.median(xs)) if len(xs) else math.nan
+
+
+def _g(x: float) -> str:
+  if not math.isfinite(x):
+    return "n/a"
+  return f"{x / 1e9:.0f}" if x >= 1e10 else f"{x / 1e9:.3g}"
+
+
+def _pct(x: float) -> str:
+  return f"{100 * x:.0f}%" if math.isfinite(x) else "n/a"
+
+
+def _mib(x: float) -> str:
+  return f"{x / 2 ** 20:,.0f} MiB"
+
+
+def _label(name: str) -> str:
+  return {"jax_float32": "ia3-jax fp32", "jax_bfloat16": "ia3-jax bf16",
+          "torch": "PyTorch"}.get(name, name)
+
+
+def _verdict(ok: bool, value: float, target: float, kind: str = "ratio") -> str:
+  if ok:
+    return "met"
+  if kind == "ratio":
+    return f"missed by {100 * (1 - value / target):.0f}% ({value:.2f}x of {target:.2f}x)"
+  return f"missed by {100 * (value / target - 1):.0f}% ({value:.2f} vs <= {target:.2f})"
+
+
+def bf16_accepted(res: dict[str, Any]) -> tuple[Optional[bool], list[str]]:
+  """Whether bf16 stays within tolerance of float32 (losses and predictions), with reasons."""
+  notes, ok = [], True
+  for loss, r in res.get("train", {}).items():
+    a, t = r["losses"].get("jax_float32"), r["losses"].get("torch")
+    if a and t:
+      rel = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, t))
+      notes.append(f"{loss}: ia3-jax fp32 vs PyTorch from the same weights: max relative loss "
+                   f"difference {rel:.1e} over {min(len(a), len(t))} steps")
+  if "bfloat16" not in res.get("dtypes", []) or "float32" not in res.get("dtypes", []):
+    return None, notes
+  for loss, r in res.get("train", {}).items():
+    a, b = r["losses"].get("jax_float32"), r["losses"].get("jax_bfloat16")
+    if not a or not b:
+      continue
+    rel = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, b))
+    notes.append(f"{loss}: max relative loss difference bf16 vs fp32 over {len(a)} steps "
+                 f"{rel:.2e} (tolerance {BF16_LOSS_RTOL:g})")
+    ok &= rel <= BF16_LOSS_RTOL
+  for loss, r in res.get("train", {}).items():
+    a, g = r["losses"].get("jax_float32"), r["losses"].get("jax_float32_grouped")
+    if a and g:
+      rel = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, g))
+      notes.append(f"{loss}: grouped decoding vs the library's repeated encoder output (fp32): "
+                   f"max relative loss difference {rel:.1e} over {len(a)} steps")
+  rank = res.get("rank")
+  if rank and "jax_bfloat16" in rank["predictions"] and "jax_float32" in rank["predictions"]:
+    same = rank["predictions"]["jax_bfloat16"] == rank["predictions"]["jax_float32"]
+    notes.append(f"rank classification: bf16 predictions {'equal' if same else 'DIFFER from'} "
+                 f"fp32's; max |score difference| {rank.get('bf16_max_score_diff', math.nan):.3g} "
+                 "nats/token")
+    ok &= same
+  return ok, notes
+
+
+def render(res: dict[str, Any]) -> str:
+  m = res["machine"]
+  peaks = res["peaks"]
+  lines = [
+      f"### ia3-jax vs PyTorch reference ({res['date']})", "",
+      f"- Machine: {m['cpu']}, {m['cores']} cores (avx512_bf16: {m['avx512_bf16']}); "
+      f"JAX {m['jax']} ({m['jax_backend']}), PyTorch {res['torch']} with "
+      f"{res['torch_threads']} threads on {res.get('torch_device', 'cpu')} (autocast: "
+      f"{res.get('torch_autocast', 'none')}); XLA_FLAGS={m['xla_flags'] or '(none)'}; "
+      f"devices: {', '.join(m['devices'][:2])}",
+      f"- Workload: {res['workload']}; {res['warmup']} warm-up + {res['iters']} timed "
+      "iterations per case, frameworks alternating in one process; medians.",
+      f"- Load average (1/5/15 min) before: {_load(res['load_before'])}, after the speed runs: "
+      f"{_load(res.get('load_after_speed'))}, at the end: {_load(res.get('load_after'))}. "
+      "Other processes may have been running (below when busy).",
+      f"- Measured matmul peak ({peaks.get('size', 2048)}^3, best of several): XLA fp32 {_g(peaks['xla_fp32'])} "
+      f"GFLOP/s, XLA bf16 {_g(peaks['xla_bf16'])} GFLOP/s; PyTorch fp32 "
+      f"{_g(peaks['torch_fp32'])}, bf16 {_g(peaks['torch_bf16'])} GFLOP/s.",
+  ]
+  busy = res.get("busy_before", []) + res.get("busy_after", [])
+  if busy:
+    lines.append("- Busy processes seen (%CPU pid command): " + "; ".join(sorted(set(busy))[:6]))
+  lines.append("")
+  bf16_ok, bf16_notes = bf16_accepted(res)
+  if bf16_ok is None:  # no bf16 run, or no fp32 run to compare it with
+    bf16_ok = "float32" not in res.get("dtypes", [])
+  ref_key = res.get("peak_reference", "xla_fp32")
+  ref_peak, ref_name = peaks[ref_key], ref_key.replace("xla_", "XLA ")
+  targets: list[tuple[str, str]] = []
+
+  if "train" in res:
+    lines += ["#### (IA)^3 training", "",
+              "| loss | PyTorch steps/s | ia3-jax fp32 steps/s | ia3-jax bf16 steps/s | "
+              "speedup fp32 | speedup bf16 | first-step loss (torch / fp32 / bf16) |",
+              "|---|---|---|---|---|---|---|"]
+    for loss, r in res["train"].items():
+      s = {k: _med(v) for k, v in r["seconds"].items()}
+      for variant in _train_variants(r):
+        sfx = "_grouped" if variant == "grouped" else ""
+        keys = [f"jax_float32{sfx}", f"jax_bfloat16{sfx}"]
+        first = " / ".join(f"{r['losses'][k][0]:.4f}" for k in ["torch"] + keys
+                           if r["losses"].get(k))
+        lines.append(f"| {LOSS_NAMES[loss]}{_variant_note(variant)} | {1 / s['torch']:.3f} | "
+                     f"{_rate(s, keys[0])} | {_rate(s, keys[1])} | "
+                     f"{_x(_div(s['torch'], s.get(keys[0], math.nan)))} | "
+                     f"{_x(_div(s['torch'], s.get(keys[1], math.nan)))} | {first} |")
+        best_key = keys[1] if bf16_ok else keys[0]
+        if best_key in s:
+          best = s["torch"] / s[best_key]
+          t = (f"(IA)^3 training, {loss}: >= {TRAIN_SPEEDUP}x PyTorch "
+               f"({'bf16' if bf16_ok else 'fp32'}{_variant_note(variant)})")
+          targets.append((t, f"{best:.2f}x: " + _verdict(best >= TRAIN_SPEEDUP, best, TRAIN_SPEEDUP)
+                          + (" (informational)" if variant == "grouped" else "")))
+    lines += ["", "Achieved FLOP/s (matmul FLOPs per step counted from the step's jaxpr on the "
+              "float32 model, i.e. the work both frameworks do with the same decoding; XLA's cost "
+              "analysis of the compiled step, which also counts elementwise ops, in brackets), and "
+              f"as a fraction of the measured {ref_name} matmul peak:", "",
+              "| loss | matmul GFLOP/step [XLA] | PyTorch GFLOP/s | ia3-jax fp32 GFLOP/s | "
+              "ia3-jax bf16 GFLOP/s |", "|---|---|---|---|---|"]
+    for loss, r in res["train"].items():
+      s = {k: _med(v) for k, v in r["seconds"].items()}
+      for variant in _train_variants(r):
+        sfx = "_grouped" if variant == "grouped" else ""
+        f = r["matmul_flops"][variant]
+        cells = []
+        for k in ("torch", f"jax_float32{sfx}", f"jax_bfloat16{sfx}"):
+          if k == "torch" and variant == "grouped":
+            cells.append("(same work as above)")
+          elif k in s:
+            cells.append(f"{_g(f / s[k])} ({_pct(f / s[k] / ref_peak)})")
+          else:
+            cells.append("n/a")
+        xf = r["xla_flops"].get(f"jax_float32{sfx}", math.nan)
+        lines.append(f"| {loss}{_variant_note(variant)} | {f / 1e9:.1f} [{xf / 1e9:.1f}] | "
+                     + " | ".join(cells) + " |")
+        for k, name in ((f"jax_float32{sfx}", "fp32"), (f"jax_bfloat16{sfx}", "bf16")):
+          if k in s and (name == "fp32" or bf16_ok):
+            frac = f / s[k] / ref_peak
+            targets.append((f"achieved FLOP/s, {loss}, {name}{_variant_note(variant)}: >= "
+                            f"{_pct(PEAK_FRACTION)} of {ref_name} peak",
+                            f"{_pct(frac)}: " + _verdict(frac >= PEAK_FRACTION, frac, PEAK_FRACTION)
+                            + (" (informational)" if variant == "grouped" else "")))
+    lines.append("")
+
+  if "rank" in res:
+    r = res["rank"]
+    s = {k: _med(v) for k, v in r["seconds"].items()}
+    b = _batch_size(res)
+    lines += ["#### Rank classification (length-normalised scores, argmax)", "",
+              "| scorer | examples/s | vs PyTorch per choice | vs PyTorch encoder reused | "
+              "achieved FLOP/s |", "|---|---|---|---|---|"]
+    for k in s:
+      row = f"| {_rank_label(k)} | {b / s[k]:.2f} |"
+      if k.startswith("torch"):
+        row += " | | |"
+      else:
+        f = r["matmul_flops"]["grouped" if k.endswith("_grouped") else "library"]
+        row += (f" {_x(s.get('torch_per_choice', math.nan) / s[k])} |"
+                f" {_x(s.get('torch_reuse_encoder', math.nan) / s[k])} |"
+                f" {_g(f / s[k])} GFLOP/s ({_pct(f / s[k] / ref_peak)} of {ref_name} peak) |")
+      lines.append(row)
+    preds = r["predictions"]
+    ref = preds.get("torch_reuse_encoder")
+    lines += ["", "Predictions equal to the encoder-reusing PyTorch scorer's: " + ", ".join(
+        f"{_rank_label(k)}: {'yes' if v == ref else 'NO'}" for k, v in preds.items()
+        if k != "torch_reuse_encoder"), ""]
+    for variant in ("library", "grouped"):
+      sfx = "_grouped" if variant == "grouped" else ""
+      best_key = f"jax_bfloat16{sfx}" if bf16_ok and f"jax_bfloat16{sfx}" in s else f"jax_float32{sfx}"
+      if best_key not in s:
+        continue
+      for ref_k, target in (("torch_per_choice", RANK_VS_PER_CHOICE),
+                            ("torch_reuse_encoder", RANK_VS_REUSE)):
+        if ref_k in s:
+          x = s[ref_k] / s[best_key]
+          ok = x >= target if ref_k == "torch_per_choice" else x > target
+          targets.append((f"rank classification vs {_rank_label(ref_k)}: "
+                          f"{'>=' if ref_k == 'torch_per_choice' else '>'} {target:g}x "
+                          f"({'bf16' if 'bfloat16' in best_key else 'fp32'}{_variant_note(variant)})",
+                          f"{x:.2f}x: " + _verdict(ok, x, target)
+                          + (" (informational)" if variant == "grouped" else "")))
+
+  if "memory" in res:
+    mem = res["memory"]
+    lines += [f"#### Peak memory, (IA)^3 vs full fine-tuning ({res['memory_workload']}, "
+              "T-Few loss)", "",
+              "XLA buffer assignment of the compiled train step (`compiled.memory_analysis()`): "
+              "peak = argument + output - alias (donated) + temp bytes. Peak RSS: VmHWM of a "
+              "fresh process per row after its steps, and in brackets the RSS before any model "
+              "was built (imports only). Configurations: default = the library as is; remat = "
+              "`network.Blocks(remat=\"full\")` (every layer recomputed in the backward pass) and "
+              "XLA's memory-optimised scheduler (`--xla_cpu_scheduler_type="
+              "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`); +grouped = also the proposed grouped "
+              "decoding.", "",
+              "| mode | config | trainable params | XLA argument | XLA output | XLA alias | XLA temp | "
+              "XLA peak | peak RSS [baseline] | device peak in use |",
+              "|---|---|---|---|---|---|---|---|---|---|"]
+    configs = []
+    for key, e in mem.items():
+      side, mode = key.split("@")[0].split("_")
+      config = e.get("config", "default")
+      if side == "jax" and config not in configs:
+        configs.append(config)
+      x = e.get("xla")
+      xcells = (" | ".join(_mib(x[k]) for k in ("argument", "output", "alias", "temp"))
+                + f" | {_mib(x['peak_bytes'])}") if x else "- | - | - | - | -"
+      lines.append(f"| {'ia3-jax' if side == 'jax' else 'PyTorch'} "
+                   f"{'(IA)^3' if mode == 'ia3' else 'full fine-tuning'} | {config}"
+                   f" | {e['num_trainable']:,} | {xcells} | {_mib(e['peak_rss'])} "
+                   f"[{_mib(e['baseline_rss'])}] | "
+                   f"{_mib(e['device_peak']) if e.get('device_peak') else '-'} |")
+    lines.append("")
+    for config in configs:
+      sfx = "" if config == "default" else f"@{config}"
+      ia3_e, full_e = mem.get(f"jax_ia3{sfx}"), mem.get(f"jax_full{sfx}")
+      if not ia3_e or not full_e:
+        continue
+      ratio = _div(ia3_e["xla"]["peak_bytes"], full_e["xla"]["peak_bytes"])
+      rss = _div(ia3_e["peak_rss"] - ia3_e["baseline_rss"], full_e["peak_rss"] - full_e["baseline_rss"])
+      lines.append(f"- {config}: (IA)^3 / full fine-tuning, XLA peak {ratio:.2f}, peak RSS above "
+                   f"baseline {rss:.2f}")
+      informational = "grouped" in config
+      targets.append((f"(IA)^3 peak memory <= {_pct(MEMORY_RATIO)} of full fine-tuning "
+                      f"(XLA peak, {config})",
+                      f"{ratio:.2f}: " + _verdict(ratio <= MEMORY_RATIO, ratio, MEMORY_RATIO, "max")
+                      + (" (informational)" if informational else "")))
+    if "torch_ia3" in mem and "torch_full" in mem:
+      lines.append(f"- PyTorch: (IA)^3 / full fine-tuning, peak RSS above baseline "
+                   f"{_rss_ratio(mem, 'torch'):.2f}")
+    lines.append("")
+
+  if bf16_notes:
+    lines += ["#### Numerics (same initial weights and batch; bf16 = bf16 activations and "
+              "matmul inputs with float32 sums, float32 params, norms, softmax and losses)", ""]
+    lines += [f"- {n}" for n in bf16_notes]
+    if "bfloat16" in res.get("dtypes", []):
+      lines += [f"- bf16 {'accepted' if bf16_ok else 'NOT accepted'} for the targets "
+                "(otherwise fp32 numbers are used)."]
+    lines.append("")
+  if targets:
+    lines += ["#### Targets (issue 9; defined for the CPU run)", "", "| target | result |",
+              "|---|---|"]
+    lines += [f"| {t} | {v} |" for t, v in targets]
+    lines.append("")
+  return "\n".join(lines)
+
+
+def _div(a: float, b: float) -> float:
+  return a / b if b else math.nan
+
+
+def _rss_ratio(mem: dict, side: str) -> float:
+  above = [mem[f"{side}_{m}"]["peak_rss"] - mem[f"{side}_{m}"]["baseline_rss"] for m in ("ia3", "full")]
+  return _div(*above)
+
+
+def _train_variants(r: dict) -> list[str]:
+  return [v for v in ("library", "grouped") if v in r["matmul_flops"]]
+
+
+def _variant_note(variant: str) -> str:
+  return ", with the proposed grouped decoding" if variant == "grouped" else ""
+
+
+def _load(x) -> str:
+  return "n/a" if not x else "/".join(f"{v:.2f}" for v in x)
+
+
+def _rate(s: dict, k: str) -> str:
+  return f"{1 / s[k]:.3f}" if k in s else "n/a"
+
+
+def _x(v: Optional[float]) -> str:
+  return f"{v:.2f}x" if v is not None and math.isfinite(v) else "n/a"
+
+
+def _rank_label(k: str) -> str:
+  return {"torch_per_choice": "PyTorch, full forward per choice",
+          "torch_reuse_encoder": "PyTorch, encoder reused (T-Few repo)",
+          "jax_float32": "ia3-jax fp32 (`scoring.rank_classify`)",
+          "jax_bfloat16": "ia3-jax bf16",
+          "jax_float32_grouped": "ia3-jax fp32, proposed grouped decoding",
+          "jax_bfloat16_grouped": "ia3-jax bf16, proposed grouped decoding"}.get(k, k)
+
+
+def _batch_size(res: dict) -> int:
+  return int(res["workload"].split("batch ")[1].split(",")[0])
