@@ -14,3 +14,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR",
                       os.path.join(tempfile.gettempdir(), "ia3_jax_test_xla_cache"))
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.5")
+
+import sys
+
+import pytest
+
+
+@pytest.fixture(autouse=True)
+def _fresh_gin_config():
+  """Each test starts with an empty, unlocked gin config (entry points finalize and lock it)."""
+  if "gin" in sys.modules:
+    sys.modules["gin"].clear_config()
+  yield
+  if "gin" in sys.modules:
+    sys.modules["gin"].clear_config()

@@ -268,6 +268,7 @@ def _gin_consumer():
 def _parse_peft_gin(name, bindings=()):
   import gin
   from ia3_jax import gin_configurables
+  gin.clear_config()  # unlocks a config an entry point finalized
   consumer = _gin_consumer()
   path = f"{gin_configurables.gin_dir()}/peft/{name}.gin"
   try:
