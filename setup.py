@@ -7,7 +7,8 @@ from setuptools import setup
 HERE = Path(__file__).parent
 
 
-def _data_files(root: str, patterns=("*.gin", "*.yaml", "*.json", "*.jsonl", "*.csv", "*.model", "*.md")):
+def _data_files(root: str, patterns=("*.gin", "*.yaml", "*.json", "*.jsonl", "*.csv", "*.model", "*.md",
+                                       "*.safetensors")):
   base = HERE / root
   return sorted({str(p.relative_to(base)) for pat in patterns for p in base.rglob(pat)})
 

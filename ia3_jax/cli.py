@@ -1,5 +1,6 @@
 """The `ia3-jax` console script.
 
+  ia3-jax demo   [--gin.KEY=VALUE ...]                 zero-shot vs T-Few on the bundled model (demo.gin)
   ia3-jax train  --gin_file=... [--gin.KEY=VALUE ...]   fine-tune (runs/finetune.gin)
   ia3-jax eval   --gin_file=... [--gin.KEY=VALUE ...]   accuracy of a checkpoint (runs/eval.gin)
   ia3-jax score  --gin_file=... [--gin.KEY=VALUE ...]   per-choice scores (runs/score.gin)
@@ -22,7 +23,7 @@ import pathlib
 import sys
 from typing import Optional, Sequence
 
-COMMANDS = ("train", "eval", "score", "infer", "convert", "merge", "export-peft", "costs",
+COMMANDS = ("demo", "train", "eval", "score", "infer", "convert", "merge", "export-peft", "costs",
             "peft-counts")
 
 
@@ -146,6 +147,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   if cmd in ("train", "eval", "score", "infer"):
     from ia3_jax import main as main_lib
     return main_lib.main(rest, action=cmd, prog=f"ia3-jax {cmd}")
+  if cmd == "demo":
+    from ia3_jax import main as main_lib
+    return main_lib.main(["--gin_file=demo.gin", *rest], prog="ia3-jax demo")
   if cmd == "convert":
     return convert(rest)
   if cmd == "merge":
