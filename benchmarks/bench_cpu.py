@@ -52,17 +52,9 @@ def bench_peaks(iters: int, n: int, torch_device: str) -> dict[str, float]:
           "size": n}
 
 
-def _variants(dtypes: list[str], grouped: bool) -> list[tuple[str, bool]]:
-  """(dtype, grouped decoding) pairs to time; grouped ones only when scoring still repeats."""
-  out = [(dt, False) for dt in dtypes]
-  if grouped and H.scoring_repeats_encoder():
-    out += [(dt, True) for dt in dtypes]
-  return out
-
-
 def bench_training(w: H.Workload, batch: H.Batch, tm_builder, base: dict, loss: str,
                    dtypes: list[str], warmup: int, iters: int, torch_device: str = "cpu",
-                   torch_autocast=None, grouped: bool = False) -> dict[str, Any]:
+                   torch_autocast=None) -> dict[str, Any]:
   """Interleaved steps of torch and each ia3-jax dtype, all from the same weights."""
   from benchmarks import torch_reference as tr
   lm = loss == "lm"
@@ -75,20 +67,17 @@ def bench_training(w: H.Workload, batch: H.Batch, tm_builder, base: dict, loss: 
   targs = tr.to_torch(batch, torch_device)
   out["losses"]["torch"] = []
   fns["torch"] = lambda: out["losses"]["torch"].append(tstep(*targs))
-  out["matmul_flops"] = {}
-  for dt, grouped in _variants(dtypes, grouped and not lm):
-    name = f"jax_{dt}" + ("_grouped" if grouped else "")
+  for dt in dtypes:
+    name = f"jax_{dt}"
     t = H.JaxTraining(dataclass_replace(w, dtype=dt), jbatch, loss=cfg_loss, base=base)
-    with H.grouped_decoding(grouped):
-      t0 = _now()
-      compiled = t.compiled()
-      out["compile_s"][name] = _now() - t0
-      out["xla_flops"][name] = H.xla_flops(compiled)
-      key = "grouped" if grouped else "library"
-      if key not in out["matmul_flops"]:  # the same dots in every dtype
-        out["matmul_flops"][key] = t.matmul_flops()
-        out["num_trainable"] = t.num_trainable
-      out["losses"][name] = [t.step()]  # traces and compiles the step in this mode
+    t0 = _now()
+    compiled = t.compiled()
+    out["compile_s"][name] = _now() - t0
+    out["xla_flops"][name] = H.xla_flops(compiled)
+    if "matmul_flops" not in out:  # the same dots in every dtype
+      out["matmul_flops"] = t.matmul_flops()
+      out["num_trainable"] = t.num_trainable
+    out["losses"][name] = [t.step()]  # traces and compiles the step
     fns[name] = (lambda t=t, name=name: out["losses"][name].append(t.step()))
   out["losses"]["torch"].append(tstep(*targs))
   times = H.interleaved_times(fns, warmup=warmup, iters=iters)
@@ -99,7 +88,7 @@ def bench_training(w: H.Workload, batch: H.Batch, tm_builder, base: dict, loss: 
 
 def bench_rank(w: H.Workload, batch: H.Batch, tmodel, base: dict, dtypes: list[str],
                warmup: int, iters: int, torch_device: str = "cpu",
-               torch_autocast=None, grouped: bool = False) -> dict[str, Any]:
+               torch_autocast=None) -> dict[str, Any]:
   from benchmarks import torch_reference as tr
   targs = tr.to_torch(batch, torch_device)
   preds: dict[str, list] = {}
@@ -110,24 +99,20 @@ def bench_rank(w: H.Workload, batch: H.Batch, tmodel, base: dict, dtypes: list[s
         tmodel, targs[0], targs[1], targs[2], reuse_encoder=reuse, autocast_dtype=torch_autocast))
   fns = {"torch_per_choice": torch_run("torch_per_choice", False),
          "torch_reuse_encoder": torch_run("torch_reuse_encoder", True)}
-  out: dict[str, Any] = {"xla_flops": {}, "matmul_flops": {}}
-  training = None
-  for dt, grouped_ in _variants(dtypes, grouped):
-    name = f"jax_{dt}" + ("_grouped" if grouped_ else "")
-    if training is None or training.model.config.dtype != dt:
-      training = H.JaxTraining(dataclass_replace(w, dtype=dt), batch, base=base)
+  out: dict[str, Any] = {"xla_flops": {}}
+  for dt in dtypes:
+    name = f"jax_{dt}"
+    training = H.JaxTraining(dataclass_replace(w, dtype=dt), batch, base=base)
     rc = H.JaxRankClassification(training, batch)
 
     def run(rc=rc, name=name):
       r = rc()
       preds.setdefault(name, []).append(r["predictions"])
       scores[name] = r["scores"]
-    with H.grouped_decoding(grouped_):
-      out["xla_flops"][name] = H.xla_flops(rc.compiled())
-      key = "grouped" if grouped_ else "library"
-      if key not in out["matmul_flops"]:
-        out["matmul_flops"][key] = rc.matmul_flops()
-      run()  # traces and compiles in this mode
+    out["xla_flops"][name] = H.xla_flops(rc.compiled())
+    if "matmul_flops" not in out:  # the same dots in every dtype
+      out["matmul_flops"] = rc.matmul_flops()
+    run()  # traces and compiles
     fns[name] = run
   out["seconds"] = H.interleaved_times(fns, warmup=warmup, iters=iters)
   out["predictions"] = {k: np.asarray(v[-1]).tolist() for k, v in preds.items()}
@@ -143,7 +128,6 @@ MEMORY_SCHEDULER_FLAG = "--xla_cpu_scheduler_type=CPU_SCHEDULER_TYPE_MEMORY_OPTI
 MEMORY_CONFIGS = {
     "default": ([], ""),
     "remat": (["--remat", "full"], MEMORY_SCHEDULER_FLAG),
-    "remat+grouped": (["--remat", "full", "--grouped"], MEMORY_SCHEDULER_FLAG),
 }
 
 
@@ -157,8 +141,6 @@ def bench_memory(w: H.Workload, torch_side: bool, threads: int, steps: int,
     runs += [("torch", "ia3", "default"), ("torch", "full", "default")]
   for side, mode, config in runs:
     extra, flags = MEMORY_CONFIGS[config]
-    if config == "remat+grouped" and not H.scoring_repeats_encoder():
-      extra = [a for a in extra if a != "--grouped"]
     cmd = [sys.executable, os.path.join(HERE, "memory.py"), "--side", side, "--mode", mode,
            "--preset", w.preset, "--batch-size", str(w.batch_size),
            "--input-length", str(w.input_length), "--target-length", str(w.target_length),
@@ -210,7 +192,7 @@ def build_parser(description: str = __doc__.splitlines()[0], **defaults) -> argp
   ap.add_argument("--memory-preset", default="t5_1_1_base",
                   help="model shape for the memory comparison ('none' to skip)")
   ap.add_argument("--memory-steps", type=int, default=2)
-  ap.add_argument("--memory-configs", default="default,remat,remat+grouped",
+  ap.add_argument("--memory-configs", default="default,remat",
                   help="ia3-jax memory configurations: " + ", ".join(MEMORY_CONFIGS))
   ap.add_argument("--no-torch-memory", action="store_true",
                   help="skip the PyTorch peak-RSS runs")
@@ -220,10 +202,6 @@ def build_parser(description: str = __doc__.splitlines()[0], **defaults) -> argp
                   help="torch.autocast dtype for the PyTorch side (float32 params)")
   ap.add_argument("--peak-reference", default="xla_fp32", choices=("xla_fp32", "xla_bf16"),
                   help="the measured peak that achieved FLOP/s are a fraction of")
-  ap.add_argument("--grouped-decoding", choices=("compare", "off"), default="compare",
-                  help="also time T-Few training and rank classification with the proposed "
-                       "scoring change (decoding against the unrepeated encoder output), "
-                       "while the library's scoring still repeats it")
   ap.add_argument("--out", help="write the markdown report here")
   ap.add_argument("--json", help="write the raw results here")
   ap.set_defaults(**defaults)
@@ -237,7 +215,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
   autocast = None if a.torch_autocast == "none" else getattr(torch, a.torch_autocast)
   dev = a.torch_device
   skip = {s for s in a.skip.split(",") if s}
-  grouped = a.grouped_decoding == "compare"
   dtypes = [d for d in a.dtypes.split(",") if d]
   w = H.Workload(a.preset, a.batch_size, a.input_length, a.target_length, a.max_choices,
                  a.min_choices, dtypes[0])
@@ -247,7 +224,6 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
       "torch_threads": torch.get_num_threads(), "workload": w.describe(with_dtype=False),
       "torch_device": dev, "torch_autocast": a.torch_autocast,
       "peak_reference": a.peak_reference,
-      "scoring_repeats_encoder": H.scoring_repeats_encoder(),
       "iters": a.iters, "warmup": a.warmup, "dtypes": dtypes,
       "load_before": H.load_average(), "busy_before": H.busy_processes()}
   _log(f"workload: {w.describe()}; load {res['load_before']}")
@@ -262,11 +238,10 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     for loss in ("lm", "tfew"):
       _log(f"training ({loss})")
       res["train"][loss] = bench_training(w, batch, builder, base, loss, dtypes, a.warmup,
-                                          a.iters, dev, autocast, grouped)
+                                          a.iters, dev, autocast)
   if "rank" not in skip:
     _log("rank classification")
-    res["rank"] = bench_rank(w, batch, builder(), base, dtypes, a.warmup, a.iters, dev, autocast,
-                             grouped)
+    res["rank"] = bench_rank(w, batch, builder(), base, dtypes, a.warmup, a.iters, dev, autocast)
   res["load_after_speed"] = H.load_average()
   if "memory" not in skip and a.memory_preset != "none":
     mw = dataclass_replace(w, preset=a.memory_preset, dtype=dtypes[0])

@@ -10,7 +10,6 @@ the FLOP/memory accounting.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import os
 import platform
@@ -180,14 +179,19 @@ def _jaxpr_matmul_flops(jaxpr) -> float:
   return total
 
 
-def matmul_flops(fn: Callable, *args) -> float:
-  """Matmul FLOPs (2 per multiply-add) of `fn(*args)` counted from its jaxpr.
+def jaxpr_matmul_flops(jaxpr: Any) -> float:
+  """Matmul FLOPs (2 per multiply-add) of a (closed) jaxpr.
 
   Exact for the program as written: every dot_general, including those JAX's
   autodiff emits for the backward pass (none for frozen weights), scan bodies
   times their length. Elementwise work is not counted.
   """
-  return _jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args).jaxpr)
+  return _jaxpr_matmul_flops(getattr(jaxpr, "jaxpr", jaxpr))
+
+
+def matmul_flops(fn: Callable, *args) -> float:
+  """`jaxpr_matmul_flops` of `fn(*args)`."""
+  return jaxpr_matmul_flops(jax.make_jaxpr(fn)(*args))
 
 
 def xla_flops(compiled) -> float:
@@ -264,10 +268,6 @@ class JaxTraining:
                                                       batch["label"].shape[0])
     self.last_metrics: Optional[dict] = None
 
-  def _args(self):
-    s = self.state
-    return (s.trainable, s.opt_state, s.step, s.frozen, self.batch)
-
   def step(self) -> float:
     """One update; returns the loss of the params before it (blocks)."""
     self.state, metrics = self.trainer.step(self.state, self.batch)
@@ -275,8 +275,7 @@ class JaxTraining:
     return float(self.last_metrics["loss"])
 
   def compiled(self):
-    with self.trainer.partitioner.context():
-      return self.trainer._step_fn.lower(*self._args()).compile()
+    return self.trainer.lower_step(self.state, self.batch).compile()
 
   def matmul_flops(self) -> float:
     """Matmul FLOPs of one step, counted on a float32 twin of the model.
@@ -291,14 +290,11 @@ class JaxTraining:
                                   blocks=self.model.blocks)
       twin = trainer.Trainer(model, trainable=self.trainable, optimizer=self.trainer.optimizer,
                              loss=self.trainer.loss, seed=0, enable_dropout=False)
-    with twin.partitioner.context():
-      return matmul_flops(twin._train_step, *self._args())
+    return jaxpr_matmul_flops(twin.trace_step(self.state, self.batch).jaxpr)
 
   @property
   def num_trainable(self) -> int:
     return self.trainer.num_params()["trainable"]
-
-
 
 
 # --------------------------------------------------------------------------- rank classification
@@ -317,58 +313,16 @@ class JaxRankClassification:
   def __call__(self) -> dict[str, np.ndarray]:
     return self.classifier(self.params, self.inputs)
 
-  def lowered_args(self):
-    t = self.training.trainer
-    return self.params, t.partitioner.shard_batch(self.inputs, self.inputs[
-        "encoder_input_tokens"].shape[0])
-
   def compiled(self):
-    with self.training.trainer.partitioner.context():
-      return self.classifier._fn.lower(*self.lowered_args()).compile()
+    return self.classifier.lower(self.params, self.inputs).compile()
 
   def matmul_flops(self) -> float:
     from ia3_jax import scoring
     cfg = self.training.model.config
     model = network.Transformer(cfg.replace(dtype="float32"), blocks=self.training.model.blocks)
     with self.training.trainer.partitioner.context():
-      return matmul_flops(lambda p, x: scoring.rank_classify(model, p, x), *self.lowered_args())
-
-
-# --------------------------------------------------------------------------- proposed change
-
-
-def scoring_repeats_encoder() -> bool:
-  """Whether `scoring` still repeats the encoder output per choice before decoding."""
-  import inspect
-  from ia3_jax import scoring
-  return "jnp.repeat(encoded" in inspect.getsource(scoring._decode_choices)
-
-
-def _grouped_decode_choices(model, params, encoded, valid, task_id, targets, enable_dropout,
-                            rngs):
-  """`scoring._decode_choices` without `jnp.repeat` of the encoder output."""
-  b, k, t = targets.shape
-  flat = targets.reshape(b * k, t)
-  logits = model.apply(
-      {"params": params}, encoded, valid, network.shift_right(flat), flat,
-      task_id=None if task_id is None else jnp.repeat(task_id, k),
-      enable_dropout=enable_dropout, rngs=rngs, method=network.Transformer.decode)
-  return losses.token_log_probs(logits, flat).reshape(b, k, t)
-
-
-@contextlib.contextmanager
-def grouped_decoding(enabled: bool = True):
-  """While active, `scoring` decodes the choices against the unrepeated encoder output
-  (grouped cross-attention of `network.Transformer.decode`): the one-line scoring
-  change this benchmark proposes. Functions jitted (first called) inside keep it."""
-  from ia3_jax import scoring
-  original = scoring._decode_choices
-  if enabled:
-    scoring._decode_choices = _grouped_decode_choices
-  try:
-    yield
-  finally:
-    scoring._decode_choices = original
+      return matmul_flops(lambda p, x: scoring.rank_classify(model, p, x), self.params,
+                          self.inputs)
 
 
 # --------------------------------------------------------------------------- machine

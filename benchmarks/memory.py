@@ -21,8 +21,7 @@ if __package__ in (None, ""):
 from benchmarks import harness  # noqa: E402
 
 
-def measure_jax(w: harness.Workload, mode: str, steps: int, loss: str, remat: str,
-                grouped: bool) -> dict:
+def measure_jax(w: harness.Workload, mode: str, steps: int, loss: str, remat: str) -> dict:
   baseline = harness.peak_rss_bytes()
   batch = harness.make_batch(w)
   if loss == "lm":
@@ -30,11 +29,10 @@ def measure_jax(w: harness.Workload, mode: str, steps: int, loss: str, remat: st
   trainable = harness.IA3_TRAINABLE if mode == "ia3" else harness.FULL_TRAINABLE
   t = harness.JaxTraining(w, batch, trainable=trainable,
                           loss=harness.LM_ONLY if loss == "lm" else harness.TFEW, remat=remat)
-  with harness.grouped_decoding(grouped):
-    stats = harness.memory_stats(t.compiled())
-    for _ in range(steps):
-      t.step()
-  out = {"side": "jax", "mode": mode, "remat": remat, "grouped": grouped, "xla": stats,
+  stats = harness.memory_stats(t.compiled())
+  for _ in range(steps):
+    t.step()
+  out = {"side": "jax", "mode": mode, "remat": remat, "xla": stats,
          "baseline_rss": baseline,
          "peak_rss": harness.peak_rss_bytes(), "num_trainable": t.num_trainable}
   device_stats = harness.device_memory_stats()
@@ -79,8 +77,6 @@ def main(argv: Optional[list[str]] = None) -> int:
   ap.add_argument("--steps", type=int, default=2)
   ap.add_argument("--remat", default="none", choices=("none", "full", "dots"),
                   help="network.Blocks.remat for the ia3-jax side")
-  ap.add_argument("--grouped", action="store_true",
-                  help="the proposed grouped decoding (see harness.grouped_decoding)")
   ap.add_argument("--torch-threads", type=int, default=2)
   ap.add_argument("--torch-device", default="cpu")
   ap.add_argument("--torch-autocast", default="none")
@@ -88,7 +84,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   w = harness.Workload(a.preset, a.batch_size, a.input_length, a.target_length, a.max_choices,
                        a.min_choices, a.dtype)
   if a.side == "jax":
-    out = measure_jax(w, a.mode, a.steps, a.loss, a.remat, a.grouped)
+    out = measure_jax(w, a.mode, a.steps, a.loss, a.remat)
   else:
     out = measure_torch(w, a.mode, a.steps, a.loss, a.torch_threads, a.torch_device,
                         a.torch_autocast)

@@ -69,12 +69,6 @@ def bf16_accepted(res: dict[str, Any]) -> tuple[Optional[bool], list[str]]:
     notes.append(f"{loss}: max relative loss difference bf16 vs fp32 over {len(a)} steps "
                  f"{rel:.2e} (tolerance {BF16_LOSS_RTOL:g})")
     ok &= rel <= BF16_LOSS_RTOL
-  for loss, r in res.get("train", {}).items():
-    a, g = r["losses"].get("jax_float32"), r["losses"].get("jax_float32_grouped")
-    if a and g:
-      rel = max(abs(x - y) / max(abs(x), 1e-12) for x, y in zip(a, g))
-      notes.append(f"{loss}: grouped decoding vs the library's repeated encoder output (fp32): "
-                   f"max relative loss difference {rel:.1e} over {len(a)} steps")
   rank = res.get("rank")
   if rank and "jax_bfloat16" in rank["predictions"] and "jax_float32" in rank["predictions"]:
     same = rank["predictions"]["jax_bfloat16"] == rank["predictions"]["jax_float32"]
@@ -122,51 +116,40 @@ def render(res: dict[str, Any]) -> str:
               "|---|---|---|---|---|---|---|"]
     for loss, r in res["train"].items():
       s = {k: _med(v) for k, v in r["seconds"].items()}
-      for variant in _train_variants(r):
-        sfx = "_grouped" if variant == "grouped" else ""
-        keys = [f"jax_float32{sfx}", f"jax_bfloat16{sfx}"]
-        first = " / ".join(f"{r['losses'][k][0]:.4f}" for k in ["torch"] + keys
-                           if r["losses"].get(k))
-        lines.append(f"| {LOSS_NAMES[loss]}{_variant_note(variant)} | {1 / s['torch']:.3f} | "
-                     f"{_rate(s, keys[0])} | {_rate(s, keys[1])} | "
-                     f"{_x(_div(s['torch'], s.get(keys[0], math.nan)))} | "
-                     f"{_x(_div(s['torch'], s.get(keys[1], math.nan)))} | {first} |")
-        best_key = keys[1] if bf16_ok else keys[0]
-        if best_key in s:
-          best = s["torch"] / s[best_key]
-          t = (f"(IA)^3 training, {loss}: >= {TRAIN_SPEEDUP}x PyTorch "
-               f"({'bf16' if bf16_ok else 'fp32'}{_variant_note(variant)})")
-          targets.append((t, f"{best:.2f}x: " + _verdict(best >= TRAIN_SPEEDUP, best, TRAIN_SPEEDUP)
-                          + (" (informational)" if variant == "grouped" else "")))
-    lines += ["", "Achieved FLOP/s (matmul FLOPs per step counted from the step's jaxpr on the "
-              "float32 model, i.e. the work both frameworks do with the same decoding; XLA's cost "
-              "analysis of the compiled step, which also counts elementwise ops, in brackets), and "
-              f"as a fraction of the measured {ref_name} matmul peak:", "",
+      keys = ["jax_float32", "jax_bfloat16"]
+      first = " / ".join(f"{r['losses'][k][0]:.4f}" for k in ["torch"] + keys
+                         if r["losses"].get(k))
+      lines.append(f"| {LOSS_NAMES[loss]} | {1 / s['torch']:.3f} | "
+                   f"{_rate(s, keys[0])} | {_rate(s, keys[1])} | "
+                   f"{_x(_div(s['torch'], s.get(keys[0], math.nan)))} | "
+                   f"{_x(_div(s['torch'], s.get(keys[1], math.nan)))} | {first} |")
+      best_key = keys[1] if bf16_ok else keys[0]
+      if best_key in s:
+        best = s["torch"] / s[best_key]
+        t = (f"(IA)^3 training, {loss}: >= {TRAIN_SPEEDUP}x PyTorch "
+             f"({'bf16' if bf16_ok else 'fp32'})")
+        targets.append((t, f"{best:.2f}x: " + _verdict(best >= TRAIN_SPEEDUP, best, TRAIN_SPEEDUP)))
+    lines += ["", "Achieved FLOP/s (ia3-jax's matmul FLOPs per step counted from the step's "
+              "jaxpr on the float32 model; XLA's cost analysis of the compiled step, which also "
+              "counts elementwise ops, in brackets), and as a fraction of the measured "
+              f"{ref_name} matmul peak. PyTorch is credited with the same FLOPs: for the T-Few "
+              "loss it also projects the repeated encoder output to cross-attention keys and "
+              "values once per choice (ia3-jax: once per example), extra work not counted:", "",
               "| loss | matmul GFLOP/step [XLA] | PyTorch GFLOP/s | ia3-jax fp32 GFLOP/s | "
               "ia3-jax bf16 GFLOP/s |", "|---|---|---|---|---|"]
     for loss, r in res["train"].items():
       s = {k: _med(v) for k, v in r["seconds"].items()}
-      for variant in _train_variants(r):
-        sfx = "_grouped" if variant == "grouped" else ""
-        f = r["matmul_flops"][variant]
-        cells = []
-        for k in ("torch", f"jax_float32{sfx}", f"jax_bfloat16{sfx}"):
-          if k == "torch" and variant == "grouped":
-            cells.append("(same work as above)")
-          elif k in s:
-            cells.append(f"{_g(f / s[k])} ({_pct(f / s[k] / ref_peak)})")
-          else:
-            cells.append("n/a")
-        xf = r["xla_flops"].get(f"jax_float32{sfx}", math.nan)
-        lines.append(f"| {loss}{_variant_note(variant)} | {f / 1e9:.1f} [{xf / 1e9:.1f}] | "
-                     + " | ".join(cells) + " |")
-        for k, name in ((f"jax_float32{sfx}", "fp32"), (f"jax_bfloat16{sfx}", "bf16")):
-          if k in s and (name == "fp32" or bf16_ok):
-            frac = f / s[k] / ref_peak
-            targets.append((f"achieved FLOP/s, {loss}, {name}{_variant_note(variant)}: >= "
-                            f"{_pct(PEAK_FRACTION)} of {ref_name} peak",
-                            f"{_pct(frac)}: " + _verdict(frac >= PEAK_FRACTION, frac, PEAK_FRACTION)
-                            + (" (informational)" if variant == "grouped" else "")))
+      f = r["matmul_flops"]
+      cells = [f"{_g(f / s[k])} ({_pct(f / s[k] / ref_peak)})" if k in s else "n/a"
+               for k in ("torch", "jax_float32", "jax_bfloat16")]
+      xf = r["xla_flops"].get("jax_float32", math.nan)
+      lines.append(f"| {loss} | {f / 1e9:.1f} [{xf / 1e9:.1f}] | " + " | ".join(cells) + " |")
+      for k, name in (("jax_float32", "fp32"), ("jax_bfloat16", "bf16")):
+        if k in s and (name == "fp32" or bf16_ok):
+          frac = f / s[k] / ref_peak
+          targets.append((f"achieved FLOP/s, {loss}, {name}: >= "
+                          f"{_pct(PEAK_FRACTION)} of {ref_name} peak",
+                          f"{_pct(frac)}: " + _verdict(frac >= PEAK_FRACTION, frac, PEAK_FRACTION)))
     lines.append("")
 
   if "rank" in res:
@@ -181,7 +164,7 @@ def render(res: dict[str, Any]) -> str:
       if k.startswith("torch"):
         row += " | | |"
       else:
-        f = r["matmul_flops"]["grouped" if k.endswith("_grouped") else "library"]
+        f = r["matmul_flops"]
         row += (f" {_x(s.get('torch_per_choice', math.nan) / s[k])} |"
                 f" {_x(s.get('torch_reuse_encoder', math.nan) / s[k])} |"
                 f" {_g(f / s[k])} GFLOP/s ({_pct(f / s[k] / ref_peak)} of {ref_name} peak) |")
@@ -191,21 +174,16 @@ def render(res: dict[str, Any]) -> str:
     lines += ["", "Predictions equal to the encoder-reusing PyTorch scorer's: " + ", ".join(
         f"{_rank_label(k)}: {'yes' if v == ref else 'NO'}" for k, v in preds.items()
         if k != "torch_reuse_encoder"), ""]
-    for variant in ("library", "grouped"):
-      sfx = "_grouped" if variant == "grouped" else ""
-      best_key = f"jax_bfloat16{sfx}" if bf16_ok and f"jax_bfloat16{sfx}" in s else f"jax_float32{sfx}"
-      if best_key not in s:
-        continue
-      for ref_k, target in (("torch_per_choice", RANK_VS_PER_CHOICE),
-                            ("torch_reuse_encoder", RANK_VS_REUSE)):
-        if ref_k in s:
-          x = s[ref_k] / s[best_key]
-          ok = x >= target if ref_k == "torch_per_choice" else x > target
-          targets.append((f"rank classification vs {_rank_label(ref_k)}: "
-                          f"{'>=' if ref_k == 'torch_per_choice' else '>'} {target:g}x "
-                          f"({'bf16' if 'bfloat16' in best_key else 'fp32'}{_variant_note(variant)})",
-                          f"{x:.2f}x: " + _verdict(ok, x, target)
-                          + (" (informational)" if variant == "grouped" else "")))
+    best_key = "jax_bfloat16" if bf16_ok and "jax_bfloat16" in s else "jax_float32"
+    for ref_k, target in (("torch_per_choice", RANK_VS_PER_CHOICE),
+                          ("torch_reuse_encoder", RANK_VS_REUSE)):
+      if ref_k in s and best_key in s:
+        x = s[ref_k] / s[best_key]
+        ok = x >= target if ref_k == "torch_per_choice" else x > target
+        targets.append((f"rank classification vs {_rank_label(ref_k)}: "
+                        f"{'>=' if ref_k == 'torch_per_choice' else '>'} {target:g}x "
+                        f"({'bf16' if 'bfloat16' in best_key else 'fp32'})",
+                        f"{x:.2f}x: " + _verdict(ok, x, target)))
 
   if "memory" in res:
     mem = res["memory"]
@@ -217,8 +195,7 @@ def render(res: dict[str, Any]) -> str:
               "was built (imports only). Configurations: default = the library as is; remat = "
               "`network.Blocks(remat=\"full\")` (every layer recomputed in the backward pass) and "
               "XLA's memory-optimised scheduler (`--xla_cpu_scheduler_type="
-              "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`); +grouped = also the proposed grouped "
-              "decoding.", "",
+              "CPU_SCHEDULER_TYPE_MEMORY_OPTIMIZED`).", "",
               "| mode | config | trainable params | XLA argument | XLA output | XLA alias | XLA temp | "
               "XLA peak | peak RSS [baseline] | device peak in use |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -246,11 +223,9 @@ def render(res: dict[str, Any]) -> str:
       rss = _div(ia3_e["peak_rss"] - ia3_e["baseline_rss"], full_e["peak_rss"] - full_e["baseline_rss"])
       lines.append(f"- {config}: (IA)^3 / full fine-tuning, XLA peak {ratio:.2f}, peak RSS above "
                    f"baseline {rss:.2f}")
-      informational = "grouped" in config
       targets.append((f"(IA)^3 peak memory <= {_pct(MEMORY_RATIO)} of full fine-tuning "
                       f"(XLA peak, {config})",
-                      f"{ratio:.2f}: " + _verdict(ratio <= MEMORY_RATIO, ratio, MEMORY_RATIO, "max")
-                      + (" (informational)" if informational else "")))
+                      f"{ratio:.2f}: " + _verdict(ratio <= MEMORY_RATIO, ratio, MEMORY_RATIO, "max")))
     if "torch_ia3" in mem and "torch_full" in mem:
       lines.append(f"- PyTorch: (IA)^3 / full fine-tuning, peak RSS above baseline "
                    f"{_rss_ratio(mem, 'torch'):.2f}")
@@ -281,14 +256,6 @@ def _rss_ratio(mem: dict, side: str) -> float:
   return _div(*above)
 
 
-def _train_variants(r: dict) -> list[str]:
-  return [v for v in ("library", "grouped") if v in r["matmul_flops"]]
-
-
-def _variant_note(variant: str) -> str:
-  return ", with the proposed grouped decoding" if variant == "grouped" else ""
-
-
 def _load(x) -> str:
   return "n/a" if not x else "/".join(f"{v:.2f}" for v in x)
 
@@ -305,9 +272,7 @@ def _rank_label(k: str) -> str:
   return {"torch_per_choice": "PyTorch, full forward per choice",
           "torch_reuse_encoder": "PyTorch, encoder reused (T-Few repo)",
           "jax_float32": "ia3-jax fp32 (`scoring.rank_classify`)",
-          "jax_bfloat16": "ia3-jax bf16",
-          "jax_float32_grouped": "ia3-jax fp32, proposed grouped decoding",
-          "jax_bfloat16_grouped": "ia3-jax bf16, proposed grouped decoding"}.get(k, k)
+          "jax_bfloat16": "ia3-jax bf16"}.get(k, k)
 
 
 def _batch_size(res: dict) -> int:

@@ -222,7 +222,7 @@ class FewShotRunner:
         losses.append(loss)
         window.append(metrics)
         if step % log_period == 0 or step == self.train_steps:
-          writer.write(step, trainer._average(window), prefix="train/")  # pylint: disable=protected-access
+          writer.write(step, trainer.average_metrics(window), prefix="train/")
           window = []
           if progress:
             progress(step, loss)

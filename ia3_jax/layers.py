@@ -283,7 +283,13 @@ class MultiHeadDotProductAttention(Projecting):
     logits = einsum("bqhd,bkhd->bhqk", q, k, dtype) + bias.astype(jnp.float32)
     weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
     if cfg.dropout_rate > 0 and not deterministic:
+      # One mask per query row, shared over its query positions (T5X); the
+      # rows of a group get independent masks, as they would if repeated.
+      shape = weights.shape
+      if groups > 1:
+        weights = weights.reshape(shape[:2] + (groups, len_q) + shape[3:])
       weights = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(weights, deterministic=False)
+      weights = weights.reshape(shape)
     out = einsum("bhqk,bkhd->bqhd", weights, v, dtype).astype(dtype)
     out = out.reshape((batch_q, len_q) + out.shape[2:])
     out = constrain(out, ("batch", "length", "heads", "kv"))

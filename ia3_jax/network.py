@@ -33,7 +33,8 @@ class Blocks:
   decoder: Callable[..., nn.Module] = None
   # Rematerialisation of each encoder/decoder layer in the backward pass:
   # "none", "full" (keep only layer inputs, recompute the rest) or "dots"
-  # (keep matmul outputs, recompute elementwise ops). Same params, same math.
+  # (keep matmul outputs, recompute elementwise ops), one layer's backward
+  # step at a time (see `_call_layer`). Same params, same math.
   remat: str = "none"
 
   def __post_init__(self):
@@ -65,8 +66,39 @@ def _call_layer(blocks: "Blocks", layer: nn.Module, args: tuple, task_id: Option
 
   def call(module, tid, *a):
     return module(*a, task_id=tid, **static)
-  return nn.remat(call, prevent_cse=True, policy=REMAT_POLICIES[blocks.remat])(
-      layer, task_id, *args)
+  remat_call = nn.remat(call, prevent_cse=True, policy=REMAT_POLICIES[blocks.remat])
+
+  # The backward step of one layer, in order. XLA's schedulers would otherwise
+  # hoist the recomputation of several layers ahead of their backward steps,
+  # and delay the small parameter gradients (norm scales, (IA)^3 vectors:
+  # reductions over recomputed activations), keeping many layers'
+  # activations alive at once. Data dependencies fix the order (XLA:CPU drops
+  # optimization barriers before scheduling): the recomputation reads its
+  # residuals only once the output's cotangent exists, and the input
+  # cotangents are passed on only once the small parameter gradients exist.
+  def forward(module, tid, *a):  # residuals: what remat saves (inputs, params)
+    return nn.vjp(remat_call, module, tid, *a)
+
+  def backward(vjp_fn, g):
+    params_t, *inputs_t = jax.tree.map(lambda r: _after(r, g), vjp_fn)(g)
+    small = [c for c in jax.tree.leaves(params_t)
+             if jnp.issubdtype(c.dtype, jnp.floating) and c.size <= _SMALL_PARAM]
+    return (params_t, *jax.tree.map(lambda c: _after(c, *small), inputs_t))
+  return nn.custom_vjp(remat_call, forward, backward)(layer, task_id, *args)
+
+
+_SMALL_PARAM = 65536  # scalars; larger params are kernels (their gradients are matmuls)
+
+
+def _after(x: Any, *deps: Array) -> Any:
+  """`x` if it is an activation (float, rank >= 3), made to depend on `deps`:
+  `x + 0 * d[0]`, which XLA does not fold for floats and which equals `x`
+  for finite `deps` (non-finite ones make the gradient non-finite anyway)."""
+  if not (deps and isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating)
+          and x.ndim >= 3):
+    return x
+  zero = sum(0 * d[(0,) * d.ndim] for d in deps)
+  return x + zero.astype(x.dtype)
 
 
 def _dropout(x: Array, cfg: T5Config, deterministic: bool) -> Array:

@@ -4,9 +4,10 @@ Rank classification (DESIGN.md): each example has C answer choices; every
 choice is scored by the model's log-likelihood of its target tokens given the
 input, s_n = sum_t log p(y_t^(n) | x, y_<t^(n)), optionally divided by its
 length T_n (T-Few default), and the prediction is the argmax, ties going to
-the first choice. The encoder runs once per example; its output is repeated
-for the C choices (or for `max_choices_per_step` of them at a time, to bound
-memory) and the decoder scores all choices in one batch.
+the first choice. The encoder runs once per example, and the decoder scores
+all C choices (or `max_choices_per_step` of them at a time, to bound memory)
+in one batch against it: grouped cross-attention projects each example's
+encoder output to keys and values once for all its choices.
 
 Batch layout (from `feature_converters.RankClassificationFeatureConverter`):
   encoder_input_tokens [B, L], choice_tokens [B, C, T] (decoder targets, EOS
@@ -74,12 +75,18 @@ def _fold_rngs(rngs: Optional[Mapping[str, Array]], index: Any) -> Optional[dict
 def _decode_choices(model: network.Transformer, params: Any, encoded: Array, valid: Array,
                     task_id: Optional[Array], targets: Array, enable_dropout: bool,
                     rngs: Optional[dict]) -> Array:
-  """log p of targets [B, k, T] against one encoder output per example -> [B, k, T]."""
+  """log p of targets [B, k, T] against one encoder output per example -> [B, k, T].
+
+  The k choices of example b are decoder rows b*k .. b*k + k - 1 against the
+  unrepeated encoder output (grouped cross-attention of
+  `network.Transformer.decode`): each example's cross-attention keys and
+  values are computed once, not k times, with the same result as repeating
+  `encoded` k times.
+  """
   b, k, t = targets.shape
   flat = targets.reshape(b * k, t)
   logits = model.apply(
-      {"params": params}, jnp.repeat(encoded, k, axis=0), jnp.repeat(valid, k, axis=0),
-      network.shift_right(flat), flat,
+      {"params": params}, encoded, valid, network.shift_right(flat), flat,
       task_id=None if task_id is None else jnp.repeat(task_id, k),
       enable_dropout=enable_dropout, rngs=rngs, method=network.Transformer.decode)
   return losses.token_log_probs(logits, flat).reshape(b, k, t)

@@ -379,9 +379,25 @@ class Trainer:
   def step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> tuple[TrainState, dict]:
     """One update on a global batch (from `Partitioner.shard_batch`)."""
     with self.partitioner.context():
-      trainable, opt_state, step, metrics = self._step_fn(
-          state.trainable, state.opt_state, state.step, state.frozen, dict(batch))
+      trainable, opt_state, step, metrics = self._step_fn(*self._step_args(state, batch))
     return state.replace(trainable=trainable, opt_state=opt_state, step=step), metrics
+
+  def trace_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> jax.stages.Traced:
+    """The jitted train step traced for `state` and `batch` (`.jaxpr`: the program
+    as written, e.g. to count its products; `.lower()`: see `lower_step`)."""
+    with self.partitioner.context():
+      return self._step_fn.trace(*self._step_args(state, batch))
+
+  def lower_step(self, state: TrainState, batch: Mapping[str, jax.Array]) -> jax.stages.Lowered:
+    """The train step lowered for `state` and `batch` (shapes, dtypes, shardings);
+    `.compile()` gives the executable `step` runs, with XLA's `cost_analysis()`
+    and `memory_analysis()` (the buffer assignment). Nothing is donated or run."""
+    with self.partitioner.context():
+      return self.trace_step(state, batch).lower()
+
+  @staticmethod
+  def _step_args(state: TrainState, batch: Mapping[str, jax.Array]) -> tuple:
+    return state.trainable, state.opt_state, state.step, state.frozen, dict(batch)
 
   # ---- eval
   def classifier(self, global_batch_size: int,
@@ -417,14 +433,23 @@ class ShardedClassifier:
     self._fn = jax.jit(classify, in_shardings=(trainer.param_shardings, sh), out_shardings=sh)
 
   def __call__(self, params: Params, inputs: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    p = self.trainer.partitioner
+    with p.context():
+      out = self._fn(params, self._global_batch(inputs))
+    return {k: host_rows(v) for k, v in out.items()}
+
+  def lower(self, params: Params, inputs: Mapping[str, np.ndarray]) -> jax.stages.Lowered:
+    """The classifier lowered for `params` and this host's `inputs`, as `__call__`
+    would run it; `.compile()` gives XLA's cost and memory analyses."""
+    p = self.trainer.partitioner
+    with p.context():
+      return self._fn.lower(params, self._global_batch(inputs))
+
+  def _global_batch(self, inputs: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     inputs = dict(inputs)
     if not self.trainer.use_task_id:
       inputs.pop("task_id", None)
-    p = self.trainer.partitioner
-    batch = p.shard_batch(inputs, self.global_batch_size)
-    with p.context():
-      out = self._fn(params, batch)
-    return {k: host_rows(v) for k, v in out.items()}
+    return self.trainer.partitioner.shard_batch(inputs, self.global_batch_size)
 
 
 def host_rows(x: jax.Array) -> np.ndarray:
@@ -671,7 +696,7 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
       bar.update(1)
       if step % tc.log_period == 0 or step == tc.train_steps:
         elapsed = max(time.time() - t_window, 1e-9)
-        scalars = _average(window)
+        scalars = average_metrics(window)
         scalars["steps_per_sec"] = len(window) / elapsed
         bar.set_postfix(loss=f"{scalars['loss']:.4f}",
                         steps_per_s=f"{scalars['steps_per_sec']:.2f}")
@@ -719,7 +744,8 @@ def _eval_result_json(result: Mapping[str, Any]) -> dict:
   return out
 
 
-def _average(window: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+def average_metrics(window: Sequence[Mapping[str, Any]]) -> dict[str, float]:
+  """Mean of each metric over a window of steps' metrics (what a log line reports)."""
   keys = window[0].keys()
   return {k: float(np.mean([np.asarray(m[k], np.float64) for m in window])) for k in keys}
 

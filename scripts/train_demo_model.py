@@ -97,7 +97,8 @@ def main(argv=None) -> int:
         flush=True)
   accuracy = demo.family_accuracies(out, families=tuple(synthetic.FAMILIES))
   record = {
-      "settings": {**vars(args), "feature_lengths": demo.PRETRAIN["feature_lengths"]},
+      "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "work_dir")},
+                   "feature_lengths": demo.PRETRAIN["feature_lengths"]},
       "model_config": config.to_dict(),
       "num_params": int(sum(v.size for v in jax.tree.leaves(params))),
       "train_wall_time_s": round(train_time, 1),

@@ -166,3 +166,127 @@ def test_relative_position_buckets_match_hf():
     theirs = T5Attention._relative_position_bucket(torch.tensor(rel), bidirectional=bidirectional,
                                                    num_buckets=32, max_distance=128)
     np.testing.assert_array_equal(np.asarray(ours), theirs.numpy())
+
+
+def _dots(jaxpr):
+  """(input dtypes, output dtype) of every dot_general in a jaxpr and its nested jaxprs."""
+  out = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      out.append((tuple(str(v.aval.dtype) for v in eqn.invars), str(eqn.outvars[0].aval.dtype)))
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+        if isinstance(sub, (jax.extend.core.ClosedJaxpr, jax.extend.core.Jaxpr)):
+          out += _dots(getattr(sub, "jaxpr", sub))
+  return out
+
+
+# (spec, shape of a, shape of b, backward products in bf16: (da, db)). Square contracted and
+# free dimensions, so a transposed cotangent would still have the right shape.
+BF16_EINSUMS = [
+    ("...k,kn->...n", (2, 3, 8), (8, 8), (True, False)),       # projections (`matmul`)
+    ("bqhd,bkhd->bhqk", (2, 8, 2, 8), (2, 8, 2, 8), (True, False)),  # attention logits
+    ("bhqk,bkhd->bqhd", (2, 2, 8, 8), (2, 8, 2, 8), (True, False)),  # attention outputs
+]
+
+
+@pytest.mark.parametrize("spec,shape_a,shape_b,bf16_backward", BF16_EINSUMS)
+@pytest.mark.parametrize("input_dtype", [jnp.float32, jnp.bfloat16])
+def test_bf16_einsum_value_and_gradients(spec, shape_a, shape_b, bf16_backward, input_dtype):
+  """bf16 products with float32 sums, forward and backward, against float32 on bf16-rounded
+  inputs: the value to float32 rounding, the gradients to bf16 rounding."""
+  rng = np.random.default_rng(0)
+  a, b = (jnp.asarray(rng.standard_normal(s), input_dtype) for s in (shape_a, shape_b))
+  out_shape = jax.eval_shape(lambda x, y: jnp.einsum(spec, x, y), a, b).shape
+  w = jnp.asarray(rng.standard_normal(out_shape), jnp.float32)  # the cotangent of the output
+
+  def ours(x, y):
+    return jnp.sum(w * layers.einsum(spec, x, y, jnp.bfloat16))
+
+  def reference(x, y):  # float32 products of the same bf16-rounded inputs
+    x, y = (t.astype(jnp.bfloat16).astype(jnp.float32) for t in (x, y))
+    return jnp.sum(w * jnp.einsum(spec, x, y, precision=jax.lax.Precision.HIGHEST))
+
+  value = layers.einsum(spec, a, b, jnp.bfloat16)
+  ref_value = jnp.einsum(spec, a.astype(jnp.bfloat16).astype(jnp.float32),
+                         b.astype(jnp.bfloat16).astype(jnp.float32),
+                         precision=jax.lax.Precision.HIGHEST)
+  assert value.dtype == jnp.float32
+  np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5)
+
+  grads = jax.grad(ours, argnums=(0, 1))(a, b)
+  ref_grads = jax.grad(reference, argnums=(0, 1))(a, b)
+  for g, r, x in zip(grads, ref_grads, (a, b)):
+    assert g.dtype == x.dtype and g.shape == x.shape
+    r = np.asarray(r, np.float32)
+    # Rounding the cotangent and the result to bf16 (8 significant bits): about 2^-8 of
+    # the gradient's scale; a transposed or misplaced cotangent is off by O(1).
+    np.testing.assert_allclose(np.asarray(g, np.float32), r, rtol=0,
+                               atol=2e-2 * np.abs(r).max())
+
+  # Every product takes bf16 inputs with a float32 result, except the cotangents XLA:CPU
+  # cannot sum in float32 from bf16 (summed over a non-trailing index): float32 there.
+  dots = _dots(jax.make_jaxpr(jax.grad(ours, argnums=(0, 1)))(a, b).jaxpr)
+  bf16_dot = (("bfloat16", "bfloat16"), "float32")
+  f32_dot = (("float32", "float32"), "float32")
+  expected = [bf16_dot] + [bf16_dot if low else f32_dot for low in bf16_backward]
+  assert sorted(dots) == sorted(expected), dots
+
+
+def test_float32_einsum_is_plain_einsum():
+  rng = np.random.default_rng(1)
+  a, b = (jnp.asarray(rng.standard_normal(s), jnp.float32) for s in ((3, 8), (8, 5)))
+  np.testing.assert_array_equal(layers.matmul(a, b, jnp.float32), jnp.einsum("...k,kn->...n", a, b))
+  ga = jax.grad(lambda x: jnp.sum(layers.matmul(x, b, jnp.float32) ** 2))(a)
+  np.testing.assert_allclose(ga, jax.grad(lambda x: jnp.sum((x @ b) ** 2))(a), rtol=1e-6)
+
+
+def test_grouped_attention_equals_repeated_and_drops_out_per_row():
+  """Grouped cross-attention (g query rows per key/value row) equals the repeated call;
+  with dropout, the rows of a group draw independent masks, as repeated rows would."""
+  config = get_config("tiny", dropout_rate=0.5)
+  attention = layers.MultiHeadDotProductAttention(config)
+  rng = np.random.default_rng(2)
+  g, q_len, k_len = 3, 4, 6
+  kv = jnp.asarray(rng.standard_normal((2, k_len, config.emb_dim)), jnp.float32)
+  q = jnp.asarray(rng.standard_normal((2 * g, q_len, config.emb_dim)), jnp.float32)
+  bias = layers.mask_to_bias(jnp.arange(k_len)[None, None, None, :] < jnp.array([6, 4])[
+      :, None, None, None], jnp.float32)  # [2, 1, 1, K]: the second row has 2 padding keys
+  params = attention.init(jax.random.key(0), q, jnp.repeat(kv, g, 0), jnp.repeat(bias, g, 0))
+  apply = jax.jit(attention.apply, static_argnames="deterministic")
+  grouped = apply(params, q, kv, bias)
+  repeated = apply(params, q, jnp.repeat(kv, g, 0), jnp.repeat(bias, g, 0))
+  np.testing.assert_allclose(grouped, repeated, rtol=1e-6, atol=1e-6)
+
+  same_q = jnp.repeat(q[::g], g, 0)  # the g queries of a group are identical
+  dropped = np.asarray(apply(params, same_q, kv, bias, deterministic=False,
+                             rngs={"dropout": jax.random.key(1)}))
+  for row in range(2):
+    group = dropped[row * g:(row + 1) * g]
+    assert not np.allclose(group[0], group[1]) and not np.allclose(group[1], group[2])
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_keeps_params_and_float32_gradients(remat):
+  """Rematerialised layers (recomputed in order in the backward pass): the same param tree,
+  loss and gradients as without remat, with dropout on (the recomputation redraws the same
+  masks)."""
+  config = get_config("tiny", dropout_rate=0.1)
+  batch = hf_utils.random_batch(np.random.default_rng(5), config.vocab_size)
+  args = (batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+          batch["decoder_target_tokens"])
+  plain = network.Transformer(config)
+  rematted = network.Transformer(config, network.Blocks(remat=remat))
+  params = network.init_params(plain, jax.random.key(0))
+  assert jax.tree.structure(network.init_params(rematted, jax.random.key(0))) == \
+      jax.tree.structure(params)
+
+  def loss(model, p):
+    logits = model.apply({"params": p}, *args, enable_dropout=True,
+                         rngs={"dropout": jax.random.key(3)})
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 5])
+  (ref, ref_grads), (val, grads) = (jax.jit(jax.value_and_grad(lambda p, m=m: loss(m, p)))(params)
+                                    for m in (plain, rematted))
+  np.testing.assert_allclose(val, ref, rtol=1e-6)
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
+    np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * np.abs(r).max())

@@ -166,6 +166,37 @@ def test_rank_classification_equals_one_forward_per_choice(max_choices_per_step)
     np.testing.assert_array_equal(out["predictions"], ref.argmax(-1))
 
 
+def _dot_operand_shapes(jaxpr):
+  """Shapes of every dot_general operand in a jaxpr and the jaxprs nested in it."""
+  shapes = []
+  for eqn in jaxpr.eqns:
+    if eqn.primitive.name == "dot_general":
+      shapes += [tuple(v.aval.shape) for v in eqn.invars]
+    for value in eqn.params.values():
+      for sub in (value if isinstance(value, (tuple, list)) else (value,)):
+        if isinstance(sub, jax.extend.core.ClosedJaxpr):
+          shapes += _dot_operand_shapes(sub.jaxpr)
+        elif isinstance(sub, jax.extend.core.Jaxpr):
+          shapes += _dot_operand_shapes(sub)
+  return shapes
+
+
+@pytest.mark.parametrize("max_choices_per_step", [None, 2])
+def test_choices_share_their_example_cross_attention_keys_and_values(max_choices_per_step):
+  """The cross-attention key/value projections see one encoder row per example, not per choice."""
+  model, params = task_model()
+  batch = choice_batch(0)
+  b, c, t = batch["choice_tokens"].shape
+  k = c if max_choices_per_step is None else max_choices_per_step
+  length, emb = batch["encoder_input_tokens"].shape[1], TINY.emb_dim
+  jaxpr = jax.make_jaxpr(functools.partial(
+      scoring.choice_log_probs, model, max_choices_per_step=max_choices_per_step))(params, batch)
+  shapes = _dot_operand_shapes(jaxpr.jaxpr)
+  assert (b * k, t, emb) in shapes  # the decoder's projections, one row per choice
+  assert (b, length, emb) in shapes
+  assert not [s for s in shapes if s[:2] == (b * k, length)], shapes  # no repeated encoder rows
+
+
 def test_length_normalisation_can_change_the_prediction():
   """Short choice: EOS alone. Long one: 4 greedy tokens + EOS, a higher mean but lower sum."""
   model, params = task_model()

@@ -222,3 +222,34 @@ def test_t0_3b_ia3_checkpoint_is_about_2mb():
   # Adafactor state for vectors: one second moment each (not factored), placeholders, counts.
   opt = sum(math.prod(x.shape) for x in jax.tree.leaves(tr.abstract_opt_state))
   assert opt <= 540_672 + 2 * len(tr.trainable_paths) + 8
+
+
+def test_lowered_step_and_classifier_give_xla_cost_and_memory():
+  """`lower_step` / `ShardedClassifier.lower`: the programs `step` and eval run, compiled
+  without running them or consuming the (donatable) state."""
+  model = network.Transformer(TINY, ia3.ia3_blocks())
+  tr = trainer.Trainer(model, trainable=ia3.IA3_PATTERN, enable_dropout=False,
+                       optimizer=optimizers.OptimizerConfig(total_steps=10).build())
+  state = tr.init_state(tu.random_base_params(TINY))
+  host = tu.SyntheticBatches(4).global_batch(0)
+  batch = tr.partitioner.shard_batch(tr.model_batch(host), 4)
+  compiled = tr.lower_step(state, batch).compile()
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  assert cost["flops"] > 0
+  mem = compiled.memory_analysis()
+  param_bytes = 4 * tr.num_params()["total"]
+  assert mem.argument_size_in_bytes >= param_bytes  # trainable + frozen + optimizer + batch
+  assert 0 < mem.alias_size_in_bytes <= mem.output_size_in_bytes  # donated trainable/opt state
+  assert "dot" in tr.trace_step(state, batch).jaxpr.pretty_print()
+
+  new_state, metrics = tr.step(state, batch)  # the state was not donated by lowering
+  assert int(new_state.step) == 1 and np.isfinite(float(metrics["loss"]))
+
+  inputs = {k: host[k] for k in ("encoder_input_tokens", "choice_tokens", "choice_mask")}
+  classifier = tr.classifier(4)
+  rc = classifier.lower(new_state.params, inputs).compile()
+  assert rc.memory_analysis().argument_size_in_bytes >= param_bytes
+  out = rc(new_state.params, tr.partitioner.shard_batch(inputs, 4))
+  np.testing.assert_array_equal(np.asarray(out["predictions"]),
+                                classifier(new_state.params, inputs)["predictions"])
