@@ -217,23 +217,27 @@ show(init_results)
 bar_plot(init_results, "(IA)$^3$ initialisation", "ablation_init.png")'''),
       md("## 3. Methods\n\n(IA)$^3$ against full fine-tuning (the paper's baseline: lr 3e-4) "
          "and the other methods in `ia3_jax.peft_methods`, each with the T-Few losses and the "
-         "same steps. The learning rates are each method's usual ones, not tuned here."),
+         "same steps. The learning rates are not tuned here. Methods whose new parameters start "
+         "at zero (LoRA's B, BitFit's biases) use Adafactor without parameter scaling: with it, "
+         "a zero parameter's step is 1e-3 of the learning rate (Adafactor's eps2 floor on the "
+         "parameter's RMS) and they barely move in a few hundred steps."),
       code('''\
-METHODS = {  # name -> (registry name, hyper-parameters, learning rate)
-    "(IA)^3": ("ia3", {}, LR),
-    "full fine-tuning": ("full", {}, 3e-4),
-    "LoRA (rank 4)": ("lora", {"rank": 4}, 3e-3),
-    "BitFit": ("bitfit", {}, 3e-3),
-    "LayerNorm": ("layernorm", {}, 3e-3),
-    "prompt tuning (10)": ("prompt_tuning", {"length": 10}, 3e-1),
-    "prefix tuning (10)": ("prefix_tuning", {"length": 10}, 3e-3),
+METHODS = {  # name -> (registry name, hyper-parameters, learning rate, Adafactor parameter scaling)
+    "(IA)^3": ("ia3", {}, LR, True),
+    "full fine-tuning": ("full", {}, 3e-4, True),
+    "LoRA (rank 4)": ("lora", {"rank": 4}, 3e-3, False),
+    "BitFit": ("bitfit", {}, 3e-2, False),
+    "LayerNorm": ("layernorm", {}, 3e-2, True),
+    "prompt tuning (10)": ("prompt_tuning", {"length": 10}, 3e-1, True),
+    "prefix tuning (10)": ("prefix_tuning", {"length": 10}, 3e-2, True),
 }
 METHODS = {k: v for k, v in METHODS.items() if v[0] in registry.METHODS}
 method_results, sizes = {"zero-shot": zero_shot}, {}
-for name, (method, kwargs, lr) in METHODS.items():
+for name, (method, kwargs, lr, scale) in METHODS.items():
   t0 = time.time()
   runner = demo.FewShotRunner(config, base_params, method=method, method_kwargs=kwargs,
-                              optimizer=optimizers.OptimizerConfig(learning_rate=lr), train_steps=STEPS)
+                              optimizer=optimizers.OptimizerConfig(learning_rate=lr, multiply_by_parameter_scale=scale),
+                              train_steps=STEPS)
   method_results[name] = run(runner)
   sizes[name] = runner.num_trainable
   print(f"{name}: {runner.num_trainable:,} trainable params, {time.time() - t0:.0f} s")
