@@ -5,6 +5,7 @@ merge / convert)."""
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 import sys
 
@@ -128,53 +129,12 @@ def test_gin_flag_splitting():
 
 # --------------------------------------------------------------------------- end to end
 
-TEMPLATES = """dataset: toy
-templates:
-  - id: t1
-    name: is it positive
-    jinja: '{{text}} Is it positive? ||| {{ answer_choices[label] }}'
-    answer_choices: 'yes ||| no'
-  - id: t2
-    name: review sentiment
-    jinja: 'Review: {{text}} Sentiment? ||| {{ answer_choices[label] }}'
-    answer_choices: 'good ||| bad'
-"""
-
-TASK_MODULE = '''"""Registers the toy task for ia3-jax runs (MIXTURE_OR_TASK_MODULES)."""
-import os
-import seqio
-from ia3_jax import data
-HERE = os.path.dirname(os.path.abspath(__file__))
-data.register_task("toy", {"train": os.path.join(HERE, "train.jsonl"),
-                           "validation": os.path.join(HERE, "validation.jsonl")},
-                   os.path.join(HERE, "toy.yaml"),
-                   vocabulary=seqio.SentencePieceVocabulary(os.path.join(HERE, "spm.model")),
-                   num_shots=16, seeds=(0,), num_choices=2)
-'''
+TOY_TASK = REPO / "examples" / "toy"  # JSONL splits, templates, a 64-piece vocabulary, task module
 
 
 def make_toy_task(root: pathlib.Path) -> None:
-  """JSONL splits, a promptsource-style template file, a 64-piece vocabulary, a task module."""
-  import sentencepiece as spm
-  root.mkdir(parents=True, exist_ok=True)
-  rng = np.random.RandomState(0)
-  pos, neg = "good great fine nice".split(), "bad awful poor sad".split()
-  filler = "the movie was a and it film story".split()
-  for split, n in (("train", 40), ("validation", 24)):
-    with open(root / f"{split}.jsonl", "w") as f:
-      for _ in range(n):
-        label = int(rng.randint(2))
-        words = list(rng.choice(filler, 4)) + [rng.choice(pos if label == 0 else neg)]
-        f.write(json.dumps({"text": " ".join(words), "label": label}) + "\n")
-  corpus = root / "corpus.txt"
-  words = pos + neg + filler + "review sentiment is positive yes no".split()
-  corpus.write_text("\n".join(" ".join(rng.choice(words, 8)) for _ in range(300)))
-  spm.SentencePieceTrainer.train(
-      input=str(corpus), model_prefix=str(root / "spm"), vocab_size=64, model_type="unigram",
-      pad_id=0, eos_id=1, unk_id=2, bos_id=-1, character_coverage=1.0, hard_vocab_limit=False,
-      minloglevel=2)
-  (root / "toy.yaml").write_text(TEMPLATES)
-  (root / "toy_tasks.py").write_text(TASK_MODULE)
+  """A copy of the bundled toy task (examples/toy, the README's own-data example) in `root`."""
+  shutil.copytree(TOY_TASK, root)
 
 
 def _console_script() -> list[str]:
