@@ -27,8 +27,7 @@ from ia3_jax import synthetic
 from ia3_jax.sources import Record, Source
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "templates")
-VOCAB_PATH = os.path.join(os.path.dirname(os.path.dirname(synthetic.__file__)), "ia3_jax",
-                          "assets", "demo", "spiece.model")
+VOCAB_PATH = os.path.join(os.path.dirname(synthetic.__file__), "assets", "demo", "spiece.model")
 PRETRAIN_MIXTURE = "demo_pretrain_multitask"
 HELDOUT_EVAL_MIXTURE = "demo_heldout_eval"
 # Stable task ids of the demo datasets (clear of the built-in ids and of 100+ for user data).
