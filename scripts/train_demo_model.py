@@ -44,6 +44,10 @@ def parse_args(argv):
   p.add_argument("--learning_rate", type=float, default=demo.PRETRAIN["learning_rate"])
   p.add_argument("--seed", type=int, default=0)
   p.add_argument("--vocab_size", type=int, default=demo.PRETRAIN["vocab_size"])
+  p.add_argument("--corpus_size", type=int, default=2000,
+                 help="examples per family rendered for the vocabulary's training text")
+  p.add_argument("--eval_size", type=int, default=200,
+                 help="examples per family for the accuracy check at the end")
   return p.parse_args(argv)
 
 
@@ -62,7 +66,8 @@ def main(argv=None) -> int:
   from ia3_jax.tasks import demo as demo_tasks  # pylint: disable=g-import-not-at-top
 
   print(f"[1/4] SentencePiece vocabulary ({args.vocab_size} pieces)", flush=True)
-  lines = synthetic.corpus(demo_tasks.TEMPLATE_DIR, num_per_family=2000, seed=args.seed)
+  lines = synthetic.corpus(demo_tasks.TEMPLATE_DIR, num_per_family=args.corpus_size,
+                           seed=args.seed)
   spm_path = synthetic.train_sentencepiece(lines, str(out / "spiece"), args.vocab_size)
   vocabulary = seqio.SentencePieceVocabulary(spm_path)
   (out / "tokenizer_config.json").write_text(json.dumps(
@@ -95,7 +100,8 @@ def main(argv=None) -> int:
 
   print("[4/4] accuracy of every family (rank classification, median over templates)",
         flush=True)
-  accuracy = demo.family_accuracies(out, families=tuple(synthetic.FAMILIES))
+  accuracy = demo.family_accuracies(out, families=tuple(synthetic.FAMILIES),
+                                    eval_size=args.eval_size)
   record = {
       "settings": {**{k: v for k, v in vars(args).items() if k not in ("out", "work_dir")},
                    "feature_lengths": demo.PRETRAIN["feature_lengths"]},
