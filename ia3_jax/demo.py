@@ -40,7 +40,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ia3_jax import synthetic
+from ia3_jax import metrics, synthetic
 from ia3_jax.config import T5Config
 
 BUNDLED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
@@ -214,13 +214,13 @@ class FewShotRunner:
     try:
       for step in range(1, self.train_steps + 1):
         batch = tr.partitioner.shard_batch(tr.model_batch(next(batches)), self.batch_size)
-        state, metrics = tr.step(state, batch)
-        metrics = jax.device_get(metrics)
-        loss = float(metrics["loss"])
+        state, step_metrics = tr.step(state, batch)
+        step_metrics = jax.device_get(step_metrics)
+        loss = float(step_metrics["loss"])
         if not math.isfinite(loss):
           raise trainer.TrainingDivergedError(f"{family} seed {seed}: loss {loss} at step {step}")
         losses.append(loss)
-        window.append(metrics)
+        window.append(step_metrics)
         if step % log_period == 0 or step == self.train_steps:
           writer.write(step, trainer.average_metrics(window), prefix="train/")
           window = []
@@ -277,7 +277,6 @@ def summarize(zero_shot: Mapping[str, Mapping[str, float]],
               tfew: Mapping[str, Mapping[int, Mapping[str, float]]]) -> dict[str, Any]:
   """Per task: zero-shot median over templates; T-Few median over templates per seed,
   their mean and std over seeds, the pooled median over templates x seeds, and the gain."""
-  from ia3_jax import metrics  # pylint: disable=g-import-not-at-top
   tasks = {}
   for family, zs in zero_shot.items():
     per_seed = {s: median_over_templates(accs) for s, accs in tfew[family].items()}
@@ -441,7 +440,7 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
                    "loss_weights": [lm_weight, ul_weight, ln_weight], "sites": list(sites),
                    "dropout_rate": dropout_rate, "optimizer": "adafactor"},
       "zero_shot": zero_shot, "tfew": {f: {str(s): a for s, a in v.items()} for f, v in tfew.items()},
-      "summary": _json_keys(summary), "num_trainable": runner.num_trainable,
+      "summary": metrics.jsonable(summary), "num_trainable": runner.num_trainable,
       "num_params": runner.num_total - runner.num_trainable, "adapter_bytes": adapter_bytes,
       "model_bytes": model_bytes, "train_losses": {f: {str(s): c for s, c in v.items()}
                                                    for f, v in curves.items()},
@@ -457,12 +456,6 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
       + (f", TensorBoard logs in {out / 'tensorboard'}" if tensorboard else "")
       + f" ({wall:.0f} s)")
   return results
-
-
-def _json_keys(x):
-  if isinstance(x, dict):
-    return {str(k): _json_keys(v) for k, v in x.items()}
-  return x
 
 
 def _write_summary_scalars(logdir: pathlib.Path, summary: Mapping[str, Any]) -> None:

@@ -147,30 +147,25 @@ def _with_includes(files: Sequence[str], paths: Sequence[str]) -> list[str]:
   return out
 
 
-def _uses(name: str, files: Sequence[str], bindings: Sequence[str]) -> list[str]:
-  """'file:line: text' for every line that references macro %name."""
-  pattern = re.compile(r"%" + re.escape(name) + r"\b")
+def _matching_lines(pattern: re.Pattern, files: Sequence[str]) -> list[str]:
+  """'file:line: text' for every line of `files` that `pattern` finds."""
   found = []
   for path in files:
     with open(path) as f:
-      for i, line in enumerate(f, 1):
-        if pattern.search(line):
-          found.append(f"{path}:{i}: {line.strip()}")
-  for b in bindings:
-    if pattern.search(b):
-      found.append(f"--gin binding: {b}")
+      found += [f"{path}:{i}: {line.strip()}" for i, line in enumerate(f, 1)
+                if pattern.search(line)]
   return found
+
+
+def _uses(name: str, files: Sequence[str], bindings: Sequence[str]) -> list[str]:
+  """Every line (and --gin binding) that references macro %name."""
+  pattern = re.compile(r"%" + re.escape(name) + r"\b")
+  return _matching_lines(pattern, files) + [f"--gin binding: {b}" for b in bindings
+                                            if pattern.search(b)]
 
 
 def _definitions(name: str, files: Sequence[str]) -> list[str]:
-  pattern = re.compile(r"^\s*" + re.escape(name) + r"\s*=")
-  found = []
-  for path in files:
-    with open(path) as f:
-      for i, line in enumerate(f, 1):
-        if pattern.match(line):
-          found.append(f"{path}:{i}: {line.strip()}")
-  return found
+  return _matching_lines(re.compile(r"^\s*" + re.escape(name) + r"\s*="), files)
 
 
 def explain_gin_error(error: Exception, files: Sequence[str], bindings: Sequence[str]) -> str:

@@ -107,17 +107,18 @@ def _sort_key(seed: Hashable) -> tuple:
   return (0, seed, "") if isinstance(seed, (int, np.integer)) else (1, 0, str(seed))
 
 
-def _jsonable(x: Any) -> Any:
+def jsonable(x: Any) -> Any:
+  """`x` with NumPy values as Python ones, keys as strings, NaN/inf as None (JSON has none)."""
   if isinstance(x, Mapping):
-    return {str(k): _jsonable(v) for k, v in x.items()}
+    return {str(k): jsonable(v) for k, v in x.items()}
   if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
+    return [jsonable(v) for v in x]
   if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
+    return jsonable(x.tolist())
   if isinstance(x, np.generic):
-    return x.item()
+    x = x.item()
   if isinstance(x, float) and not math.isfinite(x):
-    return None  # JSON has no NaN/inf
+    return None
   return x
 
 
@@ -130,7 +131,7 @@ def write_results_json(path: PathLike, summaries: Mapping[str, Any], *,
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  doc = {"results": _jsonable(summaries), "metadata": _jsonable(dict(metadata or {})),
+  doc = {"results": jsonable(summaries), "metadata": jsonable(dict(metadata or {})),
          "quantile_method": f"numpy.percentile method={QUANTILE_METHOD!r}"}
   path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
   return path

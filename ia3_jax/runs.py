@@ -30,8 +30,9 @@ from ia3_jax import checkpointing, checkpoints, network
 from ia3_jax import params as params_lib
 from ia3_jax.config import T5Config
 from ia3_jax.partitioning import PartitionConfig, Partitioner
-from ia3_jax.trainer import (ALL_PARAMS, BatchSource, Trainer, _eval_result_json, _jsonable,
-                             build_model, load_base_params)
+from ia3_jax.metrics import jsonable
+from ia3_jax.trainer import (ALL_PARAMS, BatchSource, Trainer, _eval_result_json, build_model,
+                             load_base_params)
 
 log = logging.getLogger(__name__)
 
@@ -76,7 +77,7 @@ def _batches(data: BatchSource, tr: Trainer, batch_size: int) -> Iterator:
 def _write_json(path: str, obj: Any) -> None:
   os.makedirs(os.path.dirname(path), exist_ok=True)
   with open(path + ".tmp", "w") as f:
-    json.dump(_jsonable(obj), f, indent=2)
+    json.dump(jsonable(obj), f, indent=2)
   os.replace(path + ".tmp", path)
 
 

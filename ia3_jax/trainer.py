@@ -35,6 +35,7 @@ import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ia3_jax import checkpoints, losses, network, scoring
+from ia3_jax import metrics as metrics_lib
 from ia3_jax import params as params_lib
 from ia3_jax.checkpointing import CheckpointConfig, Checkpointer
 from ia3_jax.checkpoints import CheckpointError
@@ -544,20 +545,6 @@ def _eval_summary(result: Mapping[str, Any]) -> dict[str, float]:
   return out
 
 
-def _jsonable(x: Any) -> Any:
-  if isinstance(x, dict):
-    return {str(k): _jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [_jsonable(v) for v in x]
-  if isinstance(x, (np.integer,)):
-    return int(x)
-  if isinstance(x, (np.floating, float)):
-    return None if not math.isfinite(float(x)) else float(x)
-  if isinstance(x, np.ndarray):
-    return _jsonable(x.tolist())
-  return x
-
-
 # --------------------------------------------------------------------------- the loop
 
 
@@ -731,7 +718,7 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
   if results_file and is_chief:
     path = os.path.join(model_dir, results_file)
     with open(path + ".tmp", "w") as f:
-      json.dump(_jsonable(results), f, indent=2)
+      json.dump(metrics_lib.jsonable(results), f, indent=2)
     os.replace(path + ".tmp", path)
     show(f"results: {path}")
   results["state"] = state

@@ -63,6 +63,7 @@ def normalize_targets(targets: Iterable[str] | str, *, what: str) -> tuple[str, 
 
 def require_single_task(method: str, num_tasks: int) -> None:
   """Clear error for methods whose parameters cannot differ per example."""
+  check_num_tasks(num_tasks, method)
   if num_tasks != 1:
     raise ValueError(
         f"{method} does not support mixed-task batches (num_tasks={num_tasks}): its parameters "

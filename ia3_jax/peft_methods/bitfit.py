@@ -64,7 +64,6 @@ def bitfit_blocks(config: Optional[T5Config] = None, *,
                   targets: Sequence[str] | str = ("all",), num_tasks: int = 1,
                   base: Optional[network.Blocks] = None) -> network.Blocks:
   """Network blocks with zero-initialised biases after the `targets` projections."""
-  _common.check_num_tasks(num_tasks, "bitfit")
   _common.require_single_task("bitfit", num_tasks)
   names = _common.normalize_targets(targets, what="bitfit targets")
   required = _common.explicit_mlp_targets(targets)

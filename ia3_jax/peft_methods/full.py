@@ -19,6 +19,5 @@ def full_blocks(config: Optional[T5Config] = None, *, num_tasks: int = 1,
                 base: Optional[network.Blocks] = None) -> network.Blocks:
   """The base blocks (full fine-tuning trains everything)."""
   del config
-  _common.check_num_tasks(num_tasks, "full")
   _common.require_single_task("full", num_tasks)
   return base or network.Blocks()

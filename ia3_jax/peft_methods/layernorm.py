@@ -21,6 +21,5 @@ def layernorm_blocks(config: Optional[T5Config] = None, *, num_tasks: int = 1,
                      base: Optional[network.Blocks] = None) -> network.Blocks:
   """The base blocks (LayerNorm tuning only changes what is trained)."""
   del config
-  _common.check_num_tasks(num_tasks, "layernorm")
   _common.require_single_task("layernorm", num_tasks)
   return base or network.Blocks()

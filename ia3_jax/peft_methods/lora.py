@@ -111,7 +111,6 @@ def lora_blocks(config: Optional[T5Config] = None, *, rank: int = 4, alpha: floa
   init): e.g. `wi` does not exist in a gated (T5 1.1) MLP. `base` lets LoRA wrap
   other overrides (it replaces `attention` and `mlp`).
   """
-  _common.check_num_tasks(num_tasks, "lora")
   _common.require_single_task("lora", num_tasks)
   if not isinstance(rank, int) or rank < 1:
     raise ValueError(f"lora: rank must be a positive int, got {rank!r}")
