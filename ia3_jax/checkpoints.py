@@ -7,6 +7,8 @@ never holds two full copies of the model.
 
 from __future__ import annotations
 
+from ia3_jax.errors import CheckpointError  # re-exported: ia3_jax.errors is its home
+
 import json
 import os
 import pathlib
@@ -28,8 +30,6 @@ _GATED = {"gated-gelu": ("gelu", "linear"), "gated-gelu_new": ("gelu", "linear")
 _SINGLE = {"relu": ("relu",), "gelu": ("gelu_exact",), "gelu_new": ("gelu",), "silu": ("silu",)}
 
 
-class CheckpointError(ValueError):
-  """A checkpoint that cannot be read as the requested model."""
 
 
 # --------------------------------------------------------------------------- config

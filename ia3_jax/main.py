@@ -27,6 +27,8 @@ import re
 import sys
 from typing import Optional, Sequence
 
+from ia3_jax.errors import ConfigError
+
 log = logging.getLogger("ia3_jax")
 
 # The run file each CLI action needs (ia3-jax train/eval/score/infer).
@@ -34,7 +36,7 @@ RUN_FILES = {"train": "runs/finetune.gin", "eval": "runs/eval.gin", "score": "ru
              "infer": "runs/infer.gin"}
 
 
-class GinConfigError(Exception):
+class GinConfigError(ConfigError):
   """A gin configuration problem, with the file that needs fixing."""
 
 

@@ -22,6 +22,8 @@ cannot be represented and raises `AdapterError` naming the module.
 
 from __future__ import annotations
 
+from ia3_jax.errors import AdapterError  # re-exported: ia3_jax.errors is its home
+
 import json
 import os
 import pathlib
@@ -46,8 +48,6 @@ PEFT_PREFIX = "base_model.model."
 TFEW_PREFIXES = ("module.model.", "model.", PEFT_PREFIX)
 
 
-class AdapterError(ValueError):
-  """An adapter file that cannot be read as (or written for) this model."""
 
 
 # --------------------------------------------------------------------------- generic

@@ -35,6 +35,8 @@ template and its file and line, and the fields involved.
 
 from __future__ import annotations
 
+from ia3_jax.errors import DataError  # re-exported: ia3_jax.errors is its home
+
 import dataclasses
 import hashlib
 import os
@@ -53,8 +55,6 @@ _PIPE_GUARD = "\x00PIPE\x00"
 _MAX_SHOWN = 80  # characters of a field value shown in an error message
 
 
-class DataError(ValueError):
-  """Bad data or template; the message names file, line, template and field."""
 
 
 def _most_frequent(items):

@@ -18,6 +18,8 @@ tokens, as T-Few's `grad_accum_factor` does). Dropout keys are folded from
 
 from __future__ import annotations
 
+from ia3_jax.errors import TrainingDivergedError  # re-exported: ia3_jax.errors is its home
+
 import dataclasses
 import json
 import logging
@@ -54,8 +56,6 @@ TRAIN_FEATURES = ("encoder_input_tokens", "choice_tokens", "choice_mask", "label
 ALL_PARAMS = ".*"
 
 
-class TrainingDivergedError(RuntimeError):
-  """The loss became NaN or infinite; names the step and the last good checkpoint."""
 
 
 # --------------------------------------------------------------------------- data

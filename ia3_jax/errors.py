@@ -1,0 +1,32 @@
+"""The exceptions ia3-jax raises for expected failures, under one base class.
+
+Entry points (`python -m ia3_jax.main`, `ia3-jax ...`) turn any `Ia3JaxError`
+into a one-line message naming the file, flag or field concerned and exit
+status 1; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class Ia3JaxError(Exception):
+  """Base class: an expected failure with a message that says what to fix."""
+
+
+class ConfigError(Ia3JaxError, ValueError):
+  """A configuration problem (gin file, flag, option); names the file or flag."""
+
+
+class DataError(Ia3JaxError, ValueError):
+  """Bad data or template; the message names file, line, template and field."""
+
+
+class CheckpointError(Ia3JaxError, ValueError):
+  """A checkpoint that cannot be read as the requested model."""
+
+
+class AdapterError(Ia3JaxError, ValueError):
+  """An adapter file that cannot be read as (or written for) this model."""
+
+
+class TrainingDivergedError(Ia3JaxError, RuntimeError):
+  """The loss became NaN or infinite; names the step and the last good checkpoint."""
