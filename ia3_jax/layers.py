@@ -261,13 +261,18 @@ class MultiHeadDotProductAttention(Projecting):
     and values are computed once instead of g times. `bias` must then be
     broadcastable to [Bkv, heads, 1, k_len], and `task_id` rows must agree
     within a group (the key/value projections see `task_id[::g]`).
+    `bias` is then either shared by a group, broadcastable to
+    [Bkv, heads, 1, k_len], or per query row, [Bq, heads or 1, q_len or 1,
+    k_len] (e.g. T5X's masking of padded decoder rows; see `group_bias`).
     """
     cfg = self.config
     dtype = cfg.activation_dtype
     joined = cfg.joined_kv
     groups = attention_groups(inputs_q.shape[0], inputs_kv.shape[0])
     kv_task_id = task_id if groups == 1 or task_id is None else task_id[::groups]
-    query_init = default_kernel_init(1.0 / np.sqrt(cfg.head_dim))
+    # T5X: the fan-in init's sample divided by sqrt(head_dim), i.e. a variance of
+    # 1 / (emb_dim * head_dim) (HF: std (d_model * d_kv)^-0.5).
+    query_init = default_kernel_init(1.0 / cfg.head_dim)
     q = self.project(inputs_q, "query", joined, ("embed", "joined_kv"), task_id, query_init)
     k = self.project(inputs_kv, "key", joined, ("embed", "joined_kv"), kv_task_id)
     v = self.project(inputs_kv, "value", joined, ("embed", "joined_kv"), kv_task_id)
@@ -278,6 +283,7 @@ class MultiHeadDotProductAttention(Projecting):
     batch_q, len_q = q.shape[:2]
     if groups > 1:  # each key/value row serves its group's queries in one product
       q = q.reshape((k.shape[0], groups * len_q) + q.shape[2:])
+      bias = group_bias(bias, groups, batch_q, len_q)
 
     # Logits and outputs accumulate in float32 (a no-op for float32 activations).
     logits = einsum("bqhd,bkhd->bhqk", q, k, dtype) + bias.astype(jnp.float32)
@@ -323,6 +329,17 @@ class MultiHeadDotProductAttention(Projecting):
     cached_k.value = jax.lax.dynamic_update_slice(cached_k.value, k.astype(cached_k.value.dtype), start)
     cached_v.value = jax.lax.dynamic_update_slice(cached_v.value, v.astype(cached_v.value.dtype), start)
     return cached_k.value, cached_v.value
+
+
+def group_bias(bias: Array, groups: int, batch_q: int, len_q: int) -> Array:
+  """A per-query-row bias [Bq, h, q_len or 1, k] in the grouped logits' layout
+  [Bq / g, h, g * q_len, k]; a bias with fewer rows (shared by a group) is returned as is."""
+  if groups == 1 or bias.shape[0] != batch_q:
+    return bias
+  heads, k_len = bias.shape[1], bias.shape[-1]
+  bias = jnp.broadcast_to(bias, (batch_q, heads, len_q, k_len))
+  bias = bias.reshape((batch_q // groups, groups, heads, len_q, k_len)).swapaxes(1, 2)
+  return bias.reshape((batch_q // groups, heads, groups * len_q, k_len))
 
 
 def attention_groups(batch_q: int, batch_kv: int) -> int:

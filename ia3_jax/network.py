@@ -211,12 +211,20 @@ class Decoder(nn.Module):
         position = pos_var.value
         pos_var.value = position + 1
     relpos = _relpos(cfg)
+    # T5X: make_attention_mask(decoder_target_tokens > 0, encoder_input_tokens > 0) when
+    # not decoding: a padded decoder row gets a fully masked cross-attention row
+    # [B, 1, T, L]; otherwise every decoder row attends to every valid encoder
+    # position, [Be, 1, 1, L] (also serves grouped rows, see `Transformer.decode`).
+    cross_mask = encoder_valid[:, None, None, :]
     if position is None:
       positions = jnp.arange(length)
       self_mask = layers.causal_mask(length)
       if decoder_target_tokens is not None:
         valid = decoder_target_tokens > 0
         self_mask = self_mask & layers.padding_mask(valid, valid)
+        if not decode:
+          groups = layers.attention_groups(valid.shape[0], encoder_valid.shape[0])
+          cross_mask = layers.padding_mask(valid, jnp.repeat(encoder_valid, groups, axis=0))
       self_bias = relpos(positions, positions, bidirectional=False)
     else:  # one step against a cache of `max_length` keys
       key_len = self._cache_length()
@@ -224,9 +232,7 @@ class Decoder(nn.Module):
       self_mask = (keys <= position)[None, None, None, :]
       self_bias = relpos(position[None], keys, bidirectional=False)
     self_bias = self_bias + layers.mask_to_bias(self_mask, dtype)
-    # Every decoder position may attend to every valid encoder position:
-    # [Be, 1, 1, L], which also serves grouped rows (see `Transformer.decode`).
-    cross_bias = layers.mask_to_bias(encoder_valid[:, None, None, :], dtype)
+    cross_bias = layers.mask_to_bias(cross_mask, dtype)
     for i in range(cfg.num_decoder_layers):
       layer = self.blocks.decoder_layer(cfg, self.blocks, name=f"layers_{i}")
       if decode:

@@ -290,3 +290,74 @@ def test_remat_keeps_params_and_float32_gradients(remat):
   np.testing.assert_allclose(val, ref, rtol=1e-6)
   for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(ref_grads)):
     np.testing.assert_allclose(g, r, rtol=1e-4, atol=1e-6 * np.abs(r).max())
+
+
+def _t5x_cross_attention(x_q, x_kv, p, decoder_target_tokens, encoder_input_tokens, num_heads):
+  """NumPy transcription of T5X's encoder-decoder attention (t5x/examples/t5): the mask
+  `make_attention_mask(decoder_target_tokens > 0, encoder_input_tokens > 0)`, turned into a
+  bias by `lax.select(mask > 0, 0, -1e10)` and added to the float32 logits before softmax."""
+  f32 = np.float32
+  mask = ((decoder_target_tokens > 0)[:, None, :, None]
+          & (encoder_input_tokens > 0)[:, None, None, :]).astype(f32)
+  bias = np.where(mask > 0, f32(0.0), f32(-1e10))
+  heads = lambda x, name: (x @ p[name]["kernel"]).reshape(x.shape[:2] + (num_heads, -1))
+  q, k, v = heads(x_q, "query"), heads(x_kv, "key"), heads(x_kv, "value")
+  logits = np.einsum("bqhd,bkhd->bhqk", q, k) + bias
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  weights = weights / weights.sum(-1, keepdims=True)
+  out = np.einsum("bhqk,bkhd->bqhd", weights, v)
+  return out.reshape(out.shape[:2] + (-1,)) @ p["out"]["kernel"], v
+
+
+@pytest.mark.parametrize("groups", [1, 3])
+def test_cross_attention_masks_padded_decoder_rows_as_t5x(tiny, groups):
+  """Every decoder layer's cross-attention, padded target rows included, against the NumPy
+  transcription of T5X's, also with grouped rows (one encoder row per `groups` decoder rows).
+  A fully masked row gets the same bias on every key (-1e10 absorbs the logits in float32):
+  a uniform softmax over all encoder positions, padded ones included."""
+  config, model, params = tiny
+  rng = np.random.default_rng(7)
+  batch = hf_utils.random_batch(rng, config.vocab_size, batch=3 * groups)
+  enc = batch["encoder_input_tokens"][::groups]
+  targets = batch["decoder_target_tokens"]
+  assert (targets == 0).any() and (enc == 0).any()
+  encoded, valid = model.apply({"params": params}, enc, method=network.Transformer.encode)
+  seen = {}
+
+  def capture(next_fun, args, kwargs, context):
+    out = next_fun(*args, **kwargs)
+    if context.module.name == "encoder_decoder_attention" and context.method_name == "__call__":
+      seen[context.module.scope.path[-2]] = (np.asarray(args[0]), np.asarray(args[1]),
+                                            np.asarray(out))
+    return out
+  with nn.intercept_methods(capture):
+    model.apply({"params": params}, encoded, valid, batch["decoder_input_tokens"], targets,
+                method=network.Transformer.decode)
+  assert len(seen) == config.num_decoder_layers
+  padded = targets == 0
+  for name, (x_q, x_kv, ours) in seen.items():
+    p = jax.tree.map(np.asarray, params["decoder"][name]["encoder_decoder_attention"])
+    x_kv, enc_rows = np.repeat(x_kv, groups, 0), np.repeat(enc, groups, 0)
+    want, v = _t5x_cross_attention(x_q, x_kv, p, targets, enc_rows, config.num_heads)
+    # float32 sums of <= 32 products of O(1) terms: 1e-5 relative, 1e-6 of the scale absolute
+    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(),
+                               err_msg=name)
+    uniform = v.mean(1).reshape(v.shape[0], -1) @ p["out"]["kernel"]  # [B, E]
+    b, t = np.nonzero(padded)
+    np.testing.assert_allclose(ours[b, t], uniform[b], rtol=1e-5,
+                               atol=1e-6 * np.abs(uniform).max(), err_msg=name)
+
+
+def test_query_init_std_is_t5x_and_hf():
+  """Query kernel std (emb_dim * head_dim)^-0.5 (T5X: fan-in init / sqrt(head_dim); HF:
+  (d_model * d_kv)^-0.5), i.e. the key kernel's std (emb_dim^-0.5) / sqrt(head_dim)."""
+  config = get_config("tiny", emb_dim=512, num_heads=8, head_dim=64)
+  x = jnp.zeros((1, 2, config.emb_dim), jnp.float32)
+  params = layers.MultiHeadDotProductAttention(config).init(
+      jax.random.key(0), x, x, jnp.zeros((1, 1, 1, 2)))["params"]
+  query, key = (np.asarray(nn.unbox(params[n]["kernel"])) for n in ("query", "key"))
+  # 512 * 512 samples: the std's sampling error is ~0.14% (1 / sqrt(2N)); 2% is > 10 sigma and
+  # far below the old head_dim^0.25 = 2.8x error.
+  assert query.std() == pytest.approx((config.emb_dim * config.head_dim) ** -0.5, rel=0.02)
+  assert key.std() == pytest.approx(config.emb_dim ** -0.5, rel=0.02)
+  assert key.std() / query.std() == pytest.approx(config.head_dim ** 0.5, rel=0.03)
