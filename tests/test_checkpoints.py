@@ -16,6 +16,7 @@ from ia3_jax import checkpoints, network
 from ia3_jax.checkpoints import CheckpointError
 from ia3_jax.config import get_config
 from tests import hf_utils
+from tests import tolerances
 
 
 def _our_logits(config, params, batch):
@@ -24,9 +25,9 @@ def _our_logits(config, params, batch):
                                 batch["decoder_input_tokens"], batch["decoder_target_tokens"]))
 
 
-def _assert_close_on_targets(ours, theirs, batch, atol=1e-4):
+def _assert_close_on_targets(ours, theirs, batch):
   valid = batch["decoder_target_tokens"] > 0
-  np.testing.assert_allclose(ours[valid], theirs[valid], atol=atol, rtol=1e-4)
+  tolerances.assert_close_to_torch(ours[valid], theirs[valid])
 
 
 @pytest.mark.parametrize("variant,shape,fmt", [

@@ -12,6 +12,7 @@ from ia3_jax import ia3, network
 from ia3_jax import params as P
 from ia3_jax.config import get_config
 from tests import hf_utils
+from tests import tolerances
 
 CONFIGS = {
     "gated": get_config("tiny"),
@@ -112,7 +113,7 @@ def test_ff_on_gated_mlp_equals_scaling_wi1_output():
       l_ff = vec[stack][f"layers_{i}"]["mlp"]["ia3_ff"][0]
       mlp["wi_1"] = {"kernel": mlp["wi_1"]["kernel"] * l_ff}
   reference = _logits(network.Transformer(config), scaled, batch)
-  np.testing.assert_allclose(ours, reference, atol=1e-5, rtol=1e-5)
+  tolerances.assert_close(ours, reference)
   assert np.abs(ours - _logits(network.Transformer(config), base, batch)).max() > 1e-2
 
 
@@ -127,7 +128,7 @@ def test_mixed_task_batch_equals_each_task_alone(kind):
     rows = np.flatnonzero(task_id == t)
     sub = {k: v[rows] for k, v in batch.items()}
     alone = _logits(single_model, ia3.insert_ia3(base, ia3.select_task(bank, t)), sub)
-    np.testing.assert_allclose(mixed[rows], alone, atol=1e-5, rtol=1e-5)
+    tolerances.assert_close(mixed[rows], alone)
   # tasks really differ, so the check above is not vacuous
   assert np.abs(_logits(single_model, ia3.insert_ia3(base, ia3.select_task(bank, 0)), batch)
                 - _logits(single_model, ia3.insert_ia3(base, ia3.select_task(bank, 1)), batch)
@@ -165,7 +166,7 @@ def test_decode_cache_with_task_bank():
     steps.append(np.asarray(logits[:, 0]))
   # steps see no target padding mask; compare where targets are real
   valid_t = batch["decoder_target_tokens"] > 0
-  np.testing.assert_allclose(np.stack(steps, 1)[valid_t], full[valid_t], atol=1e-5, rtol=1e-5)
+  tolerances.assert_close(np.stack(steps, 1)[valid_t], full[valid_t])
 
 
 @pytest.mark.parametrize("kind", ["gated", "relu"])
@@ -176,8 +177,7 @@ def test_merge_matches_unmerged_and_unmerge_is_exact(kind):
   expected = _logits(ia3.ia3_model(config, ALL_SITES, 2), params, batch, task_id)
   merged, originals = ia3.merge(params, task=1)
   assert P.paths(merged) == P.paths(base)
-  np.testing.assert_allclose(_logits(network.Transformer(config), merged, batch), expected,
-                             atol=1e-5, rtol=1e-5)
+  tolerances.assert_close(_logits(network.Transformer(config), merged, batch), expected)
   # merging changes only the kernels the vectors multiply
   changed = sorted(p for p in P.paths(base)
                    if not np.array_equal(P.flatten(base)[p], P.flatten(merged)[p]))
@@ -270,5 +270,5 @@ def test_merge_checkpoint_writes_hf_dir(tmp_path):
   expected = _logits(ia3.ia3_model(config), ia3.insert_ia3(base, ia3.select_task(bank, 1)), batch)
   torch_model = T5ForConditionalGeneration.from_pretrained(out).eval()
   valid = batch["decoder_target_tokens"] > 0
-  np.testing.assert_allclose(hf_utils.torch_logits(torch_model, batch)[valid], expected[valid],
-                             atol=1e-4, rtol=1e-4)
+  tolerances.assert_close_to_torch(expected[valid],
+                                    hf_utils.torch_logits(torch_model, batch)[valid])

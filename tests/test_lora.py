@@ -15,6 +15,7 @@ from ia3_jax import params as P
 from ia3_jax.peft_io import AdapterError
 from ia3_jax.peft_methods import lora, lora_io
 from tests import hf_utils
+from tests import tolerances
 
 # (variant, peft target_modules, use_rslora)
 CASES = {
@@ -22,6 +23,9 @@ CASES = {
     "qv_rslora_t5_1_0": ("t5_1_0", ["q", "v", "wi"], True),
 }
 RANK, ALPHA = 2, 3.0
+# Merged kernels W + s B A round once more per projection than W x + s B (A x): merged vs
+# unmerged logits differ by ~3e-6 of their scale, 10x the other float32 reorderings.
+MERGED_SCALE_TOL = 3e-5
 
 
 @pytest.fixture(scope="module", params=list(CASES))
@@ -61,7 +65,7 @@ def test_imported_adapter_matches_peft(peft_case):
   assert settings.scaling == pytest.approx(ALPHA / (RANK ** 0.5 if c["rslora"] else RANK))
   ours = c["unmerged"]
   theirs = hf_utils.torch_logits(c["peft"], c["batch"])
-  np.testing.assert_allclose(ours, theirs, atol=1e-4)
+  tolerances.assert_close_to_torch(ours, theirs)
   assert np.abs(theirs - hf_utils.torch_logits(c["hf"], c["batch"])).max() > 1e-2  # LoRA matters
 
 
@@ -78,7 +82,7 @@ def test_exported_adapter_loads_in_peft(peft_case, tmp_path):
   assert saved["peft_type"] == "LORA" and saved["r"] == RANK
   loaded = PeftModel.from_pretrained(copy.deepcopy(c["hf"]), tmp_path / "out").eval()
   ours = c["lora_apply"](P.combine(c["base"], tree))
-  np.testing.assert_allclose(ours, hf_utils.torch_logits(loaded, c["batch"]), atol=1e-4)
+  tolerances.assert_close_to_torch(ours, hf_utils.torch_logits(loaded, c["batch"]))
   # Round trip through the files is exact.
   again, settings2 = lora_io.import_peft_lora(tmp_path / "out", c["config"])
   assert settings2 == settings
@@ -96,8 +100,8 @@ def test_merged_matches_peft_merge_and_unload(peft_case):
   assert set(P.flatten(merged)) == set(P.flatten(c["base"]))  # a plain T5X tree
   theirs = hf_utils.torch_logits(copy.deepcopy(c["peft"]).merge_and_unload(), c["batch"])
   ours_merged = c["base_apply"](merged)
-  np.testing.assert_allclose(ours_merged, theirs, atol=1e-4)
-  np.testing.assert_allclose(ours_merged, c["unmerged"], atol=1e-4)
+  tolerances.assert_close_to_torch(ours_merged, theirs)
+  tolerances.assert_close(ours_merged, c["unmerged"], scale_tol=MERGED_SCALE_TOL)
 
 
 def test_lora_dropout_only_with_a_dropout_rng():
@@ -123,10 +127,10 @@ def test_lora_dropout_only_with_a_dropout_rng():
 
   plain, dropped, dropped_no_lora, base = run(params, jax.random.key(1))
   merged = lora.merge_lora(params, alpha=4.0)
-  np.testing.assert_allclose(plain, jax.jit(network.Transformer(config).apply)(
-      {"params": merged}, enc, dec), atol=1e-4)  # no RNG: deterministic LoRA
+  tolerances.assert_close(plain, jax.jit(network.Transformer(config).apply)(
+      {"params": merged}, enc, dec), scale_tol=MERGED_SCALE_TOL)  # no RNG: deterministic LoRA
   assert np.abs(np.asarray(dropped - plain)).max() > 1e-3  # dropout acts on the LoRA input
-  np.testing.assert_allclose(dropped_no_lora, base, atol=1e-5)  # ... and only there
+  tolerances.assert_close(dropped_no_lora, base)  # ... and only there
 
 
 def _rewrite_config(src, dst, **changes):

@@ -14,6 +14,7 @@ import pytest
 from ia3_jax import checkpointing
 from ia3_jax import params as P
 from tests import trainer_utils as tu
+from tests import tolerances
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 STEPS = 4
@@ -90,9 +91,9 @@ def test_two_processes_train_together_and_match_single_process(tmp_path, single_
   for i, r in enumerate(results):
     assert (r["process"], r["processes"], r["devices"], r["local_devices"]) == (i, 2, 4, 2)
     assert r["shard"] == [i, 2]  # each host reads its own half of every batch
-    np.testing.assert_allclose(r["losses"], want_losses, rtol=0, atol=1e-5)
+    tolerances.assert_close(r["losses"], want_losses)
     for name, value in want.items():
-      np.testing.assert_allclose(np.asarray(r["trainable"][name]), value, atol=1e-5, err_msg=name)
+      tolerances.assert_close(np.asarray(r["trainable"][name]), value, err_msg=name)
     assert r["eval"]["num_examples"] == want_eval["num_examples"] == 14
     assert r["eval"]["num_correct"] == want_eval["num_correct"]
 
@@ -100,4 +101,4 @@ def test_two_processes_train_together_and_match_single_process(tmp_path, single_
   saved, meta = checkpointing.restore_trainable(model_dir)
   assert meta["step"] == STEPS
   for name, value in want.items():
-    np.testing.assert_allclose(P.flatten(saved)[name], value, atol=1e-5, err_msg=name)
+    tolerances.assert_close(P.flatten(saved)[name], value, err_msg=name)

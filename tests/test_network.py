@@ -12,6 +12,7 @@ from transformers import T5ForConditionalGeneration
 from ia3_jax import layers, network
 from ia3_jax.config import PRESETS, get_config
 from tests import hf_utils
+from tests import tolerances
 
 LOGICAL_AXES = {"vocab", "embed", "joined_kv", "heads", "kv", "mlp", "relpos_buckets"}
 
@@ -121,7 +122,7 @@ def test_decode_cache_matches_full_forward(tiny):
                                 dec_in[:, t:t + 1], decode=True, mutable=["cache"],
                                 method=network.Transformer.decode)
     cache = mutated["cache"]
-    np.testing.assert_allclose(step[:, 0], full[:, t], atol=1e-5)
+    tolerances.assert_close(step[:, 0], full[:, t])
 
 
 def test_dropout_only_when_enabled():
@@ -212,7 +213,7 @@ def test_bf16_einsum_value_and_gradients(spec, shape_a, shape_b, bf16_backward, 
                          b.astype(jnp.bfloat16).astype(jnp.float32),
                          precision=jax.lax.Precision.HIGHEST)
   assert value.dtype == jnp.float32
-  np.testing.assert_allclose(value, ref_value, rtol=1e-5, atol=1e-5)
+  tolerances.assert_close(value, ref_value)
 
   grads = jax.grad(ours, argnums=(0, 1))(a, b)
   ref_grads = jax.grad(reference, argnums=(0, 1))(a, b)
@@ -256,7 +257,7 @@ def test_grouped_attention_equals_repeated_and_drops_out_per_row():
   apply = jax.jit(attention.apply, static_argnames="deterministic")
   grouped = apply(params, q, kv, bias)
   repeated = apply(params, q, jnp.repeat(kv, g, 0), jnp.repeat(bias, g, 0))
-  np.testing.assert_allclose(grouped, repeated, rtol=1e-6, atol=1e-6)
+  tolerances.assert_close(grouped, repeated)
 
   same_q = jnp.repeat(q[::g], g, 0)  # the g queries of a group are identical
   dropped = np.asarray(apply(params, same_q, kv, bias, deterministic=False,
@@ -339,13 +340,10 @@ def test_cross_attention_masks_padded_decoder_rows_as_t5x(tiny, groups):
     p = jax.tree.map(np.asarray, params["decoder"][name]["encoder_decoder_attention"])
     x_kv, enc_rows = np.repeat(x_kv, groups, 0), np.repeat(enc, groups, 0)
     want, v = _t5x_cross_attention(x_q, x_kv, p, targets, enc_rows, config.num_heads)
-    # float32 sums of <= 32 products of O(1) terms: 1e-5 relative, 1e-6 of the scale absolute
-    np.testing.assert_allclose(ours, want, rtol=1e-5, atol=1e-6 * np.abs(want).max(),
-                               err_msg=name)
+    tolerances.assert_close(ours, want, err_msg=name)
     uniform = v.mean(1).reshape(v.shape[0], -1) @ p["out"]["kernel"]  # [B, E]
     b, t = np.nonzero(padded)
-    np.testing.assert_allclose(ours[b, t], uniform[b], rtol=1e-5,
-                               atol=1e-6 * np.abs(uniform).max(), err_msg=name)
+    tolerances.assert_close(ours[b, t], uniform[b], err_msg=name)
 
 
 def test_query_init_std_is_t5x_and_hf():

@@ -17,8 +17,7 @@ from ia3_jax import checkpoints, ia3, network, peft_io
 from ia3_jax import params as P
 from ia3_jax.peft_io import AdapterError
 from tests import hf_utils
-
-ATOL = 1e-4
+from tests import tolerances
 
 
 @pytest.fixture(scope="module")
@@ -57,7 +56,7 @@ def _ours(config, base, ia3_params, batch, task_id=None):
 
 def _assert_close(ours, theirs, batch, rows=slice(None)):
   valid = batch["decoder_target_tokens"][rows] > 0
-  np.testing.assert_allclose(ours[valid], theirs[valid], atol=ATOL, rtol=ATOL)
+  tolerances.assert_close_to_torch(ours[valid], theirs[valid])
 
 
 @pytest.mark.parametrize("variant", ["t5_1_1", "t5_1_0"])

@@ -14,6 +14,7 @@ from ia3_jax import network
 from ia3_jax import params as P
 from ia3_jax.config import get_config
 from ia3_jax.peft_methods import counts, registry
+from tests import tolerances
 
 # Small hyper-parameters for the tiny preset (defaults elsewhere are for T0).
 TINY_KW = {
@@ -109,7 +110,7 @@ def test_starts_as_base_trains_only_its_params_and_lowers_loss(tiny, name):
     t, state, loss, logits = step(t, state)
     losses.append(float(loss))
     if i == 0 and name in IDENTITY_AT_INIT:  # initial logits are the base model's
-      np.testing.assert_allclose(logits, batch["base_logits"], atol=1e-5, rtol=0)
+      tolerances.assert_close(logits, batch["base_logits"])
   assert losses[-1] < losses[0] - 0.05, (name, losses)
   before, after = P.flatten(trainable), P.flatten(t)
   unchanged = [p for p in before if np.array_equal(before[p], after[p])]
@@ -131,7 +132,7 @@ def test_mixed_task_batch_equals_per_task_runs(tiny, name):
   task_id = jnp.array([2, 0, 1, 2])
   mixed = run(task_id)
   for b, t in enumerate(np.asarray(task_id)):
-    np.testing.assert_allclose(mixed[b], run(jnp.full((4,), t))[b], atol=1e-6)
+    tolerances.assert_close(mixed[b], run(jnp.full((4,), t))[b])
   assert np.abs(np.asarray(mixed[0] - run(jnp.zeros(4, jnp.int32))[0])).max() > 1e-3
   method.check_task_ids(np.asarray(task_id), num_tasks=3)
   with pytest.raises(ValueError, match=r"task_id values must lie in \[0, 3\)"):
