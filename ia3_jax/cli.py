@@ -9,10 +9,13 @@
   ia3-jax merge --base HF_DIR --ia3 CKPT --out DIR      fold (IA)^3 vectors into the kernels
   ia3-jax export-peft --checkpoint CKPT --out DIR       (IA)^3 vectors as an HF peft adapter
   ia3-jax costs [...]                                   the paper's FLOPs / storage table
-  ia3-jax peft-counts [--model PRESET]                  trainable params per PEFT method
+  ia3-jax peft-counts [--model PRESET] [--methods M,..]  trainable params per PEFT method
 
 train/eval/score/infer take the flags of `python -m ia3_jax.main` and add
-their run file when none is given.
+their run file when none is given; `ia3-jax COMMAND --help` lists a command's
+flags (and the gin macros of a run). An expected failure prints one line
+("error: ..." naming the file, flag or field) and exits 1 (gin configuration
+errors: 2; Ctrl-C: 130); --verbose or IA3_JAX_VERBOSE=1 adds the traceback.
 """
 
 from __future__ import annotations
@@ -22,6 +25,9 @@ import json
 import pathlib
 import sys
 from typing import Optional, Sequence
+
+from ia3_jax import main as main_lib
+from ia3_jax.errors import ConfigError
 
 COMMANDS = ("demo", "train", "eval", "score", "infer", "convert", "merge", "export-peft", "costs",
             "peft-counts")
@@ -44,7 +50,7 @@ def _config_for(model: Optional[str], base: Optional[str], checkpoint_meta: Opti
   if checkpoint_meta and "model_config" in checkpoint_meta:
     fields = dict(checkpoint_meta["model_config"])
     return config_lib.T5Config(**fields)
-  raise SystemExit("error: give --model PRESET or --base HF_DIR to know the model shape")
+  raise ConfigError("give --model PRESET or --base HF_DIR to know the model shape")
 
 
 def _trainable_dir(path: str) -> tuple[pathlib.Path, dict]:
@@ -67,16 +73,24 @@ def convert(argv: Sequence[str]) -> int:
   p = argparse.ArgumentParser(prog="ia3-jax convert", description=(
       "HF T5/T0/mT5 directory -> orbax param checkpoint (fast, sharded loading as "
       "INITIAL_CHECKPOINT_PATH), or orbax params -> HF directory (--to hf)."))
-  p.add_argument("src")
-  p.add_argument("dst")
+  p.add_argument("src", help="HF model directory (with config.json) or orbax param checkpoint")
+  p.add_argument("dst", help="output directory")
   p.add_argument("--to", choices=("orbax", "hf"), default=None,
                  help="output format (default: the other one)")
-  p.add_argument("--model", default=None, help="preset of an orbax source (for --to hf)")
-  p.add_argument("--model_type", default="t5", choices=("t5", "mt5"))
+  p.add_argument("--model", default=None, help="preset of an orbax source without "
+                 "model_config.json (for --to hf)")
+  p.add_argument("--model_type", default="t5", choices=("t5", "mt5"),
+                 help="HF model class written with --to hf (mt5: MT5ForConditionalGeneration)")
+  _add_verbose_flag(p)
   args = p.parse_args(argv)
   from ia3_jax import checkpoints
-  src_is_hf = (pathlib.Path(args.src) / "config.json").exists()
+  src = pathlib.Path(args.src)
+  src_is_hf = (src / "config.json").exists()
   to = args.to or ("orbax" if src_is_hf else "hf")
+  if src.is_dir() and not src_is_hf and not (src / "_METADATA").exists():
+    raise checkpoints.CheckpointError(
+        f"{src}: no config.json (not an HF model directory) and no _METADATA (not an orbax "
+        "param checkpoint)")
   if src_is_hf:
     config, params = checkpoints.load_hf_checkpoint(args.src)
   else:
@@ -101,10 +115,13 @@ def merge(argv: Sequence[str]) -> int:
   p.add_argument("--base", required=True, help="HF model directory")
   p.add_argument("--ia3", required=True, help="training checkpoint (MODEL_DIR, checkpoints/ "
                  "or a step), peft IA3 adapter directory, T-Few state dict, or orbax params")
-  p.add_argument("--out", required=True)
-  p.add_argument("--task", type=int, default=0, help="row of a task bank")
-  p.add_argument("--format", choices=("hf", "orbax"), default="hf")
-  p.add_argument("--model_type", choices=("t5", "mt5"), default="t5")
+  p.add_argument("--out", required=True, help="output directory of the merged model")
+  p.add_argument("--task", type=int, default=0, help="row of a task bank (IA3_NUM_TASKS > 1)")
+  p.add_argument("--format", choices=("hf", "orbax"), default="hf",
+                 help="HF directory (safetensors) or orbax params")
+  p.add_argument("--model_type", choices=("t5", "mt5"), default="t5",
+                 help="HF model class of an hf output")
+  _add_verbose_flag(p)
   args = p.parse_args(argv)
   from ia3_jax import ia3
   source = args.ia3
@@ -120,12 +137,19 @@ def export_peft(argv: Sequence[str]) -> int:
   p = argparse.ArgumentParser(prog="ia3-jax export-peft", description=(
       "Write the (IA)^3 vectors of a training checkpoint as an HF peft IA3 adapter."))
   p.add_argument("--checkpoint", required=True, help="MODEL_DIR, checkpoints/ or a step")
-  p.add_argument("--out", required=True)
-  p.add_argument("--base", default=None, help="HF model directory (for the model shape)")
+  p.add_argument("--out", required=True, help="output directory of the adapter")
+  p.add_argument("--base", default=None, help="HF model directory (for the model shape; "
+                 "default: the checkpoint's own model config)")
   p.add_argument("--model", default=None, help="model preset (for the model shape)")
-  p.add_argument("--task", type=int, default=0)
-  p.add_argument("--convention", choices=("t5", "mt5", "tfew"), default="t5")
-  p.add_argument("--base_model_name_or_path", default=None)
+  p.add_argument("--task", type=int, default=0,
+                 help="row of a task bank to export (IA3_NUM_TASKS > 1)")
+  p.add_argument("--convention", choices=("t5", "mt5", "tfew"), default="t5",
+                 help="where the MLP vector goes: t5 scales the input of wo (peft's T5 "
+                      "default); mt5 = tfew scales the output of the linear wi_1 branch "
+                      "(peft's mT5 default, T-Few; needs a gated MLP)")
+  p.add_argument("--base_model_name_or_path", default=None,
+                 help="written to adapter_config.json (default: --base)")
+  _add_verbose_flag(p)
   args = p.parse_args(argv)
   from ia3_jax import checkpointing, peft_io
   trainable, meta = checkpointing.restore_trainable(args.checkpoint)
@@ -138,18 +162,27 @@ def export_peft(argv: Sequence[str]) -> int:
   return 0
 
 
+def _add_verbose_flag(p: argparse.ArgumentParser) -> None:
+  p.add_argument("--verbose", action="store_true",
+                 help=f"print the traceback of an error (also {main_lib.VERBOSE_ENV}=1)")
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  argv = list(sys.argv[1:] if argv is None else argv)
+  argv, verbose = main_lib.pop_verbose(sys.argv[1:] if argv is None else argv)
+  main_lib.quiet_runtime(verbose)
+  return main_lib.report_errors(lambda: _dispatch(argv, verbose), verbose)
+
+
+def _dispatch(argv: Sequence[str], verbose: bool) -> int:
   if not argv or argv[0] in ("-h", "--help"):
     print(f"usage: ia3-jax {{{','.join(COMMANDS)}}} ...\n\n{_usage()}")
     return 0 if argv else 2
-  cmd, rest = argv[0], argv[1:]
+  cmd, rest = argv[0], list(argv[1:])
   if cmd in ("train", "eval", "score", "infer"):
-    from ia3_jax import main as main_lib
-    return main_lib.main(rest, action=cmd, prog=f"ia3-jax {cmd}")
+    return main_lib.run(rest, action=cmd, prog=f"ia3-jax {cmd}", verbose=verbose)
   if cmd == "demo":
-    from ia3_jax import main as main_lib
-    return main_lib.main(["--gin_file=demo.gin", *rest], prog="ia3-jax demo")
+    return main_lib.run(["--gin_file=demo.gin", *rest], prog="ia3-jax demo", verbose=verbose,
+                        help_kind="demo")
   if cmd == "convert":
     return convert(rest)
   if cmd == "merge":

@@ -553,6 +553,7 @@ class BatchIterator:
     return self
 
   def __next__(self) -> dict[str, np.ndarray]:
+    error = None
     try:
       batch = next(self._batches)
     except StopIteration:
@@ -561,7 +562,13 @@ class BatchIterator:
       self._reported = True
       raise
     except tf.errors.OpError as e:  # a failed check or a DataError raised inside tf.data
-      raise DataError(f"{self.name}: {e.message}") from None
+      error = DataError(f"{self.name}: {op_error_message(e)}")
+    if error is not None:
+      # Raised outside the `except`, after closing the stream: no reference to the
+      # tf.data iterator survives, so its threads stop now (a live iterator whose
+      # threads still run Python generators hangs the interpreter at exit).
+      self.close()
+      raise error
     self.stats.update(batch)
     if self._remap is not None:
       ids, real = batch["task_id"], batch["example_mask"].astype(bool)
@@ -575,6 +582,26 @@ class BatchIterator:
 
   def truncation_report(self) -> str:
     return self.stats.report(self.name)
+
+  def close(self) -> None:
+    """Stops the underlying tf.data pipeline (later `next` calls end the iteration)."""
+    close = getattr(self._batches, "close", None)
+    if close is not None:
+      close()
+    self._batches = iter(())
+
+
+def op_error_message(error: tf.errors.OpError) -> str:
+  """The first line of a tf.data error, or of the DataError raised inside it.
+
+  A DataError raised by a generator or `py_function` reaches the caller wrapped
+  in TF's text ("{{function_node ...}} DataError: file, line 6: ...\nTraceback
+  ..."); this returns just "file, line 6: ...".
+  """
+  text = error.message or str(error)
+  m = re.search(r"DataError: (.+)", text)
+  line = m.group(1) if m else (text.strip().splitlines() or [""])[0]
+  return re.sub(r"\{\{function_node [^}]*\}\}\s*", "", line).strip()
 
 
 def _converted(ds, feature_lengths, lm_only):

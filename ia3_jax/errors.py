@@ -30,3 +30,16 @@ class AdapterError(Ia3JaxError, ValueError):
 
 class TrainingDivergedError(Ia3JaxError, RuntimeError):
   """The loss became NaN or infinite; names the step and the last good checkpoint."""
+
+
+class TrainingInterrupted(Ia3JaxError):
+  """Training stopped on SIGINT/SIGTERM after saving a checkpoint at `step`.
+
+  Entry points print one line ("interrupted at step N; the same command
+  resumes") and exit 130.
+  """
+
+  def __init__(self, step: int, message: str | None = None):
+    self.step = int(step)
+    super().__init__(
+        message or f"interrupted at step {self.step}; the same command resumes")

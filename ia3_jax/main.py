@@ -14,20 +14,28 @@ and `--gin_bindings` in order. Files are looked up as given, then in every
 `gin_configurables.run.action`; this module calls it.
 
 Errors in the configuration exit with status 2 and a message naming the gin
-file (and line) concerned: gin's own message for an unknown configurable or
-parameter, plus where a missing or required macro is used.
+file (and line) or flag concerned: gin's own message for an unknown configurable
+or parameter, plus where a missing or required macro is used; a `--gin.NAME`
+macro that no gin file defines or reads; a value gin cannot parse. Every other
+expected failure (`ia3_jax.errors.Ia3JaxError`: bad data, checkpoints, an
+output directory that cannot be written) prints one line and exits 1; Ctrl-C
+exits 130. `--verbose` (or IA3_JAX_VERBOSE=1) adds the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import difflib
 import logging
 import os
 import re
 import sys
-from typing import Optional, Sequence
+import tempfile
+import traceback
+from typing import Callable, Iterator, Optional, Sequence
 
-from ia3_jax.errors import ConfigError
+from ia3_jax.errors import ConfigError, Ia3JaxError, TrainingInterrupted
 
 log = logging.getLogger("ia3_jax")
 
@@ -36,17 +44,143 @@ RUN_FILES = {"train": "runs/finetune.gin", "eval": "runs/eval.gin", "score": "ru
              "infer": "runs/infer.gin"}
 
 
+# What each run kind writes to (checked before anything is loaded).
+OUTPUT_MACROS = ("MODEL_DIR", "EVAL_OUTPUT_DIR", "INFER_OUTPUT_DIR")
+VERBOSE_ENV = "IA3_JAX_VERBOSE"
+
+
 class GinConfigError(ConfigError):
   """A gin configuration problem, with the file that needs fixing."""
+
+
+# --------------------------------------------------------------------------- errors, noise
+
+
+def pop_verbose(argv: Sequence[str]) -> tuple[list[str], bool]:
+  """argv without `--verbose`, and whether tracebacks are wanted (flag or $IA3_JAX_VERBOSE)."""
+  rest = [a for a in argv if a != "--verbose"]
+  env = os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
+  return rest, len(rest) < len(argv) or env
+
+
+def _one_line(error: BaseException) -> str:
+  """The error's message without the call sites gin appends ("In call to configurable ...")."""
+  lines = [l for l in str(error).splitlines() if not re.match(r"\s+In call to configurable", l)]
+  return "\n".join(lines).strip() or type(error).__name__
+
+
+def report_errors(fn: Callable[[], int], verbose: bool = False) -> int:
+  """Runs an entry point; expected failures become one line on stderr and an exit status.
+
+  `Ia3JaxError`: "error: <message>", status 1 (gin configuration errors: 2).
+  `TrainingInterrupted` / Ctrl-C: one line, status 130. Anything else is a bug
+  and keeps its traceback. `verbose` prints the traceback of expected failures too.
+  """
+  try:
+    return fn()
+  except (TrainingInterrupted, KeyboardInterrupt) as e:
+    if verbose:
+      traceback.print_exc()
+    step = getattr(e, "step", None)
+    print(f"interrupted at step {step}; the same command resumes" if step is not None
+          else "interrupted", file=sys.stderr)
+    return 130
+  except Ia3JaxError as e:
+    if verbose:
+      traceback.print_exc()
+    print(f"error: {_one_line(e)}", file=sys.stderr)
+    return 2 if isinstance(e, GinConfigError) else 1
+
+
+class _DropOrbaxMetadataWarning(logging.Filter):
+  """Orbax warns on every read of a checkpoint written without its metadata file."""
+
+  def filter(self, record: logging.LogRecord) -> bool:
+    return not str(record.msg).startswith("Metadata file does not exist")
+
+
+_ORBAX_FILTER = _DropOrbaxMetadataWarning()
+
+
+def quiet_runtime(verbose: bool = False) -> None:
+  """Silences start-up noise that is not the user's business (call before the heavy imports).
+
+  TensorFlow's C++ logs (TF_CPP_MIN_LOG_LEVEL, unless set) and orbax's missing
+  metadata warning; `verbose` keeps TensorFlow's logs.
+  """
+  if not verbose:
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "3")
+  for name in ("absl", "orbax"):
+    logger = logging.getLogger(name)
+    if _ORBAX_FILTER not in logger.filters:
+      logger.addFilter(_ORBAX_FILTER)
+
+
+@contextlib.contextmanager
+def _stderr_silenced(enabled: bool = True) -> Iterator[None]:
+  """Sends file descriptor 2 to /dev/null (C++ libraries print there during start-up)."""
+  if not enabled:
+    yield
+    return
+  sys.stderr.flush()
+  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(devnull, 2)
+  try:
+    yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved)
+    os.close(devnull)
+
+
+def import_tensorflow_quietly(verbose: bool = False) -> None:
+  """Imports TensorFlow with GPUs hidden from it, without its start-up chatter on stderr.
+
+  (absl's "log messages before InitializeLog", "Could not find cuda drivers",
+  "failed call to cuInit": TensorFlow only feeds the data pipeline, JAX owns
+  the accelerators.)
+  """
+  if "tensorflow" in sys.modules:
+    return
+  from ia3_jax import sources
+  with _stderr_silenced(not verbose):
+    sources.import_tf()
+
+
+def check_writable(path: str, what: str) -> None:
+  """Creates directory `path` and writes a probe file there, or raises ConfigError naming `what`."""
+  if "://" in path:  # gs:// and other remote filesystems: left to the writer
+    return
+  try:
+    os.makedirs(path, exist_ok=True)
+    with tempfile.TemporaryFile(dir=path):
+      pass
+  except OSError as e:
+    raise ConfigError(f"{what}={path!r} is not a writable directory ({e.strerror or e}); "
+                      f"set --gin.{what} to one you can write to") from None
+
+
+def _check_outputs() -> None:
+  import gin
+  for name in OUTPUT_MACROS:
+    try:
+      value = gin.query_parameter(f"%{name}")
+    except ValueError:
+      continue
+    if isinstance(value, str) and value:
+      check_writable(value, name)
 
 
 # --------------------------------------------------------------------------- flags
 
 
-def build_parser(prog: str = "python -m ia3_jax.main") -> argparse.ArgumentParser:
+def build_parser(prog: str = "python -m ia3_jax.main",
+                 action: Optional[str] = None) -> argparse.ArgumentParser:
   p = argparse.ArgumentParser(
-      prog=prog, description="Train / evaluate T5 models with (IA)^3 and the T-Few recipe "
-      "from gin files (T5X conventions). Extra flags --gin.KEY=VALUE set one gin binding each.")
+      prog=prog, description="Train / evaluate T5 models with (IA)^3 and the T-Few recipe\n"
+      "from gin files (T5X conventions). Extra flags --gin.KEY=VALUE set one gin binding each.",
+      epilog=macro_help(action) if action else None,
+      formatter_class=argparse.RawDescriptionHelpFormatter)
   p.add_argument("--gin_file", action="append", default=[],
                  help="gin file to parse; repeat for several (parsed in order)")
   p.add_argument("--gin_search_paths", action="append", default=[],
@@ -62,13 +196,18 @@ def build_parser(prog: str = "python -m ia3_jax.main") -> argparse.ArgumentParse
                  help="join a multi-process run (jax.distributed.initialize); with no "
                       "coordinator flags JAX auto-detects the cluster (Cloud TPU, SLURM)")
   p.add_argument("--coordinator_address", default=None, help="host:port of process 0")
-  p.add_argument("--num_processes", type=int, default=None)
-  p.add_argument("--process_id", type=int, default=None)
+  p.add_argument("--num_processes", type=int, default=None,
+                 help="number of processes of a multi-process run")
+  p.add_argument("--process_id", type=int, default=None,
+                 help="this process's index in a multi-process run (0 .. num_processes-1)")
   p.add_argument("--cpu_collectives", default="gloo",
                  help="cross-process collectives on CPU (gloo or mpi)")
   p.add_argument("--print_config", action="store_true",
                  help="print the parsed gin configuration and exit")
-  p.add_argument("--log_level", default="INFO")
+  p.add_argument("--log_level", default="INFO", help="Python log level (DEBUG shows library "
+                 "logs too)")
+  p.add_argument("--verbose", action="store_true",
+                 help=f"print the traceback of an error (also {VERBOSE_ENV}=1)")
   return p
 
 
@@ -201,9 +340,115 @@ def explain_gin_error(error: Exception, files: Sequence[str], bindings: Sequence
   return "\n".join(lines)
 
 
+# --------------------------------------------------------------------------- macros
+
+_MACRO_DEF = re.compile(r"^([A-Z][A-Z0-9_]*)\s*=\s*(.*?)\s*(?:#\s*(.*))?$")
+_MACRO_REF = re.compile(r"%([A-Z][A-Z0-9_]*)\b")
+
+
+def gin_macros(path: str) -> tuple[dict[str, tuple[str, str]], list[str]]:
+  """A gin file's top-level macro definitions {NAME: (value, comment)} and the macros it reads."""
+  defined: dict[str, tuple[str, str]] = {}
+  used: list[str] = []
+  with open(path) as f:
+    for line in f:
+      if line.lstrip().startswith("#"):
+        continue
+      m = _MACRO_DEF.match(line)
+      if m:
+        defined.setdefault(m.group(1), (m.group(2), m.group(3) or ""))
+      used += [u for u in _MACRO_REF.findall(line) if u not in used and u != "gin"]
+  return defined, used
+
+
+def macro_help(action: str) -> str:
+  """The gin macros a run kind reads (its run file, then the recipe), with their defaults."""
+  from ia3_jax import gin_configurables
+  root = gin_configurables.gin_dir()
+  run_file = RUN_FILES.get(action, "demo.gin")
+  layers = [run_file] if run_file == "demo.gin" else [run_file, "recipes/t_few.gin"]
+  tables = [gin_macros(os.path.join(root, f)) for f in layers]
+  names = list(dict.fromkeys([*tables[0][0], *tables[0][1]]))
+  required, optional = [], []
+  for name in names:
+    where = next(((f, d[name]) for f, (d, _) in zip(layers, tables) if name in d), None)
+    if where is None:
+      optional.append(f"  {name:<26} from {_defined_by(root, name)}")
+    elif where[1][0] == "%gin.REQUIRED":
+      required.append(f"  {name:<26} {where[1][1]}".rstrip())
+    else:
+      value, comment = where[1]
+      note = f"  # {comment}" if comment else ""
+      src = "" if where[0] == run_file else f"  ({where[0]})"
+      optional.append(f"  {name:<26} = {value}{src}{note}")
+  lines = [f"gin macros of ia3-jax {action} (set with --gin.NAME=VALUE; strings need "
+           "inner quotes, e.g. --gin.MODEL_DIR=\"'/tmp/run'\"):"]
+  if required:
+    lines += ["required:", *required]
+  lines += ["optional (default):", *optional]
+  return "\n".join(lines)
+
+
+def _defined_by(root: str, name: str) -> str:
+  """Which shipped gin files define macro `name` ("models/*.gin", "peft/*.gin", ...)."""
+  dirs = sorted({os.path.dirname(f) or "." for f in shipped_gin_files()
+                 if name in gin_macros(os.path.join(root, f))[0]})
+  return ", ".join(f"{d}/*.gin" for d in dirs) or "(no shipped file)"
+
+
+class _AnyReference(object):
+  """Stands for @configurable / %macro references while only the syntax of a value is checked."""
+
+
+def check_gin_flags(bindings: Sequence[str], files: Sequence[str],
+                    all_bindings: Sequence[str]) -> None:
+  """Each `--gin.KEY=VALUE`: a value gin can parse, and (for a macro) one the gin files use.
+
+  gin itself rejects an unknown configurable or parameter (`--gin.a.b=...`) but
+  silently accepts a macro nothing reads (`--gin.TRAIN_STEP=5`).
+  """
+  from gin import config_parser
+
+  class Delegate(config_parser.ParserDelegate):
+    def configurable_reference(self, scoped_configurable_name, evaluate):
+      return _AnyReference()
+
+    def macro(self, macro_name):
+      return _AnyReference()
+
+  known: set[str] = set()
+  for path in files:
+    defined, used = gin_macros(path)
+    known |= set(defined) | set(used)
+  for b in all_bindings:
+    known |= set(_MACRO_REF.findall(b))
+  for binding in bindings:
+    key, value = binding.split(" = ", 1)
+    flag = f"--gin.{key}={value}"
+    try:
+      parser = config_parser.ConfigParser(binding, Delegate())
+      parser.parse_statement()
+      extra = parser.parse_statement()
+    except Exception:  # SyntaxError, tokenize.TokenError, ValueError  # pylint: disable=broad-except
+      extra = True
+    if extra is not None:
+      raise GinConfigError(f"{flag}: unable to parse value {value!r}; a string needs inner "
+                           f"quotes: --gin.{key}=\"'{value}'\"") from None
+    if re.fullmatch(r"[A-Za-z_]\w*", key) and key not in known:
+      close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
+      hint = f"; did you mean {', '.join(close)}?" if close else ""
+      raise GinConfigError(f"{flag}: no gin file parsed defines or reads macro {key}{hint} "
+                           f"(gin files: {', '.join(os.path.basename(f) for f in files)})")
+
+
 def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
-              extra_search_paths: Sequence[str] = ()) -> list[str]:
-  """Parses gin files (resolved against the search paths) and bindings; returns the files."""
+              extra_search_paths: Sequence[str] = (),
+              flag_bindings: Sequence[str] = ()) -> list[str]:
+  """Parses gin files (resolved against the search paths) and bindings; returns the files.
+
+  `flag_bindings` (those of `bindings` that came from --gin.KEY=VALUE flags) are
+  checked first (`check_gin_flags`).
+  """
   import gin
   gin.clear_config()
   paths = search_paths(extra_search_paths)
@@ -211,6 +456,7 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
     gin.add_config_file_search_path(p)
   files = [resolve_gin_file(f, paths) for f in gin_files]
   all_files = _with_includes(files, paths)
+  check_gin_flags(flag_bindings, all_files, bindings)
   try:
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=True)
   except (ValueError, KeyError, TypeError, OSError, SyntaxError) as e:
@@ -244,8 +490,19 @@ def _init_processes(args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None, *, action: Optional[str] = None,
          prog: str = "python -m ia3_jax.main") -> int:
   """Parses flags and gin, runs the configured action. Returns the exit status."""
-  argv = list(sys.argv[1:] if argv is None else argv)
-  parser = build_parser(prog)
+  argv, verbose = pop_verbose(sys.argv[1:] if argv is None else argv)
+  quiet_runtime(verbose)
+  return report_errors(lambda: run(argv, action=action, prog=prog, verbose=verbose), verbose)
+
+
+def run(argv: Sequence[str], *, action: Optional[str] = None,
+        prog: str = "python -m ia3_jax.main", verbose: bool = False,
+        help_kind: Optional[str] = None) -> int:
+  """`main` without the error reporting: expected failures raise `Ia3JaxError`.
+
+  `help_kind`: the run kind whose gin macros --help lists (default: `action`).
+  """
+  parser = build_parser(prog, help_kind or action)
   try:
     rest, gin_flag_bindings = split_gin_flags(argv)
   except GinConfigError as e:
@@ -261,33 +518,23 @@ def main(argv: Optional[Sequence[str]] = None, *, action: Optional[str] = None,
     bindings.append(f"partitioning.PartitionConfig.data_parallel = {args.data_parallel}")
   if args.model_parallel is not None:
     bindings.append(f"partitioning.PartitionConfig.model_parallel = {args.model_parallel}")
+  files = _ensure_run_file(list(args.gin_file), action)
+  if not files:
+    parser.error("no --gin_file given (e.g. --gin_file=runs/finetune.gin)")
+  _init_processes(args)
+  import gin
+  from ia3_jax import gin_configurables
+  parsed = parse_gin(files, bindings, args.gin_search_paths, gin_flag_bindings)
+  if args.print_config:
+    print(gin.config_str())
+    return 0
+  _check_outputs()
+  import_tensorflow_quietly(verbose)
   try:
-    files = _ensure_run_file(list(args.gin_file), action)
-    if not files:
-      parser.error("no --gin_file given (e.g. --gin_file=runs/finetune.gin)")
-    _init_processes(args)
-    import gin
-    from ia3_jax import gin_configurables
-    parsed = parse_gin(files, bindings, args.gin_search_paths)
-    if args.print_config:
-      print(gin.config_str())
-      return 0
-    try:
-      gin.get_configurable(gin_configurables.run)()
-    except (RuntimeError, ValueError) as e:
-      if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
-        raise GinConfigError(explain_gin_error(e, parsed, bindings)) from e
-      raise
-  except GinConfigError as e:
-    print(f"error: {e}", file=sys.stderr)
-    return 2
-  except Exception as e:  # a failed run: a one-line reason, the traceback in the log
-    from ia3_jax.checkpoints import CheckpointError
-    from ia3_jax.trainer import TrainingDivergedError
-    if isinstance(e, (TrainingDivergedError, CheckpointError)):
-      log.debug("run failed", exc_info=True)
-      print(f"error: {e}", file=sys.stderr)
-      return 1
+    gin.get_configurable(gin_configurables.run)()
+  except (RuntimeError, ValueError) as e:
+    if "Required bindings" in str(e) or "gin.REQUIRED" in str(e):
+      raise GinConfigError(explain_gin_error(e, parsed, bindings)) from e
     raise
   return 0
 
