@@ -30,3 +30,12 @@ class AdapterError(Ia3JaxError, ValueError):
 
 class TrainingDivergedError(Ia3JaxError, RuntimeError):
   """The loss became NaN or infinite; names the step and the last good checkpoint."""
+
+
+class TrainingInterrupted(Ia3JaxError):
+  """SIGINT/SIGTERM during training: a checkpoint was saved at `step`; rerunning resumes."""
+
+  def __init__(self, step: int, model_dir: str):
+    super().__init__(f"interrupted at step {step}; the same command resumes")
+    self.step = step
+    self.model_dir = model_dir
