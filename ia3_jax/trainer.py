@@ -563,7 +563,7 @@ class MetricWriter:
       self._writer.close()
 
 
-def _eval_summary(result: Mapping[str, Any],
+def eval_summary(result: Mapping[str, Any],
                   template_names: Optional[Sequence[str]] = None) -> dict[str, float]:
   """Accuracy, example count, median over templates; with `template_names`, also every
   template's accuracy (`template/<name>`, as TensorBoard shows it)."""
@@ -701,7 +701,7 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
         show(f"truncated: {stats.report(_source_name(eval_data) + ' (eval)')}")
       truncation["eval"] = stats.as_dict()
     check_eval_result(result, _source_name(eval_data))
-    eval_writer.write(step, _eval_summary(result, template_names), prefix="eval/")
+    eval_writer.write(step, eval_summary(result, template_names), prefix="eval/")
     eval_results[step] = eval_result_json(result, template_names)
 
   def save(step: int) -> None:
@@ -955,7 +955,7 @@ def eval_result_json(result: Mapping[str, Any],
                       template_names: Optional[Sequence[str]] = None) -> dict:
   """An eval result for a JSON file: per-template entries keyed by template name."""
   out = {k: v for k, v in result.items() if k not in ("predictions", "labels", "scores")}
-  out.update(_eval_summary(result))
+  out.update(eval_summary(result))
   if "per_template" in result:
     out["per_template"] = {_template_name(t, template_names): {**r, "template_id": int(t)}
                            for t, r in result["per_template"].items()}
