@@ -657,8 +657,9 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
     if finished is not None:  # a finished run: say so, rewrite nothing
       state, _, _ = _resume(trainer, ckpt, latest, base, run_meta, lambda _: None)
       ckpt.close()
-      show(f"{model_dir}: already trained to step {latest} (TRAIN_STEPS={tc.train_steps}); "
-           f"nothing to do, results in {results_path}")
+      if is_chief:  # printed even without progress output: the whole answer of this run
+        print(f"{model_dir}: already trained to step {latest} (TRAIN_STEPS={tc.train_steps}); "
+              f"nothing to do, results in {results_path}", flush=True)
       return {**finished, "state": state}
   show(f"ia3-jax train: {partitioner.describe()}; {counts['trainable']:,} trainable of "
        f"{counts['total']:,} params ({counts['trainable_bytes'] / 1e6:.3g} MB)")
