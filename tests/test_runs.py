@@ -138,3 +138,44 @@ def test_eval_summary_has_every_templates_accuracy():
   summary = trainer.eval_summary(result, ("is it positive", "review sentiment"))
   assert summary["template/is_it_positive/accuracy"] == 1.0
   assert summary["template/review_sentiment/accuracy"] == 0.0
+
+
+def _hf_base_and_checkpoint(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
+  """A tiny random HF base (with the demo model's spiece.model) and an (IA)^3 training
+  checkpoint of it, as `trainer.train` writes one (nothing trained)."""
+  from ia3_jax import checkpointing, checkpoints, network, optimizers
+  from tests import hf_utils
+  base = root / "base"
+  hf_utils.make_hf_model(base, "t5_1_1", "small")
+  shutil.copyfile(REPO / "ia3_jax" / "assets" / "demo" / "spiece.model", base / "spiece.model")
+  cfg, params = checkpoints.load_hf_checkpoint(base)
+  tr = trainer.Trainer(network.Transformer(cfg, ia3.ia3_blocks()), trainable=ia3.IA3_PATTERN,
+                       optimizer=optimizers.OptimizerConfig(total_steps=10).build())
+  ckpt = checkpointing.Checkpointer(root / "model" / "checkpoints")
+  ckpt.save(3, tr.init_state(params), {"seed": 0, "data_position": 3,
+                                       "model_config": cfg.to_dict()})
+  ckpt.close()
+  return base, root / "model"
+
+
+def test_merge_writes_the_vocabulary_with_ordinary_modes_and_export_refuses_to_overwrite(
+    tmp_path):
+  from ia3_jax import cli
+  base, model_dir = _hf_base_and_checkpoint(tmp_path)
+  for fmt in ("hf", "orbax"):
+    out = tmp_path / f"merged_{fmt}"
+    assert cli.merge(["--base", str(base), "--ia3", str(model_dir), "--out", str(out),
+                      "--format", fmt]) == 0
+    assert (out / "spiece.model").read_bytes() == (base / "spiece.model").read_bytes()
+    for path in [out, *out.rglob("*")]:
+      assert path.stat().st_mode & 0o777 == (0o755 if path.is_dir() else 0o644), path
+
+  adapter = tmp_path / "adapter"
+  args = ["--checkpoint", str(model_dir), "--out", str(adapter), "--base", str(base)]
+  assert cli.export_peft(args) == 0
+  before = {p.name: p.read_bytes() for p in adapter.iterdir()}
+  with pytest.raises(errors.ConfigError, match=rf"--out {adapter}: already exists; pass "
+                     "--overwrite to replace it"):
+    cli.export_peft(args)
+  assert {p.name: p.read_bytes() for p in adapter.iterdir()} == before
+  assert cli.export_peft(args + ["--overwrite"]) == 0
