@@ -123,12 +123,32 @@ def merge(argv: Sequence[str]) -> int:
                  help="HF model class of an hf output")
   _add_verbose_flag(p)
   args = p.parse_args(argv)
+  import os
+  import shutil
   from ia3_jax import ia3
   source = args.ia3
   if _is_training_checkpoint(source):
     source = str(_trainable_dir(source)[0])
-  out = ia3.merge_checkpoint(args.base, source, args.out, task=args.task,
-                             output_format=args.format, model_type=args.model_type)
+  created = not os.path.exists(args.out)
+  try:
+    out = ia3.merge_checkpoint(args.base, source, args.out, task=args.task,
+                               output_format=args.format, model_type=args.model_type)
+    # The vocabulary (and HF tokenizer files) of the base, so the merged model is usable alone.
+    copied = [name for name in ("spiece.model", "tokenizer_config.json",
+                                "special_tokens_map.json", "tokenizer.json")
+              if (pathlib.Path(args.base) / name).is_file()]
+    for name in copied:
+      shutil.copyfile(pathlib.Path(args.base) / name, pathlib.Path(out) / name)
+  except BaseException:
+    if created and os.path.exists(args.out):  # no half-written model left behind
+      shutil.rmtree(args.out)
+    raise
+  if "spiece.model" not in copied:
+    print(f"warning: {args.base} has no spiece.model; {out} has no vocabulary", file=sys.stderr)
+  for root, dirs, files in os.walk(out):  # ordinary modes, not orbax's restrictive ones
+    os.chmod(root, 0o755)
+    for name in files:
+      os.chmod(os.path.join(root, name), 0o644)
   print(f"wrote merged model {out}")
   return 0
 
@@ -149,9 +169,14 @@ def export_peft(argv: Sequence[str]) -> int:
                       "(peft's mT5 default, T-Few; needs a gated MLP)")
   p.add_argument("--base_model_name_or_path", default=None,
                  help="written to adapter_config.json (default: --base)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out adapter")
   _add_verbose_flag(p)
   args = p.parse_args(argv)
   from ia3_jax import checkpointing, peft_io
+  from ia3_jax.errors import ConfigError
+  out_dir = pathlib.Path(args.out)
+  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not args.overwrite:
+    raise ConfigError(f"--out {args.out}: already exists; pass --overwrite to replace it")
   trainable, meta = checkpointing.restore_trainable(args.checkpoint)
   config = _config_for(args.model, args.base, meta)
   out = peft_io.export_peft_adapter(trainable, config, args.out, task=args.task,

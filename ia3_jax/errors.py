@@ -39,7 +39,7 @@ class TrainingInterrupted(Ia3JaxError):
   resumes") and exit 130.
   """
 
-  def __init__(self, step: int, message: str | None = None):
+  def __init__(self, step: int, model_dir: str | None = None, message: str | None = None):
     self.step = int(step)
-    super().__init__(
-        message or f"interrupted at step {self.step}; the same command resumes")
+    self.model_dir = model_dir
+    super().__init__(message or f"interrupted at step {self.step}; the same command resumes")

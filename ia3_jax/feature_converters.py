@@ -33,6 +33,7 @@ from typing import Mapping
 import numpy as np
 import seqio
 
+from ia3_jax.metrics import identical_choices
 from ia3_jax.sources import import_tf
 
 tf = import_tf()
@@ -180,6 +181,7 @@ class TruncationStats:
   max_inputs_length: int = 0
   max_choice_length: int = 0
   max_num_choices: int = 0
+  examples_with_identical_choices: int = 0
 
   def update(self, batch: Mapping[str, np.ndarray]) -> None:
     """Adds the real (unpadded) rows of a converted batch."""
@@ -201,6 +203,17 @@ class TruncationStats:
     self.max_inputs_length = max(self.max_inputs_length, int(inputs_len.max()))
     self.max_choice_length = max(self.max_choice_length, int(lengths.max()))
     self.max_num_choices = max(self.max_num_choices, int(n.max()))
+    self.examples_with_identical_choices += int(
+        identical_choices(batch["choice_tokens"][rows], batch["choice_mask"][rows]).sum())
+
+  def add(self, other: Mapping[str, int]) -> None:
+    """Adds the counts of another pass (`as_dict()` of it, e.g. from a checkpoint's meta)."""
+    for field in dataclasses.fields(self):
+      if field.name in other and field.name not in ("inputs_length", "targets_length",
+                                                     "num_choices"):
+        mine, theirs = getattr(self, field.name), int(other[field.name])
+        setattr(self, field.name, max(mine, theirs) if field.name.startswith("max_")
+                else mine + theirs)
 
   @property
   def any_truncated(self) -> bool:
@@ -217,4 +230,8 @@ class TruncationStats:
             f"{self.examples_with_choices_truncated} examples (longest {self.max_choice_length}); "
             f"choices dropped beyond {self.num_choices}: {self.choices_dropped} in "
             f"{self.examples_with_choices_dropped} examples (most {self.max_num_choices})")
+    if self.examples_with_identical_choices:
+      head += (f"; {self.examples_with_identical_choices} examples have identical answer "
+               "choices (rank classification cannot tell them apart)")
     return head
+

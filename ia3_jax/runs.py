@@ -30,9 +30,8 @@ from ia3_jax import checkpointing, checkpoints, network
 from ia3_jax import params as params_lib
 from ia3_jax.config import T5Config
 from ia3_jax.partitioning import PartitionConfig, Partitioner
-from ia3_jax.metrics import jsonable
-from ia3_jax.trainer import (ALL_PARAMS, BatchSource, Trainer, _eval_result_json, build_model,
-                             load_base_params)
+from ia3_jax.trainer import (ALL_PARAMS, BatchSource, Trainer, build_model, check_eval_result,
+                             check_vocabulary, eval_result_json, load_base_params, write_json)
 
 log = logging.getLogger(__name__)
 
@@ -74,11 +73,19 @@ def _batches(data: BatchSource, tr: Trainer, batch_size: int) -> Iterator:
               shard_id=shard_id, num_shards=num_shards)
 
 
-def _write_json(path: str, obj: Any) -> None:
-  os.makedirs(os.path.dirname(path), exist_ok=True)
-  with open(path + ".tmp", "w") as f:
-    json.dump(jsonable(obj), f, indent=2)
-  os.replace(path + ".tmp", path)
+def _truncation(batches: Any, data: BatchSource) -> Optional[dict]:
+  """The truncation counts of an eval pass (printed when anything was cut)."""
+  stats = getattr(batches, "stats", None)
+  if stats is None:
+    return None
+  if stats.any_truncated and jax.process_index() == 0:
+    print(f"truncated: {stats.report(str(getattr(data, 'name', 'data')))}")
+  return stats.as_dict()
+
+
+def _template_names(data: BatchSource):
+  names = getattr(data, "template_names", None)
+  return names() if callable(names) else None
 
 
 def evaluate(*, output_dir: str, config: T5Config, data: BatchSource, batch_size: int,
@@ -93,13 +100,17 @@ def evaluate(*, output_dir: str, config: T5Config, data: BatchSource, batch_size
       initial_checkpoint_path=initial_checkpoint_path, checkpoint_path=checkpoint_path,
       partitioning=partitioning, seed=seed, use_task_id=use_task_id,
       max_choices_per_step=max_choices_per_step)
+  check_vocabulary(data, config)
   batches = _batches(data, tr, batch_size)
   result = tr.evaluate(params, batches, batch_size, length_normalize=length_normalize,
                        progress=progress, total=getattr(batches, "num_batches", None))
+  truncation = _truncation(batches, data)
+  check_eval_result(result, str(getattr(data, "name", "eval data")))
   out = {"checkpoint": checkpoint_path, "step": meta.get("step"),
-         "initial_checkpoint_path": initial_checkpoint_path, **_eval_result_json(result)}
+         "initial_checkpoint_path": initial_checkpoint_path,
+         **eval_result_json(result, _template_names(data)), "truncation": truncation}
   if jax.process_index() == 0:
-    _write_json(os.path.join(output_dir, "eval_results.json"), out)
+    write_json(os.path.join(output_dir, "eval_results.json"), out)
     print(f"accuracy {out['accuracy']:.4f} over {out['num_examples']} examples -> "
           f"{os.path.join(output_dir, 'eval_results.json')}")
   return out
@@ -126,39 +137,52 @@ def _rows(tr: Trainer, params: Any, batches: Iterator, batch_size: int,
 
 
 def _rows_file(output_dir: str, name: str) -> str:
-  os.makedirs(output_dir, exist_ok=True)
   suffix = f".process_{jax.process_index()}" if jax.process_count() > 1 else ""
   return os.path.join(output_dir, f"{name}{suffix}.jsonl")
 
 
 def _vocabulary(data: BatchSource):
-  try:
-    from ia3_jax import data as data_lib
-    info = data_lib.get_task_info(getattr(data, "name", ""))
-    return info.vocabulary if info is not None else data_lib.default_vocabulary()
-  except Exception as e:  # no vocabulary: predictions keep their token ids only
-    log.warning("no vocabulary to decode predictions (%s)", e)
+  """The task's own output vocabulary (what its tokens were made with), or None for a
+  source without one (predictions then keep their token ids only)."""
+  vocabulary = getattr(data, "vocabulary", None)
+  if not callable(vocabulary):
+    log.warning("%s has no vocabulary: predictions.jsonl gets token ids, no prediction_text",
+                type(data).__name__)
     return None
+  return vocabulary()
 
 
 def _write_rows(kind: str, *, output_dir: str, config: T5Config, data: BatchSource,
                 batch_size: int, **kwargs) -> dict:
   length_normalize = kwargs.pop("length_normalize", True)
-  tr, params, meta = load_for_inference(config=config, **kwargs)
-  path = _rows_file(output_dir, "scores" if kind == "score" else "predictions")
+  check_vocabulary(data, config)
   vocab = _vocabulary(data) if kind == "infer" else None
+  tr, params, meta = load_for_inference(config=config, **kwargs)
+  created = not os.path.exists(output_dir)
+  os.makedirs(output_dir, exist_ok=True)
+  path = _rows_file(output_dir, "scores" if kind == "score" else "predictions")
   count = 0
-  with open(path + ".tmp", "w") as f:
-    for row in _rows(tr, params, _batches(data, tr, batch_size), batch_size, length_normalize):
-      if kind == "infer":
-        row.pop("scores")
-        if vocab is not None:
-          row["prediction_text"] = vocab.decode([t for t in row["prediction_tokens"] if t != 1])
-      f.write(json.dumps(row) + "\n")
-      count += 1
-  os.replace(path + ".tmp", path)
+  batches = _batches(data, tr, batch_size)
+  try:
+    with open(path + ".tmp", "w") as f:
+      for row in _rows(tr, params, batches, batch_size, length_normalize):
+        if kind == "infer":
+          row.pop("scores")
+          if vocab is not None:
+            row["prediction_text"] = vocab.decode([t for t in row["prediction_tokens"] if t != 1])
+        f.write(json.dumps(row) + "\n")
+        count += 1
+    os.replace(path + ".tmp", path)
+  except BaseException:
+    if os.path.exists(path + ".tmp"):
+      os.remove(path + ".tmp")
+    if created and not os.listdir(output_dir):
+      os.rmdir(output_dir)
+    raise
+  truncation = _truncation(batches, data)
   print(f"{kind}: {count} examples -> {path}")
-  return {"path": path, "num_examples": count, "step": meta.get("step")}
+  return {"path": path, "num_examples": count, "step": meta.get("step"),
+          "truncation": truncation}
 
 
 def score(*, output_dir: str, config: T5Config, data: BatchSource, batch_size: int,

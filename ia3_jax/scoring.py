@@ -256,6 +256,7 @@ def evaluate(model: network.Transformer, params: Any, batches: Iterable[Batch], 
 
   Returns:
     dict(accuracy, num_correct, num_examples, num_unlabelled, num_batches,
+    num_identical_choices (counted rows whose answer choices cannot be told apart),
     per_template {template_id: dict(accuracy, num_correct, num_examples)} when
     batches carry template_id >= 0, and with `return_predictions` the
     predictions, labels and scores of the counted rows, in order).
@@ -263,13 +264,13 @@ def evaluate(model: network.Transformer, params: Any, batches: Iterable[Batch], 
   classifier = classifier or RankClassifier(
       model, length_normalize=length_normalize, max_choices_per_step=max_choices_per_step)
   rows = None
-  num_correct = num_examples = num_unlabelled = num_batches = 0
+  num_correct = num_examples = num_unlabelled = num_batches = num_identical = 0
   per_template: dict[int, list[int]] = {}
   kept: dict[str, list[np.ndarray]] = {"predictions": [], "labels": [], "scores": []}
   for batch in tqdm(batches, desc=desc, total=total, disable=not progress):
     num_batches += 1
     inputs = {k: np.asarray(v) for k, v in model_inputs(batch).items()}
-    b, _, _ = _check_batch(inputs)
+    b, c, _ = _check_batch(inputs)
     if "label" not in batch:
       raise ValueError(f"evaluate: batch {num_batches} has no 'label' feature")
     labels = np.asarray(batch["label"])
@@ -282,6 +283,8 @@ def evaluate(model: network.Transformer, params: Any, batches: Iterable[Batch], 
     predictions = np.asarray(out["predictions"])[:b]
     num_unlabelled += int(np.sum(mask & (labels < 0)))
     mask &= labels >= 0
+    num_identical += int(np.sum(metrics.identical_choices(
+        inputs["choice_tokens"], inputs.get("choice_mask", np.ones((b, c), np.int32)))[mask]))
     correct, counted = metrics.accuracy_counts(predictions, labels, mask)
     num_correct += correct
     num_examples += counted
@@ -301,6 +304,7 @@ def evaluate(model: network.Transformer, params: Any, batches: Iterable[Batch], 
       "accuracy": num_correct / num_examples if num_examples else math.nan,
       "num_correct": num_correct, "num_examples": num_examples,
       "num_unlabelled": num_unlabelled, "num_batches": num_batches,
+      "num_identical_choices": num_identical,
   }
   if per_template:
     result["per_template"] = {tid: {"accuracy": c / n, "num_correct": c, "num_examples": n}

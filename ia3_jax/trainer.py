@@ -19,6 +19,7 @@ tokens, as T-Few's `grad_accum_factor` does). Dropout keys are folded from
 from __future__ import annotations
 
 from ia3_jax.errors import TrainingDivergedError  # re-exported: ia3_jax.errors is its home
+from ia3_jax.errors import ConfigError, DataError, TrainingInterrupted
 
 import dataclasses
 import json
@@ -26,6 +27,7 @@ import logging
 import math
 import os
 import pathlib
+import re
 import time
 from typing import Any, Callable, Iterator, Mapping, Optional, Protocol, Sequence
 
@@ -44,6 +46,7 @@ from ia3_jax.checkpoints import CheckpointError
 from ia3_jax.config import T5Config
 from ia3_jax.optimizers import OptimizerConfig
 from ia3_jax.partitioning import PartitionConfig, Partitioner
+from ia3_jax.preemption import StopOnSignal
 from ia3_jax.train_state import TrainState, opt_state_shardings
 
 log = logging.getLogger(__name__)
@@ -112,6 +115,21 @@ class SeqioBatches:
     if start_step:
       kwargs["start_step"] = start_step
     return data.get_batches(self.name, self.split, batch_size, dict(self.feature_lengths), **kwargs)
+
+  def vocabulary(self):
+    """The vocabulary of the task's output features ("targets"): what decodes its tokens."""
+    import seqio
+    self._setup()
+    try:
+      provider = seqio.get_mixture_or_task(self.name)
+    except ValueError as e:
+      raise DataError(f"{self.name!r}: not a registered seqio task or mixture ({e})") from None
+    return provider.output_features["targets"].vocabulary
+
+  def template_names(self) -> Optional[tuple[str, ...]]:
+    """Names of the template ids in the batches (None for tasks not registered by ia3_jax.data)."""
+    info = self._setup().get_task_info(self.name)
+    return info.template_names if info is not None else None
 
 
 # --------------------------------------------------------------------------- config
@@ -369,6 +387,7 @@ class Trainer:
     if missing:
       raise ValueError(f"train batch lacks features {missing} (has {sorted(host_batch)})")
     out = {k: np.asarray(host_batch[k]) for k in TRAIN_FEATURES[:-1]}
+    check_token_ids(out, self.model.config.vocab_size, "train batch")
     out["example_mask"] = np.asarray(host_batch.get(
         "example_mask", np.ones(out["label"].shape, np.int32)))
     if self.use_task_id:
@@ -448,6 +467,7 @@ class ShardedClassifier:
 
   def _global_batch(self, inputs: Mapping[str, np.ndarray]) -> dict[str, jax.Array]:
     inputs = dict(inputs)
+    check_token_ids(inputs, self.trainer.model.config.vocab_size, "eval batch")
     if not self.trainer.use_task_id:
       inputs.pop("task_id", None)
     return self.trainer.partitioner.shard_batch(inputs, self.global_batch_size)
@@ -468,8 +488,8 @@ def _allreduce_eval(result: dict[str, Any]) -> dict[str, Any]:
   if jax.process_count() == 1:
     return result
   from jax.experimental import multihost_utils
-  keys = ("num_correct", "num_examples", "num_unlabelled")
-  totals = multihost_utils.process_allgather(np.array([result[k] for k in keys], np.int64))
+  keys = ("num_correct", "num_examples", "num_unlabelled", "num_identical_choices")
+  totals = multihost_utils.process_allgather(np.array([result.get(k, 0) for k in keys], np.int64))
   out = dict(result)
   out.update({k: int(v) for k, v in zip(keys, np.sum(totals, axis=0))})
   per = result.get("per_template", {})
@@ -512,21 +532,28 @@ def load_base_params(path: Optional[str]) -> tuple[Optional[Params], Optional[T5
 
 
 class MetricWriter:
-  """TensorBoard (clu, process 0) + a stdout line per write."""
+  """TensorBoard (clu, process 0) + a stdout line per write.
+
+  Steps already in `logdir`'s event files (written by an earlier segment of a
+  resumed run, which repeats the steps after its last checkpoint) are not
+  written to TensorBoard again, so no step has two points.
+  """
 
   def __init__(self, logdir: Optional[str], tensorboard: bool, show: Callable[[str], None]):
     self._show = show
     self._writer = None
     self.enabled = jax.process_index() == 0
+    self.logged_through = -1
     if tensorboard and logdir and self.enabled:
       from clu import metric_writers
+      self.logged_through = last_logged_step(logdir)
       self._writer = metric_writers.create_default_writer(logdir, asynchronous=False)
 
   def write(self, step: int, scalars: Mapping[str, float], prefix: str = "") -> None:
     if not self.enabled:
       return
     scalars = {f"{prefix}{k}": float(v) for k, v in scalars.items()}
-    if self._writer is not None:
+    if self._writer is not None and step > self.logged_through:
       self._writer.write_scalars(step, scalars)
       self._writer.flush()
     self._show(f"[{step}] " + ", ".join(f"{k}={v:.6g}" for k, v in sorted(scalars.items())))
@@ -536,12 +563,19 @@ class MetricWriter:
       self._writer.close()
 
 
-def _eval_summary(result: Mapping[str, Any]) -> dict[str, float]:
+def eval_summary(result: Mapping[str, Any],
+                  template_names: Optional[Sequence[str]] = None) -> dict[str, float]:
+  """Accuracy, example count, median over templates; with `template_names`, also every
+  template's accuracy (`template/<name>`, as TensorBoard shows it)."""
   out = {"accuracy": result["accuracy"], "num_examples": result["num_examples"]}
   per = result.get("per_template")
   if per:
     accs = [r["accuracy"] for r in per.values()]
     out["median_template_accuracy"] = float(np.median(accs))
+    if template_names is not None:
+      for t, r in per.items():
+        tag = re.sub(r"[^\w.-]+", "_", _template_name(t, template_names))
+        out[f"template/{tag}/accuracy"] = r["accuracy"]
   return out
 
 
@@ -584,6 +618,7 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
     transform, lr_fn = optimizer, None
   model_dir = os.path.abspath(model_dir)
   is_chief = jax.process_index() == 0
+  created_model_dir = not os.path.exists(model_dir)
   os.makedirs(model_dir, exist_ok=True)
   t_start = time.time()
 
@@ -614,121 +649,323 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
               "initial_checkpoint_path": initial_checkpoint_path}
 
   show = _printer(is_chief and tc.progress)
-  show(f"ia3-jax train: {partitioner.describe()}; {counts['trainable']:,} trainable of "
-       f"{counts['total']:,} params ({counts['trainable_bytes'] / 1e6:.3g} MB)")
-
+  results_path = os.path.join(model_dir, results_file) if results_file else None
   ckpt = Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint)
   latest = ckpt.latest_step()
+  if latest is not None and latest >= tc.train_steps:
+    finished = _read_results(results_path, latest)
+    if finished is not None:  # a finished run: say so, rewrite nothing
+      state, _, _ = _resume(trainer, ckpt, latest, base, run_meta, lambda _: None)
+      ckpt.close()
+      if is_chief:  # printed even without progress output: the whole answer of this run
+        print(f"{model_dir}: already trained to step {latest} (TRAIN_STEPS={tc.train_steps}); "
+              f"nothing to do, results in {results_path}", flush=True)
+      return {**finished, "state": state}
+  show(f"ia3-jax train: {partitioner.describe()}; {counts['trainable']:,} trainable of "
+       f"{counts['total']:,} params ({counts['trainable_bytes'] / 1e6:.3g} MB)")
+  for source in (train_data, eval_data):
+    check_vocabulary(source, model.config)
+
+  history: dict[str, Any] = {"train_losses": [], "eval": {}, "truncation": {}}
   if latest is not None:
-    state, data_position = _resume(trainer, ckpt, latest, base, run_meta, show)
+    state, data_position, meta = _resume(trainer, ckpt, latest, base, run_meta, show)
+    history.update(meta.get("history", {}))
   else:
     source = "initial_params" if initial_params is not None else str(initial_checkpoint_path)
     state, data_position = trainer.init_state(base, source=source), 0
     if post_load is not None:
       state = trainer.state_from_params(trainer.place_params(post_load(state.params, model.config)))
   start = int(jax.device_get(state.step))
+  losses_seen = [(int(s), float(l)) for s, l in history["train_losses"] if s <= start]
+  eval_results = {int(s): r for s, r in history["eval"].items() if int(s) <= start}
+  truncation: dict[str, Optional[dict]] = dict(history["truncation"])
+  prior_train_truncation = truncation.get("train")
 
   shard_id, num_shards = partitioner.data_shard_info()
   local_bs = partitioner.local_batch_size(tc.batch_size)
   writer = MetricWriter(os.path.join(model_dir, "train"), tc.tensorboard, show)
   eval_writer = MetricWriter(os.path.join(model_dir, "eval"), tc.tensorboard, show)
   eval_bs = tc.eval_batch_size or tc.batch_size
+  template_names = _template_names(eval_data)
 
-  def run_eval(step: int) -> Optional[dict]:
+  def run_eval(step: int) -> None:
     if eval_data is None:
-      return None
+      return
     batches = eval_data(batch_size=partitioner.local_batch_size(eval_bs), start_step=0,
                         shard_id=shard_id, num_shards=num_shards)
     result = trainer.evaluate(state.params, batches, eval_bs,
                               length_normalize=tc.length_normalize_eval,
                               total=getattr(batches, "num_batches", None))
-    eval_writer.write(step, _eval_summary(result), prefix="eval/")
-    return result
+    stats = getattr(batches, "stats", None)
+    if stats is not None:
+      if stats.any_truncated and truncation.get("eval") is None:
+        show(f"truncated: {stats.report(_source_name(eval_data) + ' (eval)')}")
+      truncation["eval"] = stats.as_dict()
+    check_eval_result(result, _source_name(eval_data))
+    eval_writer.write(step, eval_summary(result, template_names), prefix="eval/")
+    eval_results[step] = eval_result_json(result, template_names)
+
+  def save(step: int) -> None:
+    truncation["train"] = _add_truncation(prior_train_truncation, train_stats)
+    history = {"train_losses": losses_seen, "eval": eval_results, "truncation": truncation}
+    ckpt.save(step, state, metrics_lib.jsonable(
+        {**run_meta, "data_position": data_position, "history": history}))
 
   last_saved = latest
-  losses_seen: list[tuple[int, float]] = []
-  eval_results: dict[int, dict] = {}
   batches = iter(train_data(batch_size=local_bs, start_step=data_position, shard_id=shard_id,
                             num_shards=num_shards)) if start < tc.train_steps else iter(())
+  train_stats = getattr(batches, "stats", None)
+  train_name = _source_name(train_data)
+  reported = {"truncated": False, "identical": False}
   from tqdm.auto import tqdm
   bar = tqdm(total=tc.train_steps, initial=start, desc="train", dynamic_ncols=True,
              disable=not (is_chief and tc.progress))
   window: list[dict] = []
   t_window = time.time()
   step = start
+  stop = StopOnSignal()
+  failed = False
   try:
-    while step < tc.train_steps:
-      try:
-        host_batch = next(batches)
-      except StopIteration:
-        raise ValueError(f"train data ran out after {data_position} batches (step {step}); "
-                         "training streams must repeat") from None
-      batch = partitioner.shard_batch(trainer.model_batch(host_batch), tc.batch_size)
-      state, metrics = trainer.step(state, batch)
-      step += 1
-      data_position += 1
-      metrics = jax.device_get(metrics)
-      loss_value = float(metrics["loss"])
-      bad = [k for k in ("loss", "grad_norm", "param_norm") if not math.isfinite(float(metrics[k]))]
-      if bad:
-        ckpt.wait()
-        good = ckpt.path(last_saved) if last_saved is not None else "none (no checkpoint yet)"
-        raise TrainingDivergedError(
-            f"non-finite {', '.join(bad)} at step {step} of {tc.train_steps} (loss {loss_value}, "
-            f"grad norm {float(metrics['grad_norm'])}, trainable param norm "
-            f"{float(metrics['param_norm'])}); the diverged state was not saved. "
-            f"Last good checkpoint: {good}")
-      losses_seen.append((step, loss_value))
-      window.append(metrics)
-      bar.update(1)
-      if step % tc.log_period == 0 or step == tc.train_steps:
-        elapsed = max(time.time() - t_window, 1e-9)
-        scalars = average_metrics(window)
-        scalars["steps_per_sec"] = len(window) / elapsed
-        bar.set_postfix(loss=f"{scalars['loss']:.4f}",
-                        steps_per_s=f"{scalars['steps_per_sec']:.2f}")
-        writer.write(step, scalars, prefix="train/")
-        window, t_window = [], time.time()
-      if checkpoint.period and step % checkpoint.period == 0 and step < tc.train_steps:
-        ckpt.save(step, state, {**run_meta, "data_position": data_position})
-        last_saved = step
-      if tc.eval_period and step % tc.eval_period == 0 and step < tc.train_steps:
-        eval_results[step] = run_eval(step)
+    with stop:
+      while step < tc.train_steps:
+        try:
+          host_batch = next(batches)
+        except StopIteration:
+          raise DataError(f"{train_name}: train data ran out after {data_position} batches "
+                          f"(step {step}); training streams must repeat") from None
+        _warn_train_batch(host_batch, train_stats, train_name, reported, show)
+        batch = partitioner.shard_batch(trainer.model_batch(host_batch), tc.batch_size)
+        state, metrics = trainer.step(state, batch)
+        step += 1
+        data_position += 1
+        metrics = jax.device_get(metrics)
+        loss_value = float(metrics["loss"])
+        bad = [k for k in ("loss", "grad_norm", "param_norm")
+               if not math.isfinite(float(metrics[k]))]
+        if bad:
+          ckpt.wait()
+          good = ckpt.path(last_saved) if last_saved is not None else "none (no checkpoint yet)"
+          raise TrainingDivergedError(
+              f"non-finite {', '.join(bad)} at step {step} of {tc.train_steps} (loss "
+              f"{loss_value}, grad norm {float(metrics['grad_norm'])}, trainable param norm "
+              f"{float(metrics['param_norm'])}); the diverged state was not saved. "
+              f"Last good checkpoint: {good}")
+        losses_seen.append((step, loss_value))
+        window.append(metrics)
+        bar.update(1)
+        if step % tc.log_period == 0 or step == tc.train_steps:
+          elapsed = max(time.time() - t_window, 1e-9)
+          scalars = average_metrics(window)
+          scalars["steps_per_sec"] = len(window) / elapsed
+          bar.set_postfix(loss=f"{scalars['loss']:.4f}",
+                          steps_per_s=f"{scalars['steps_per_sec']:.2f}")
+          writer.write(step, scalars, prefix="train/")
+          window, t_window = [], time.time()
+        if tc.eval_period and step % tc.eval_period == 0 and step < tc.train_steps:
+          run_eval(step)  # before the checkpoint: its meta then holds this eval
+        if checkpoint.period and step % checkpoint.period == 0 and step < tc.train_steps:
+          save(step)
+          last_saved = step
+        if stop.requested is not None and step < tc.train_steps:
+          if last_saved != step:
+            save(step)
+            last_saved = step
+          ckpt.wait()
+          show(f"{stop.signal_name}: saved {ckpt.path(step)}")
+          raise TrainingInterrupted(step=step, model_dir=model_dir)
     if last_saved != step:
-      ckpt.save(step, state, {**run_meta, "data_position": data_position})
+      save(step)
       last_saved = step
-    if tc.eval_at_end and eval_data is not None:
-      eval_results[step] = run_eval(step)
+    if tc.eval_at_end and eval_data is not None and step not in eval_results:
+      run_eval(step)
+  except BaseException as e:
+    failed = not isinstance(e, TrainingInterrupted)
+    raise
   finally:
     bar.close()
     ckpt.close()
     writer.close()
     eval_writer.close()
+    if failed:
+      _remove_empty_dirs(model_dir, created_model_dir)
 
+  truncation["train"] = _add_truncation(prior_train_truncation, train_stats)
+  if truncation.get("train") and _any_truncated(truncation["train"]):
+    show(f"truncated (train, {truncation['train']['examples']} examples seen): "
+         + _truncation_counts(truncation["train"]))
   results = {
-      "step": step, "model_dir": model_dir, "checkpoint": ckpt.path(last_saved),
-      "params": counts, "train_losses": losses_seen,
+      "step": step, "start_step": start, "model_dir": model_dir,
+      "checkpoint": ckpt.path(last_saved), "params": counts, "train_losses": losses_seen,
       "first_loss": losses_seen[0][1] if losses_seen else None,
       "last_loss": losses_seen[-1][1] if losses_seen else None,
-      "eval": {s: _eval_result_json(r) for s, r in eval_results.items() if r is not None},
+      "eval": dict(sorted(eval_results.items())),
+      "truncation": truncation,
       "mesh": {"data": partitioner.data_size, "model": partitioner.model_size,
                "processes": jax.process_count()},
       "wall_time_s": time.time() - t_start,
   }
-  if results_file and is_chief:
-    path = os.path.join(model_dir, results_file)
-    with open(path + ".tmp", "w") as f:
-      json.dump(metrics_lib.jsonable(results), f, indent=2)
-    os.replace(path + ".tmp", path)
-    show(f"results: {path}")
+  if results_path and is_chief:
+    write_json(results_path, results)
+    show(f"results: {results_path}")
   results["state"] = state
   return results
 
 
-def _eval_result_json(result: Mapping[str, Any]) -> dict:
+def write_json(path: str, obj: Any) -> None:
+  """Writes `obj` (made JSON-safe) atomically: a `.tmp` file renamed into place."""
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  try:
+    with open(path + ".tmp", "w") as f:
+      json.dump(metrics_lib.jsonable(obj), f, indent=2)
+    os.replace(path + ".tmp", path)
+  finally:
+    if os.path.exists(path + ".tmp"):
+      os.remove(path + ".tmp")
+
+
+def _read_results(path: Optional[str], step: int) -> Optional[dict]:
+  """The results file of a run finished at `step`, or None (none, unreadable, another step)."""
+  if not path or not os.path.exists(path):
+    return None
+  try:
+    with open(path) as f:
+      results = json.load(f)
+  except (OSError, ValueError):
+    return None
+  return results if results.get("step") == step else None
+
+
+def _remove_empty_dirs(model_dir: str, created: bool) -> None:
+  """After a failed run: the empty directories it made (TensorBoard, checkpoints, MODEL_DIR)."""
+  for sub in ("train", "eval", "checkpoints", ""):
+    path = os.path.join(model_dir, sub) if sub else model_dir
+    if sub == "" and not created:
+      continue
+    try:
+      os.rmdir(path)  # only succeeds when empty
+    except OSError:
+      pass
+
+
+def _source_name(source: Any) -> str:
+  return str(getattr(source, "name", None) or type(source).__name__)
+
+
+def _template_names(source: Any) -> Optional[Sequence[str]]:
+  names = getattr(source, "template_names", None)
+  return names() if callable(names) else None
+
+
+def check_vocabulary(source: Any, config: T5Config) -> None:
+  """A source with a vocabulary larger than the model's embedding is a ConfigError."""
+  vocabulary = getattr(source, "vocabulary", None)
+  if not callable(vocabulary):
+    return
+  size = vocabulary().vocab_size
+  if size > config.vocab_size:
+    raise ConfigError(f"{_source_name(source)}: its vocabulary has {size} pieces but the model's "
+                      f"embedding has vocab_size={config.vocab_size} rows; token ids beyond it "
+                      "have no embedding (use the model's vocabulary, or a model with "
+                      f"vocab_size >= {size})")
+
+
+def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int, where: str) -> None:
+  """Token ids outside the embedding would turn the loss non-finite: a DataError instead."""
+  for key in ("encoder_input_tokens", "choice_tokens"):
+    if key in batch and np.size(batch[key]):
+      top = int(np.max(batch[key]))
+      if top >= vocab_size or int(np.min(batch[key])) < 0:
+        raise DataError(f"{where}: feature {key!r} holds token id {top}, outside the model's "
+                        f"vocab_size={vocab_size} (a task vocabulary larger than the model's "
+                        "embedding?)")
+
+
+def check_eval_result(result: Mapping[str, Any], name: str) -> None:
+  """No labelled example, or answer choices that cannot be told apart, is a DataError."""
+  if not result["num_examples"]:
+    raise DataError(f"{name}: no labelled examples to evaluate ({result['num_unlabelled']} "
+                    "unlabelled); an empty split or file?")
+  if result.get("num_identical_choices"):
+    raise DataError(f"{name}: {result['num_identical_choices']} of {result['num_examples']} "
+                    "examples have identical answer choices (feature 'choices', e.g. after "
+                    "cutting to TASK_FEATURE_LENGTHS['targets']); their accuracy would be "
+                    "meaningless. Raise the targets length or fix the template's answer_choices")
+
+
+def _warn_train_batch(batch: Batch, stats: Any, name: str, reported: dict,
+                      show: Callable[[str], None]) -> None:
+  """Reports (once) the first truncated and the first indistinguishable training example."""
+  if stats is not None and not reported["truncated"]:
+    if stats.any_truncated:
+      reported["truncated"] = True
+      show(f"truncated: {stats.report(name + ' (train, so far)')}")
+  if not reported["identical"] and "choice_tokens" in batch:
+    mask = np.asarray(batch.get("example_mask", np.ones(np.shape(batch["label"])))).astype(bool)
+    same = metrics_lib.identical_choices(batch["choice_tokens"], batch["choice_mask"])[mask]
+    if same.any():
+      reported["identical"] = True
+      msg = (f"warning: {name}: {int(same.sum())} training examples in one batch have "
+             "identical answer choices (feature 'choices', e.g. after cutting to "
+             "TASK_FEATURE_LENGTHS['targets']); the loss cannot separate them")
+      log.warning("%s", msg)
+      show(msg)
+
+
+def _add_truncation(prior: Optional[Mapping[str, int]], stats: Any) -> Optional[dict]:
+  """Truncation counts of earlier segments (from the checkpoint) plus this segment's."""
+  if stats is None:
+    return dict(prior) if prior else None
+  total = dataclasses.replace(stats)
+  if prior:
+    total.add(prior)
+  return total.as_dict()
+
+
+def _any_truncated(counts: Mapping[str, int]) -> bool:
+  return bool(counts.get("inputs_truncated") or counts.get("choices_truncated")
+              or counts.get("choices_dropped"))
+
+
+def _truncation_counts(c: Mapping[str, int]) -> str:
+  return (f"inputs cut to {c['inputs_length']} tokens in {c['inputs_truncated']} examples; "
+          f"{c['choices_truncated']} choices cut to {c['targets_length']} tokens in "
+          f"{c['examples_with_choices_truncated']} examples; {c['choices_dropped']} choices "
+          f"dropped beyond {c['num_choices']} in {c['examples_with_choices_dropped']} examples")
+
+
+def last_logged_step(logdir: str) -> int:
+  """The highest step with a summary in `logdir`'s TensorBoard event files (-1: none)."""
+  files = [f for f in (os.listdir(logdir) if os.path.isdir(logdir) else [])
+           if f.startswith("events.out.tfevents")]
+  if not files:
+    return -1
+  from ia3_jax.sources import import_tf
+  tf = import_tf()
+  last = -1
+  for name in files:
+    try:
+      for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+        if event.HasField("summary") and event.summary.value:
+          last = max(last, int(event.step))
+    except tf.errors.DataLossError:  # a record cut by a kill: the rest of that file is lost
+      pass
+  return last
+
+
+def eval_result_json(result: Mapping[str, Any],
+                      template_names: Optional[Sequence[str]] = None) -> dict:
+  """An eval result for a JSON file: per-template entries keyed by template name."""
   out = {k: v for k, v in result.items() if k not in ("predictions", "labels", "scores")}
-  out.update(_eval_summary(result))
+  out.update(eval_summary(result))
+  if "per_template" in result:
+    out["per_template"] = {_template_name(t, template_names): {**r, "template_id": int(t)}
+                           for t, r in result["per_template"].items()}
   return out
+
+
+def _template_name(template_id: Any, names: Optional[Sequence[str]]) -> str:
+  t = int(template_id)
+  return names[t] if names is not None and 0 <= t < len(names) else str(t)
 
 
 def average_metrics(window: Sequence[Mapping[str, Any]]) -> dict[str, float]:
@@ -749,8 +986,9 @@ def _printer(enabled: bool) -> Callable[[str], None]:
 
 
 def _resume(trainer: Trainer, ckpt: Checkpointer, step: int, base: Optional[Params],
-            run_meta: Mapping[str, Any], show: Callable[[str], None]) -> tuple[TrainState, int]:
-  """State and data position from checkpoint `step`; checks it is the same run."""
+            run_meta: Mapping[str, Any], show: Callable[[str], None]
+            ) -> tuple[TrainState, int, dict]:
+  """State, data position and meta of checkpoint `step`; checks it is the same run."""
   meta = ckpt.read_meta(step)
   for key in ("seed", "batch_size", "grad_accum_steps"):
     if key in meta and meta[key] != run_meta[key]:
@@ -769,4 +1007,4 @@ def _resume(trainer: Trainer, ckpt: Checkpointer, step: int, base: Optional[Para
                                                     trainer.partitioner.replicated),
                      trainable=trainable, opt_state=opt_state, frozen=frozen)
   show(f"resumed from {ckpt.path(step)} (step {step}, data position {meta['data_position']})")
-  return state, int(meta["data_position"])
+  return state, int(meta["data_position"]), meta

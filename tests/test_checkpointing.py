@@ -1,6 +1,7 @@
 """Checkpoints: kill mid-run and resume == uninterrupted; trainable-only content; keep last K;
 a checkpoint of another model shape names the param."""
 
+import json
 import os
 import pathlib
 import signal
@@ -24,7 +25,7 @@ import sys
 from tests import trainer_utils as tu
 res = tu.run_tiny(sys.argv[1], steps=int(sys.argv[2]), checkpoint_period=int(sys.argv[3]),
                   delay=float(sys.argv[4]))
-print("FIRST_STEP", res["train_losses"][0][0], flush=True)
+print("FIRST_STEP", res["start_step"] + 1, flush=True)
 """
 
 
@@ -124,3 +125,60 @@ def test_resume_with_another_batch_size_is_refused(tmp_path):
                   train_config=trainer.TrainConfig(train_steps=10, batch_size=4, seed=0,
                                                    tensorboard=False, progress=False),
                   initial_params=tu.random_base_params(tiny))
+
+
+def test_sigint_saves_then_resume_matches_uninterrupted_and_rerun_is_a_no_op(tmp_path,
+                                                                              compile_cache):
+  """SIGINT mid-run: a checkpoint at the step it stopped, TrainingInterrupted's message; the
+  resumed run's params equal an uninterrupted run's bit for bit and its results.json holds
+  the whole loss history; running the finished run again rewrites nothing."""
+  reference = tu.run_tiny(str(tmp_path / "reference"), steps=STEPS, checkpoint_period=PERIOD)
+  want = jax.device_get(reference["state"].trainable)
+  want_losses = json.loads((tmp_path / "reference" / "results.json").read_text())["train_losses"]
+
+  model_dir = tmp_path / "run"
+  env = tu.child_env(compile_cache)
+  args = [sys.executable, "-c", CHILD, str(model_dir), str(STEPS), str(PERIOD)]
+  proc = subprocess.Popen(args + ["0.4"], env=env, cwd=REPO, stdout=subprocess.PIPE,
+                          stderr=subprocess.STDOUT, text=True)
+  deadline = time.time() + 240
+  try:  # the first checkpoint: the run is stepping
+    while not _committed_steps(model_dir) and proc.poll() is None and time.time() < deadline:
+      time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGINT)
+  finally:
+    out, _ = proc.communicate(timeout=120)
+  assert proc.returncode == 1, out[-3000:]
+  stopped = int(out.split("interrupted at step ")[1].split(";")[0])
+  assert "; the same command resumes" in out
+  assert PERIOD < stopped < STEPS and max(_committed_steps(model_dir)) == stopped, out[-3000:]
+  assert not (model_dir / "results.json").exists()
+
+  resumed = subprocess.run(args + ["0"], env=env, cwd=REPO, capture_output=True, text=True,
+                           timeout=300)
+  assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+  assert int(resumed.stdout.split("FIRST_STEP")[1].split()[0]) == stopped + 1
+  got, _ = checkpointing.restore_trainable(model_dir)
+  for name, value in P.flatten(want).items():
+    np.testing.assert_array_equal(P.flatten(got)[name], value, err_msg=name)
+  results_file = model_dir / "results.json"
+  saved = json.loads(results_file.read_text())
+  assert saved["train_losses"] == want_losses and len(want_losses) == STEPS
+  assert saved["first_loss"] == want_losses[0][1]
+
+  before = results_file.read_bytes(), results_file.stat().st_mtime_ns
+  again = subprocess.run(args + ["0"], env=env, cwd=REPO, capture_output=True, text=True,
+                         timeout=300)
+  assert again.returncode == 0, again.stdout[-3000:] + again.stderr[-3000:]
+  assert f"already trained to step {STEPS}" in again.stdout + again.stderr
+  assert (results_file.read_bytes(), results_file.stat().st_mtime_ns) == before
+
+
+def test_stop_on_signal_restores_the_previous_handlers():
+  from ia3_jax import preemption
+  previous = signal.getsignal(signal.SIGTERM)
+  with preemption.StopOnSignal() as stop:
+    os.kill(os.getpid(), signal.SIGTERM)
+    time.sleep(0.01)
+    assert stop.requested == signal.SIGTERM and stop.signal_name == "SIGTERM"
+  assert signal.getsignal(signal.SIGTERM) is previous

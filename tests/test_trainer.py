@@ -253,3 +253,29 @@ def test_lowered_step_and_classifier_give_xla_cost_and_memory():
   out = rc(new_state.params, tr.partitioner.shard_batch(inputs, 4))
   np.testing.assert_array_equal(np.asarray(out["predictions"]),
                                 classifier(new_state.params, inputs)["predictions"])
+
+
+def test_truncation_is_reported_for_training_and_eval(tmp_path, monkeypatch, caplog):
+  """Inputs cut to fit TASK_FEATURE_LENGTHS are counted per feature in results.json and
+  reported in the log, for the training stream and for eval (examples/toy, inputs=6)."""
+  import json
+  import logging
+  monkeypatch.syspath_prepend(str(tu.REPO / "examples" / "toy"))
+  lengths = {"inputs": 6, "targets": 4, "num_choices": 2}  # every toy input is longer
+  source = lambda name: trainer.SeqioBatches(name, lengths, task_modules=["toy_tasks"])
+  caplog.set_level(logging.INFO, logger="ia3_jax.trainer")
+  trainer.train(model_dir=str(tmp_path), config=TINY, blocks=ia3.ia3_blocks(),
+                trainable=ia3.IA3_PATTERN, train_data=source("toy_fewshot_seed0"),
+                eval_data=source("toy_eval"),
+                train_config=trainer.TrainConfig(train_steps=2, batch_size=4, seed=0,
+                                                 tensorboard=False, progress=False),
+                initial_params=tu.random_base_params(TINY))
+  saved = json.loads((tmp_path / "results.json").read_text())["truncation"]
+  assert saved["train"]["examples"] == saved["train"]["inputs_truncated"] == 8  # 2 steps x 4
+  assert saved["eval"]["examples"] == saved["eval"]["inputs_truncated"] == 48
+  assert saved["train"]["choices_truncated"] == saved["eval"]["choices_truncated"] == 0
+  assert saved["train"]["inputs_length"] == 6
+  logged = caplog.text
+  assert "truncated: toy_fewshot_seed0 (train, so far)" in logged
+  assert "truncated: toy_eval (eval): 48 examples; inputs cut to 6 tokens in 48" in logged
+  assert "truncated (train, 8 examples seen): inputs cut to 6 tokens in 8 examples" in logged
