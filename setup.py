@@ -2,15 +2,30 @@
 
 from pathlib import Path
 
-from setuptools import setup
+from setuptools import find_packages, setup
 
 HERE = Path(__file__).parent
 
 
-def _data_files(root: str, patterns=("*.gin", "*.yaml", "*.json", "*.jsonl", "*.csv", "*.model", "*.md",
-                                       "*.safetensors")):
+DATA_PATTERNS = ("*.gin", "*.yaml", "*.json", "*.jsonl", "*.csv", "*.model", "*.md", "*.safetensors")
+# gin/ and tasks/ live at the top level of the repo and ship inside the package as
+# ia3_jax.gin and ia3_jax.tasks (a checkout links them there: ia3_jax/gin, ia3_jax/tasks).
+MAPPED = {"ia3_jax.tasks": "tasks", "ia3_jax.gin": "gin"}
+
+
+def _data_files(root: str, skip: tuple[str, ...] = ()) -> list[str]:
+  """Data files under `root` (relative to it), leaving out the subfolders `skip`."""
   base = HERE / root
-  return sorted({str(p.relative_to(base)) for pat in patterns for p in base.rglob(pat)})
+  files = {p.relative_to(base) for pat in DATA_PATTERNS for p in base.rglob(pat)}
+  return sorted(str(f) for f in files if f.parts[0] not in skip)
+
+
+def _packages() -> list[str]:
+  """Every Python package: ia3_jax's own, then tasks/ (and its subpackages) as ia3_jax.tasks,
+  and the data-only ia3_jax.gin (no __init__.py: as a package it would shadow gin-config)."""
+  own = find_packages(include=["ia3_jax", "ia3_jax.*"], exclude=[f"{m}*" for m in MAPPED])
+  tasks = ["ia3_jax.tasks"] + [f"ia3_jax.tasks.{p}" for p in find_packages(str(HERE / "tasks"))]
+  return sorted(own + tasks + ["ia3_jax.gin"])
 
 
 setup(
@@ -20,12 +35,10 @@ setup(
     long_description=(HERE / "README.md").read_text() if (HERE / "README.md").exists() else "",
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    # gin/ and tasks/ live at the top level of the repo and ship inside the
-    # package as ia3_jax.gin and ia3_jax.tasks.
-    packages=["ia3_jax", "ia3_jax.peft_methods", "ia3_jax.tasks", "ia3_jax.gin"],
-    package_dir={"ia3_jax": "ia3_jax", "ia3_jax.tasks": "tasks", "ia3_jax.gin": "gin"},
+    packages=_packages(),
+    package_dir={"ia3_jax": "ia3_jax", **MAPPED},
     package_data={"ia3_jax.gin": _data_files("gin"), "ia3_jax.tasks": _data_files("tasks"),
-                  "ia3_jax": _data_files("ia3_jax")},
+                  "ia3_jax": _data_files("ia3_jax", skip=("gin", "tasks"))},
     install_requires=[
         "jax>=0.4.30",
         "flax>=0.10",

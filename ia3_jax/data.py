@@ -31,6 +31,7 @@ import logging
 import math
 import os
 import re
+import sys
 import threading
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -38,6 +39,7 @@ import numpy as np
 import seqio
 
 from ia3_jax import fewshot
+from ia3_jax.errors import ConfigError
 from ia3_jax.feature_converters import EOS_ID, RankClassificationFeatureConverter, TruncationStats
 from ia3_jax.sources import CsvSource, InMemorySource, JsonlSource, Record, Source, import_tf
 from ia3_jax.templates import DataError, Template, TemplateSet, load_templates
@@ -49,31 +51,136 @@ _KEY_RE = re.compile(r"^[a-z0-9_]+$")
 FIRST_USER_TASK_ID = 100
 
 # --------------------------------------------------------------------------- vocabulary
+# A task tokenizes with its model's own SentencePiece vocabulary (no gs:// fallback).
 
 _DEFAULT_VOCAB: seqio.Vocabulary | None = None
-# The T5 / T0 SentencePiece model (32000 pieces + 100 extra ids), as T5X uses it.
-T5_SPM_PATH = "gs://t5-data/vocabs/cc_all.32000/sentencepiece.model"
-BUNDLED_SPM_PATH = os.path.join(os.path.dirname(__file__), "assets", "sentencepiece.model")
+SPM_PATH_ENV = "IA3_JAX_SPM_PATH"
+RUN_MODEL_MACRO = "INITIAL_CHECKPOINT_PATH"
 
 
 def set_default_vocabulary(vocabulary: seqio.Vocabulary | str | None) -> None:
-  """Sets the vocabulary used when a registration gets none (a path is a SentencePiece model)."""
+  """Sets the vocabulary of tasks registered without one (a path is a SentencePiece model
+  or a model directory); None goes back to the model's own vocabulary."""
   global _DEFAULT_VOCAB
-  if isinstance(vocabulary, str):
-    vocabulary = seqio.SentencePieceVocabulary(vocabulary)
+  if isinstance(vocabulary, (str, os.PathLike)):
+    vocabulary = _load_vocabulary(os.fspath(vocabulary))
   _DEFAULT_VOCAB = vocabulary
 
 
-def default_vocabulary() -> seqio.Vocabulary:
-  """The default vocabulary: `set_default_vocabulary`, else $IA3_JAX_SPM_PATH, else the
-  model bundled at `ia3_jax/assets/sentencepiece.model`, else T5's public vocabulary."""
+@functools.lru_cache(maxsize=8)
+def _load_vocabulary(path: str) -> seqio.Vocabulary:
+  from ia3_jax import checkpoints  # pylint: disable=g-import-not-at-top  (jax-free data layer)
+  return checkpoints.load_vocabulary(path)
+
+
+def run_model_path() -> str | None:
+  """The model directory of the gin-configured run (its INITIAL_CHECKPOINT_PATH), if any.
+
+  The one place the data layer looks at gin: a run (`ia3-jax train/eval/score/infer`)
+  names its model there, and tasks registered without a vocabulary use that model's.
+  """
+  gin = sys.modules.get("gin")  # only when a gin run is configured; never imports gin
+  if gin is None:
+    return None
+  try:
+    path = gin.query_parameter(f"%{RUN_MODEL_MACRO}")
+  except (ValueError, KeyError):
+    return None
+  return os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
+
+
+def resolve_default_vocabulary() -> seqio.Vocabulary:
+  """The vocabulary of tasks registered without one, now: `set_default_vocabulary`,
+  else $IA3_JAX_SPM_PATH, else the run's model (INITIAL_CHECKPOINT_PATH's spiece.model)."""
   if _DEFAULT_VOCAB is not None:
     return _DEFAULT_VOCAB
-  path = os.environ.get("IA3_JAX_SPM_PATH")
-  if not path:
-    path = BUNDLED_SPM_PATH if os.path.exists(BUNDLED_SPM_PATH) else T5_SPM_PATH
-  extra_ids = 100 if path == T5_SPM_PATH else 0
-  return seqio.SentencePieceVocabulary(path, extra_ids=extra_ids)
+  path = os.environ.get(SPM_PATH_ENV) or run_model_path()
+  if path:
+    return _load_vocabulary(path)
+  raise ConfigError(
+      "no vocabulary for a task registered without one: pass register_task(..., vocabulary="
+      "checkpoints.load_vocabulary(MODEL_DIR)), call data.set_default_vocabulary(...), set "
+      f"${SPM_PATH_ENV}, or run with {RUN_MODEL_MACRO} set to a model directory holding its "
+      "spiece.model")
+
+
+class ModelVocabulary(seqio.Vocabulary):
+  """The model's own vocabulary, looked up when a task first tokenizes (`resolve_default_vocabulary`).
+
+  Tasks can then be registered before the run says which model it uses; nothing is
+  downloaded, and with no model in sight tokenizing raises a `ConfigError` saying what to set.
+  """
+
+  def __init__(self):
+    super().__init__(extra_ids=0)
+
+  @property
+  def resolved(self) -> seqio.Vocabulary:
+    return resolve_default_vocabulary()
+
+  # seqio.Vocabulary's public surface, delegated.
+  @property
+  def extra_ids(self) -> int:
+    return self.resolved.extra_ids
+
+  @property
+  def vocab_size(self) -> int:
+    return self.resolved.vocab_size
+
+  @property
+  def eos_id(self) -> int | None:
+    return self.resolved.eos_id
+
+  @property
+  def pad_id(self) -> int:
+    return self.resolved.pad_id
+
+  @property
+  def unk_id(self) -> int | None:
+    return self.resolved.unk_id
+
+  @property
+  def _base_vocab_size(self) -> int:
+    return self.resolved._base_vocab_size  # pylint: disable=protected-access
+
+  def encode(self, s):
+    return self.resolved.encode(s)
+
+  def decode(self, ids):
+    return self.resolved.decode(ids)
+
+  def encode_tf(self, s):
+    return self.resolved.encode_tf(s)
+
+  def decode_tf(self, ids):
+    return self.resolved.decode_tf(ids)
+
+  def _encode(self, s):
+    return self.resolved.encode(s)
+
+  def _decode(self, ids):
+    return self.resolved.decode(ids)
+
+  def _encode_tf(self, s):
+    return self.resolved.encode_tf(s)
+
+  def _decode_tf(self, ids):
+    return self.resolved.decode_tf(ids)
+
+  def __eq__(self, other) -> bool:
+    return other is self
+
+  __hash__ = object.__hash__
+
+
+_MODEL_VOCABULARY = ModelVocabulary()
+
+
+def default_vocabulary() -> seqio.Vocabulary:
+  """The vocabulary of a registration that gets none: `set_default_vocabulary`'s, else the
+  model's own (`ModelVocabulary`: $IA3_JAX_SPM_PATH or the run's INITIAL_CHECKPOINT_PATH,
+  resolved when the task first tokenizes; never a download)."""
+  return _DEFAULT_VOCAB if _DEFAULT_VOCAB is not None else _MODEL_VOCABULARY
 
 
 # --------------------------------------------------------------------------- task ids
@@ -467,6 +574,8 @@ def register_task(key: str, data: Mapping[str, Any], templates: str | TemplateSe
     data: split -> a `.jsonl` / `.csv` path, or a list of dicts (or a `Source`
       under the key "source").
     templates: template file path (promptsource format) or a TemplateSet.
+    vocabulary: None (default): the model's own, looked up when the task first tokenizes
+      (`default_vocabulary`: the run's INITIAL_CHECKPOINT_PATH, $IA3_JAX_SPM_PATH, ...).
     num_shots: k examples per few-shot seed; None trains on the whole split.
     seeds: few-shot seeds (one training task `{key}_fewshot_seed{S}` each).
     Other args: see `DatasetSpec`.

@@ -243,3 +243,28 @@ def test_whole_split_training_streams_and_reports_bad_lines(tmp_path):
   assert [int(e) for b in batches for e in b["example_id"]] == [0, 1, 2, 3]
   with pytest.raises(DataError, match=rf"streamed_train: .*{tmp_path / 'train.jsonl'}, line 6: not valid JSON"):
     _take(it, 3)
+
+
+def test_default_vocabulary_is_the_models_own_never_a_download(tmp_path, monkeypatch):
+  """register_task without vocabulary=: the run's model's spiece.model, resolved when the task
+  tokenizes ($IA3_JAX_SPM_PATH, else gin's INITIAL_CHECKPOINT_PATH), else a ConfigError."""
+  import gin
+  from ia3_jax import checkpoints
+  from ia3_jax.demo import BUNDLED_MODEL_DIR
+  from ia3_jax.errors import ConfigError
+  monkeypatch.delenv("IA3_JAX_SPM_PATH", raising=False)
+  monkeypatch.setattr(data, "_DEFAULT_VOCAB", None)
+  assert not str(getattr(data.default_vocabulary(), "sentencepiece_model_file", "")).startswith("gs://")
+  paths = _write_task(tmp_path, n_train=8, n_val=3)
+  data.register_task("modelvocab", paths, tmp_path / "templates.yaml")
+  with pytest.raises(ConfigError, match=r"no vocabulary .*vocabulary=.*INITIAL_CHECKPOINT_PATH"):
+    next(iter(data.get_batches("modelvocab_eval", None, 4, LENGTHS)))
+
+  def first_prompt_tokens():
+    batch = next(iter(data.get_batches("modelvocab_eval_by_name", None, 4, LENGTHS)))
+    return [int(t) for t in batch["encoder_input_tokens"][0] if t > 1]
+  prompt = data.rendered_examples("modelvocab_eval_by_name")[0]["inputs"][0]
+  gin.parse_config(f"INITIAL_CHECKPOINT_PATH = '{BUNDLED_MODEL_DIR}'")  # what a gin run binds
+  assert first_prompt_tokens() == checkpoints.load_vocabulary(BUNDLED_MODEL_DIR).encode(prompt)
+  monkeypatch.setenv("IA3_JAX_SPM_PATH", spm_model_path())
+  assert first_prompt_tokens() == vocabulary().encode(prompt)

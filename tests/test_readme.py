@@ -1,0 +1,104 @@
+"""The README's own-task path as written: its snippets and command lines, offline.
+
+Each code block under a `<!-- readme-test: NAME -->` marker is read from README.md and run
+unchanged (commands get extra `--gin.` flags at the end for a short run in a temporary folder).
+"""
+
+import json
+import os
+import pathlib
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+
+from ia3_jax import checkpoints, data
+from ia3_jax.demo import BUNDLED_MODEL_DIR
+from tests import trainer_utils as tu
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+SMALL = ["--gin.TRAIN_STEPS=2", "--gin.BATCH_SIZE=4", "--gin.EVAL_PERIOD=0",
+         "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 4, 'num_choices': 2}"]
+
+
+def readme_block(name: str) -> str:
+  """The fenced code block right after the marker `<!-- readme-test: name -->`."""
+  text = (REPO / "README.md").read_text()
+  m = re.search(r"<!-- readme-test: " + re.escape(name) + r" -->\n```\w*\n(.*?)\n```", text, re.S)
+  assert m, f"README.md has no code block marked readme-test: {name}"
+  return m.group(1) + "\n"
+
+
+def write_reviews(folder: pathlib.Path, files: dict[str, int]) -> None:
+  """JSONL files of `n` rows each in the format of the README's example line."""
+  example = json.loads(readme_block("own-task-jsonl"))
+  texts = ["A delight from start to finish.", "Dull, and far too long."]
+  for name, n in files.items():
+    rows = [dict(example, review=f"{texts[i % 2]} Scene {i}.", label=1 - i % 2) for i in range(n)]
+    (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def run_commands(block: str, cwd: pathlib.Path, extra: list[str], bin_dir: pathlib.Path):
+  """Runs a README bash block with `extra` flags added to its `ia3-jax` command; `ia3-jax`
+  and `python` are this interpreter (the checkout, whatever is installed)."""
+  bin_dir.mkdir(exist_ok=True)
+  for name, cmd in (("ia3-jax", f'"{sys.executable}" -m ia3_jax.cli'), ("python", f'"{sys.executable}"')):
+    (bin_dir / name).write_text(f'#!/bin/sh\nexec {cmd} "$@"\n')
+    (bin_dir / name).chmod(0o755)
+  script = block.replace("\\\n", " ")
+  assert "ia3-jax train" in script
+  script = "\n".join(line + " " + " ".join(map(shlex.quote, extra)) if "ia3-jax train" in line
+                     else line for line in script.splitlines())
+  env = tu.child_env(pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"]))
+  env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+  proc = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env,
+                        capture_output=True, text=True, timeout=400)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  return proc
+
+
+def test_own_task_python_snippet_runs_offline(tmp_path, monkeypatch):
+  (tmp_path / "my_templates.yaml").write_text(readme_block("own-task-templates"))
+  write_reviews(tmp_path, {"train.jsonl": 40, "validation.jsonl": 6})
+  monkeypatch.chdir(tmp_path)
+  data.clear_cache()
+  scope: dict = {}
+  exec(compile(readme_block("own-task-python"), "README.md", "exec"), scope)  # pylint: disable=exec-used
+
+  vocab = checkpoints.load_vocabulary(BUNDLED_MODEL_DIR)
+  batch = next(iter(scope["train"]))
+  assert batch["encoder_input_tokens"].shape == (8, 256)
+  assert batch["choice_tokens"].shape == (8, 2, 32)
+  prompts = [vocab.decode([t for t in row if t > 1]) for row in batch["encoder_input_tokens"]]
+  assert all("Scene" in p and ("positive or negative" in p or "Did the reviewer" in p)
+             for p in prompts), prompts
+  evals = list(scope["evals"])
+  assert sum(int(b["example_mask"].sum()) for b in evals) == 2 * 6  # every template, every example
+  data.clear_cache()
+
+
+def test_own_data_module_and_train_command(tmp_path):
+  """README "Your own data": the task module as written (no vocabulary: the run's model's),
+  trained with the README's command on the bundled model through gin/models/demo.gin."""
+  (tmp_path / "my_tasks.py").write_text(readme_block("own-data-module"))
+  (tmp_path / "mytask_templates.yaml").write_text(readme_block("own-task-templates"))
+  write_reviews(tmp_path, {"train.jsonl": 40, "dev.jsonl": 6})
+  model_dir = tmp_path / "run"
+  run_commands(readme_block("own-data-train"), tmp_path, SMALL + [f"--gin.MODEL_DIR='{model_dir}'"],
+               tmp_path / "bin")
+  results = json.loads((model_dir / "results.json").read_text())
+  assert results["step"] == 2
+  assert results["params"]["trainable"] == 5376  # (IA)^3 on the bundled model (README: demo)
+  final = results["eval"]["2"]
+  assert final["num_examples"] == 12 and set(final["per_template"]) == {"0", "1"}
+
+
+def test_toy_train_command_from_the_repo_root(tmp_path):
+  model_dir = tmp_path / "toy"
+  run_commands(readme_block("toy-train"), REPO,
+               SMALL + ["--gin.EVAL_PERIOD=1", f"--gin.MODEL_DIR='{model_dir}'"], tmp_path / "bin")
+  results = json.loads((model_dir / "results.json").read_text())
+  assert results["step"] == 2 and sorted(results["eval"]) == ["1", "2"]
+  assert results["eval"]["2"]["num_examples"] == 48  # 24 validation examples x 2 templates
