@@ -36,7 +36,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ia3_jax import layers, network
+from ia3_jax import banks, layers, network
 from ia3_jax import params as P
 from ia3_jax.config import T5Config
 
@@ -55,7 +55,7 @@ SITE_TARGETS = {"q": ("query", "out"), "k": ("key", "out"), "v": ("value", "out"
 SITE_BY_PROJECTION = {(proj, side): site for site, (proj, side) in SITE_TARGETS.items()}
 # Matches every (IA)^3 param path (`re.fullmatch`, see `params.trainable_mask`).
 IA3_PATTERN = r"(.*/)?ia3_[a-z_]+"
-TASKS_AXIS = "tasks"
+TASKS_AXIS = banks.TASKS_AXIS
 
 
 def check_sites(sites: Sequence[str]) -> tuple[str, ...]:
@@ -69,30 +69,14 @@ def check_sites(sites: Sequence[str]) -> tuple[str, ...]:
   return sites
 
 
-def gather_task_rows(bank: Array, task_id: Optional[Array], like: Array) -> Array:
-  """Per-example scale from a `[num_tasks, n]` bank, broadcastable against `like [B, ..., n]`.
-
-  Out-of-range task ids give NaN (never a silently wrong row).
-  """
-  if task_id is None:
-    if bank.shape[0] != 1:
-      raise ValueError(f"(IA)^3 bank has {bank.shape[0]} tasks: pass task_id [batch] "
-                       "to pick each example's vectors")
-    return bank[0]
-  task_id = jnp.asarray(task_id)
-  if task_id.ndim != 1 or task_id.shape[0] != like.shape[0]:
-    raise ValueError(f"task_id must have shape [batch={like.shape[0]}], got {task_id.shape}")
-  rows = jnp.take(bank, task_id, axis=0, mode="fill", fill_value=jnp.nan)
-  return rows.reshape((like.shape[0],) + (1,) * (like.ndim - 2) + (bank.shape[-1],))
-
-
 class _IA3Mixin:
   """Shared `project` override: scale the input and/or output of selected projections."""
 
   def _scale(self, x: Array, site: str, axis: str, task_id: Optional[Array]) -> Array:
     bank = self.param(PARAM_NAMES[site], layers.logical(nn.initializers.ones, (TASKS_AXIS, axis)),
                       (self.num_tasks, x.shape[-1]), jnp.float32)
-    scale = gather_task_rows(bank, task_id, x)
+    rows = banks.task_rows(bank, task_id, x.shape[0], "(IA)^3")
+    scale = rows.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],))
     return (x.astype(jnp.float32) * scale).astype(x.dtype)
 
   def project(self, x: Array, name: str, features: int, kernel_axes: tuple[str, str],
