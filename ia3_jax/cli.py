@@ -106,12 +106,12 @@ def merge(argv: Sequence[str]) -> int:
   p.add_argument("--format", choices=("hf", "orbax"), default="hf")
   p.add_argument("--model_type", choices=("t5", "mt5"), default="t5")
   args = p.parse_args(argv)
-  from ia3_jax import ia3
+  from ia3_jax import ia3_adapters
   source = args.ia3
   if _is_training_checkpoint(source):
     source = str(_trainable_dir(source)[0])
-  out = ia3.merge_checkpoint(args.base, source, args.out, task=args.task,
-                             output_format=args.format, model_type=args.model_type)
+  out = ia3_adapters.merge_checkpoint(args.base, source, args.out, task=args.task,
+                                               output_format=args.format, model_type=args.model_type)
   print(f"wrote merged model {out}")
   return 0
 
@@ -127,10 +127,10 @@ def export_peft(argv: Sequence[str]) -> int:
   p.add_argument("--convention", choices=("t5", "mt5", "tfew"), default="t5")
   p.add_argument("--base_model_name_or_path", default=None)
   args = p.parse_args(argv)
-  from ia3_jax import checkpointing, peft_io
+  from ia3_jax import checkpointing, ia3_adapters
   trainable, meta = checkpointing.restore_trainable(args.checkpoint)
   config = _config_for(args.model, args.base, meta)
-  out = peft_io.export_peft_adapter(trainable, config, args.out, task=args.task,
+  out = ia3_adapters.export_peft_adapter(trainable, config, args.out, task=args.task,
                                     convention=args.convention,
                                     base_model_name_or_path=(args.base_model_name_or_path
                                                              or args.base))

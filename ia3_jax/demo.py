@@ -380,7 +380,7 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
     eval_size: evaluation examples per task (default: `ia3_jax.tasks.demo`'s).
   """
   t_start = time.time()
-  from ia3_jax import losses, optimizers, peft_io  # pylint: disable=g-import-not-at-top
+  from ia3_jax import ia3_adapters, losses, optimizers  # pylint: disable=g-import-not-at-top
   say = print if verbose else (lambda *a, **k: None)
   families = tuple(families or synthetic.HELD_OUT_FAMILIES)
   unknown = [f for f in families if f not in synthetic.FAMILIES or not synthetic.FAMILIES[f].held_out]
@@ -421,7 +421,7 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
       params, curve = runner.fit(family, seed, log_dir=log_dir)
       tfew[family][seed] = runner.evaluate(params, family)
       curves[family][seed] = curve
-      adapter = peft_io.export_peft_adapter(runner.trainable_params(params), config,
+      adapter = ia3_adapters.export_peft_adapter(runner.trainable_params(params), config,
                                             out / "adapters" / f"{family}_seed{seed}")
       adapter_bytes = _dir_bytes(adapter)
       say(f"  T-Few {family} seed {seed}: {100 * median_over_templates(tfew[family][seed]):.1f}% "

@@ -28,7 +28,6 @@ scale kernel columns, input sites kernel rows: `key[:, j] * l_k[j]`,
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -55,6 +54,7 @@ SITE_TARGETS = {"q": ("query", "out"), "k": ("key", "out"), "v": ("value", "out"
 SITE_BY_PROJECTION = {(proj, side): site for site, (proj, side) in SITE_TARGETS.items()}
 # Matches every (IA)^3 param path (`re.fullmatch`, see `params.trainable_mask`).
 IA3_PATTERN = r"(.*/)?ia3_[a-z_]+"
+TRAINABLE_PATTERNS = (IA3_PATTERN,)
 TASKS_AXIS = banks.TASKS_AXIS
 
 
@@ -244,36 +244,3 @@ def unmerge(merged: Mapping[str, Any], originals: Mapping[str, Any]) -> Params:
       raise ValueError(f"unmerge: merged params lack {path}")
     flat[path] = kernel
   return P.combine(P.unflatten(flat), originals["ia3"])
-
-
-def merge_checkpoint(base: Any, ia3: Any, out_dir: str | os.PathLike, *, task: int = 0,
-                     config: Optional[T5Config] = None, output_format: str = "hf",
-                     model_type: str = "t5") -> str:
-  """Writes base params with task `task`'s (IA)^3 vectors folded in.
-
-  `base`: an HF model directory, or a param tree (then pass `config`).
-  `ia3`: a peft IA3 adapter directory, a T-Few state dict file (`*.pt`/`*.bin`/
-  `*.safetensors`), an orbax checkpoint of the (IA)^3 params (or of a tree
-  holding them), or a param tree. `output_format`: "hf" (an HF directory that
-  `from_pretrained` loads) or "orbax". Returns the output path.
-  """
-  from ia3_jax import checkpoints, peft_io
-  if isinstance(base, (str, os.PathLike)):
-    config, base = checkpoints.load_hf_checkpoint(base)
-  elif config is None:
-    raise ValueError("merge_checkpoint: pass `config` when `base` is a param tree")
-  if isinstance(ia3, (str, os.PathLike)):
-    if os.path.isdir(ia3) and os.path.exists(os.path.join(ia3, "adapter_config.json")):
-      ia3 = peft_io.import_peft_adapter(ia3, config)
-    elif os.path.isfile(ia3):
-      ia3 = peft_io.import_tfew_state_dict(ia3, config)
-    else:
-      ia3 = checkpoints.restore_params(ia3)
-  ia3, _ = extract_ia3(ia3)
-  merged, _ = merge(insert_ia3(base, ia3), task)
-  if output_format == "hf":
-    return str(checkpoints.export_hf_checkpoint(merged, config, out_dir, model_type=model_type))
-  if output_format == "orbax":
-    return str(checkpoints.save_params(out_dir, merged))
-  raise ValueError(f"merge_checkpoint: output_format must be 'hf' or 'orbax', "
-                   f"got {output_format!r}")
