@@ -230,7 +230,7 @@ def _t0_3b_formulas():
 
 def test_t0_3b_counts_match_hand_formulas():
   expected = _t0_3b_formulas()
-  assert expected["ia3"] == 540_672  # the paper's figure (DESIGN.md)
+  assert expected["ia3"] == 540_672  # the paper's figure (docs/design.md)
   assert expected["full"] == 2_849_757_184
   got = counts.count_all(get_config("t0_3b"))
   assert {c.method: c.trainable for c in got} == expected
