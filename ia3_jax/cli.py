@@ -125,14 +125,15 @@ def merge(argv: Sequence[str]) -> int:
   args = p.parse_args(argv)
   import os
   import shutil
-  from ia3_jax import ia3
+  from ia3_jax import ia3_adapters
   source = args.ia3
   if _is_training_checkpoint(source):
     source = str(_trainable_dir(source)[0])
   created = not os.path.exists(args.out)
   try:
-    out = ia3.merge_checkpoint(args.base, source, args.out, task=args.task,
-                               output_format=args.format, model_type=args.model_type)
+    out = ia3_adapters.merge_checkpoint(args.base, source, args.out, task=args.task,
+                                        output_format=args.format,
+                                        model_type=args.model_type)
     # The vocabulary (and HF tokenizer files) of the base, so the merged model is usable alone.
     copied = [name for name in ("spiece.model", "tokenizer_config.json",
                                 "special_tokens_map.json", "tokenizer.json")
@@ -172,14 +173,14 @@ def export_peft(argv: Sequence[str]) -> int:
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out adapter")
   _add_verbose_flag(p)
   args = p.parse_args(argv)
-  from ia3_jax import checkpointing, peft_io
+  from ia3_jax import checkpointing, ia3_adapters
   from ia3_jax.errors import ConfigError
   out_dir = pathlib.Path(args.out)
   if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not args.overwrite:
     raise ConfigError(f"--out {args.out}: already exists; pass --overwrite to replace it")
   trainable, meta = checkpointing.restore_trainable(args.checkpoint)
   config = _config_for(args.model, args.base, meta)
-  out = peft_io.export_peft_adapter(trainable, config, args.out, task=args.task,
+  out = ia3_adapters.export_peft_adapter(trainable, config, args.out, task=args.task,
                                     convention=args.convention,
                                     base_model_name_or_path=(args.base_model_name_or_path
                                                              or args.base))

@@ -74,7 +74,7 @@ def _mlp_params(config: T5Config) -> int:
 
 
 def param_breakdown(config: T5Config) -> dict[str, int]:
-  """Parameters of each top-level part of the T5X tree (DESIGN.md names)."""
+  """Parameters of each top-level part of the T5X tree (docs/design.md names)."""
   relpos = config.num_heads * config.relative_attention_num_buckets
   encoder_layer = _attention_params(config) + _mlp_params(config) + 2 * config.emb_dim
   decoder_layer = 2 * _attention_params(config) + _mlp_params(config) + 3 * config.emb_dim

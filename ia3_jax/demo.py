@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import math
 import os
 import pathlib
@@ -40,7 +39,7 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 
 import numpy as np
 
-from ia3_jax import metrics, synthetic
+from ia3_jax import files, metrics, synthetic
 from ia3_jax.config import T5Config
 
 BUNDLED_MODEL_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets", "demo")
@@ -380,7 +379,7 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
     eval_size: evaluation examples per task (default: `ia3_jax.tasks.demo`'s).
   """
   t_start = time.time()
-  from ia3_jax import losses, optimizers, peft_io  # pylint: disable=g-import-not-at-top
+  from ia3_jax import ia3_adapters, losses, optimizers  # pylint: disable=g-import-not-at-top
   say = print if verbose else (lambda *a, **k: None)
   families = tuple(families or synthetic.HELD_OUT_FAMILIES)
   unknown = [f for f in families if f not in synthetic.FAMILIES or not synthetic.FAMILIES[f].held_out]
@@ -421,7 +420,7 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
       params, curve = runner.fit(family, seed, log_dir=log_dir)
       tfew[family][seed] = runner.evaluate(params, family)
       curves[family][seed] = curve
-      adapter = peft_io.export_peft_adapter(runner.trainable_params(params), config,
+      adapter = ia3_adapters.export_peft_adapter(runner.trainable_params(params), config,
                                             out / "adapters" / f"{family}_seed{seed}")
       adapter_bytes = _dir_bytes(adapter)
       say(f"  T-Few {family} seed {seed}: {100 * median_over_templates(tfew[family][seed]):.1f}% "
@@ -440,7 +439,7 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
                    "loss_weights": [lm_weight, ul_weight, ln_weight], "sites": list(sites),
                    "dropout_rate": dropout_rate, "optimizer": "adafactor"},
       "zero_shot": zero_shot, "tfew": {f: {str(s): a for s, a in v.items()} for f, v in tfew.items()},
-      "summary": metrics.jsonable(summary), "num_trainable": runner.num_trainable,
+      "summary": files.jsonable(summary), "num_trainable": runner.num_trainable,
       "num_params": runner.num_total - runner.num_trainable, "adapter_bytes": adapter_bytes,
       "model_bytes": model_bytes, "train_losses": {f: {str(s): c for s, c in v.items()}
                                                    for f, v in curves.items()},
@@ -448,7 +447,7 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
   }
   if tensorboard:
     _write_summary_scalars(out / "tensorboard" / "summary", summary)
-  (out / "results.json").write_text(json.dumps(results, indent=2) + "\n")
+  files.write_json(out / "results.json", results)
   if make_plot:
     results["plot"] = plot(summary, out / "results.png")
   say("\n" + table)

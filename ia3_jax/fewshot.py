@@ -20,7 +20,7 @@ from ia3_jax.templates import DataError
 
 T = TypeVar("T")
 
-# The T-Few recipe (DESIGN.md): few-shot seeds and per-dataset sizes.
+# The T-Few recipe (docs/design.md): few-shot seeds and per-dataset sizes.
 TFEW_SEEDS: tuple[int, ...] = (0, 1, 32, 42, 1024)
 
 

@@ -28,7 +28,6 @@ scale kernel columns, input sites kernel rows: `key[:, j] * l_k[j]`,
 from __future__ import annotations
 
 import functools
-import os
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -36,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ia3_jax import layers, network
+from ia3_jax import banks, layers, network
 from ia3_jax import params as P
 from ia3_jax.config import T5Config
 
@@ -55,7 +54,8 @@ SITE_TARGETS = {"q": ("query", "out"), "k": ("key", "out"), "v": ("value", "out"
 SITE_BY_PROJECTION = {(proj, side): site for site, (proj, side) in SITE_TARGETS.items()}
 # Matches every (IA)^3 param path (`re.fullmatch`, see `params.trainable_mask`).
 IA3_PATTERN = r"(.*/)?ia3_[a-z_]+"
-TASKS_AXIS = "tasks"
+TRAINABLE_PATTERNS = (IA3_PATTERN,)
+TASKS_AXIS = banks.TASKS_AXIS
 
 
 def check_sites(sites: Sequence[str]) -> tuple[str, ...]:
@@ -69,30 +69,14 @@ def check_sites(sites: Sequence[str]) -> tuple[str, ...]:
   return sites
 
 
-def gather_task_rows(bank: Array, task_id: Optional[Array], like: Array) -> Array:
-  """Per-example scale from a `[num_tasks, n]` bank, broadcastable against `like [B, ..., n]`.
-
-  Out-of-range task ids give NaN (never a silently wrong row).
-  """
-  if task_id is None:
-    if bank.shape[0] != 1:
-      raise ValueError(f"(IA)^3 bank has {bank.shape[0]} tasks: pass task_id [batch] "
-                       "to pick each example's vectors")
-    return bank[0]
-  task_id = jnp.asarray(task_id)
-  if task_id.ndim != 1 or task_id.shape[0] != like.shape[0]:
-    raise ValueError(f"task_id must have shape [batch={like.shape[0]}], got {task_id.shape}")
-  rows = jnp.take(bank, task_id, axis=0, mode="fill", fill_value=jnp.nan)
-  return rows.reshape((like.shape[0],) + (1,) * (like.ndim - 2) + (bank.shape[-1],))
-
-
 class _IA3Mixin:
   """Shared `project` override: scale the input and/or output of selected projections."""
 
   def _scale(self, x: Array, site: str, axis: str, task_id: Optional[Array]) -> Array:
     bank = self.param(PARAM_NAMES[site], layers.logical(nn.initializers.ones, (TASKS_AXIS, axis)),
                       (self.num_tasks, x.shape[-1]), jnp.float32)
-    scale = gather_task_rows(bank, task_id, x)
+    rows = banks.task_rows(bank, task_id, x.shape[0], "(IA)^3")
+    scale = rows.reshape((x.shape[0],) + (1,) * (x.ndim - 2) + (x.shape[-1],))
     return (x.astype(jnp.float32) * scale).astype(x.dtype)
 
   def project(self, x: Array, name: str, features: int, kernel_axes: tuple[str, str],
@@ -260,36 +244,3 @@ def unmerge(merged: Mapping[str, Any], originals: Mapping[str, Any]) -> Params:
       raise ValueError(f"unmerge: merged params lack {path}")
     flat[path] = kernel
   return P.combine(P.unflatten(flat), originals["ia3"])
-
-
-def merge_checkpoint(base: Any, ia3: Any, out_dir: str | os.PathLike, *, task: int = 0,
-                     config: Optional[T5Config] = None, output_format: str = "hf",
-                     model_type: str = "t5") -> str:
-  """Writes base params with task `task`'s (IA)^3 vectors folded in.
-
-  `base`: an HF model directory, or a param tree (then pass `config`).
-  `ia3`: a peft IA3 adapter directory, a T-Few state dict file (`*.pt`/`*.bin`/
-  `*.safetensors`), an orbax checkpoint of the (IA)^3 params (or of a tree
-  holding them), or a param tree. `output_format`: "hf" (an HF directory that
-  `from_pretrained` loads) or "orbax". Returns the output path.
-  """
-  from ia3_jax import checkpoints, peft_io
-  if isinstance(base, (str, os.PathLike)):
-    config, base = checkpoints.load_hf_checkpoint(base)
-  elif config is None:
-    raise ValueError("merge_checkpoint: pass `config` when `base` is a param tree")
-  if isinstance(ia3, (str, os.PathLike)):
-    if os.path.isdir(ia3) and os.path.exists(os.path.join(ia3, "adapter_config.json")):
-      ia3 = peft_io.import_peft_adapter(ia3, config)
-    elif os.path.isfile(ia3):
-      ia3 = peft_io.import_tfew_state_dict(ia3, config)
-    else:
-      ia3 = checkpoints.restore_params(ia3)
-  ia3, _ = extract_ia3(ia3)
-  merged, _ = merge(insert_ia3(base, ia3), task)
-  if output_format == "hf":
-    return str(checkpoints.export_hf_checkpoint(merged, config, out_dir, model_type=model_type))
-  if output_format == "orbax":
-    return str(checkpoints.save_params(out_dir, merged))
-  raise ValueError(f"merge_checkpoint: output_format must be 'hf' or 'orbax', "
-                   f"got {output_format!r}")

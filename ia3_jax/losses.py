@@ -15,7 +15,7 @@ Choice-shaped inputs (what the rank-classification feature converter yields):
                                   final partial batch) from every term.
 
 Token mask = (choice_tokens > 0) & choice_mask[..., None]. With it, for every
-example with correct choice c (DESIGN.md, "T-Few losses"):
+example with correct choice c (docs/design.md, "T-Few losses"):
 
   s_n  = sum_t log p(y_t^(n))          T_n = number of target tokens
   L_LM = -sum_{b,t} log p(y_t^(c_b)) / sum_b T_{c_b}       (pooled over batch)

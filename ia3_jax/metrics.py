@@ -12,12 +12,13 @@ neighbours. IQR = q75 - q25.
 
 from __future__ import annotations
 
-import json
 import math
 import pathlib
 from typing import Any, Hashable, Mapping, Optional, Sequence, Union
 
 import numpy as np
+
+from ia3_jax import files
 
 PathLike = Union[str, pathlib.Path]
 Results = Mapping[str, Mapping[Hashable, float]]  # {template_or_task: {seed: accuracy}}
@@ -117,21 +118,6 @@ def _sort_key(seed: Hashable) -> tuple:
   return (0, seed, "") if isinstance(seed, (int, np.integer)) else (1, 0, str(seed))
 
 
-def jsonable(x: Any) -> Any:
-  """`x` with NumPy values as Python ones, keys as strings, NaN/inf as None (JSON has none)."""
-  if isinstance(x, Mapping):
-    return {str(k): jsonable(v) for k, v in x.items()}
-  if isinstance(x, (list, tuple)):
-    return [jsonable(v) for v in x]
-  if isinstance(x, np.ndarray):
-    return jsonable(x.tolist())
-  if isinstance(x, np.generic):
-    x = x.item()
-  if isinstance(x, float) and not math.isfinite(x):
-    return None
-  return x
-
-
 def write_results_json(path: PathLike, summaries: Mapping[str, Any], *,
                        metadata: Optional[Mapping[str, Any]] = None) -> pathlib.Path:
   """Writes {"results": summaries, "metadata": ...} as JSON (parents created).
@@ -141,10 +127,9 @@ def write_results_json(path: PathLike, summaries: Mapping[str, Any], *,
   """
   path = pathlib.Path(path)
   path.parent.mkdir(parents=True, exist_ok=True)
-  doc = {"results": jsonable(summaries), "metadata": jsonable(dict(metadata or {})),
+  doc = {"results": summaries, "metadata": dict(metadata or {}),
          "quantile_method": f"numpy.percentile method={QUANTILE_METHOD!r}"}
-  path.write_text(json.dumps(doc, indent=2, sort_keys=True) + "\n")
-  return path
+  return files.write_json(path, doc, sort_keys=True)
 
 
 def _pct(x: float, digits: int) -> str:

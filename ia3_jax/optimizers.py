@@ -49,7 +49,7 @@ def linear_warmup_linear_decay(peak: float, warmup_steps: float, total_steps: in
 
 @dataclasses.dataclass(frozen=True)
 class OptimizerConfig:
-  """Optimizer + schedule. Defaults: the T-Few (IA)^3 recipe (DESIGN.md).
+  """Optimizer + schedule. Defaults: the T-Few (IA)^3 recipe (docs/design.md).
 
   `total_steps` is the step where the learning rate reaches 0 (TRAIN_STEPS);
   `warmup_steps=None` uses `warmup_ratio * total_steps` (T-Few: 0.06 -> 60).

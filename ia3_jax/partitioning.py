@@ -35,7 +35,7 @@ log = logging.getLogger(__name__)
 DATA, MODEL = "data", "model"
 Rules = tuple[tuple[str, Optional[str]], ...]
 
-# T5X's defaults for a (data, model) mesh (DESIGN.md "Logical axes").
+# T5X's defaults for a (data, model) mesh (docs/design.md "Logical axes").
 DEFAULT_RULES: Rules = (
     ("batch", DATA), ("vocab", MODEL), ("mlp", MODEL), ("heads", MODEL), ("joined_kv", MODEL),
     ("embed", None), ("kv", None), ("length", None), ("relpos_buckets", None), ("tasks", None),

@@ -26,12 +26,12 @@ import jax
 import numpy as np
 import optax
 
-from ia3_jax import checkpointing, checkpoints, network
+from ia3_jax import checkpointing, checkpoints, files, network
 from ia3_jax import params as params_lib
 from ia3_jax.config import T5Config
 from ia3_jax.partitioning import PartitionConfig, Partitioner
 from ia3_jax.trainer import (ALL_PARAMS, BatchSource, Trainer, build_model, check_eval_result,
-                             check_vocabulary, eval_result_json, load_base_params, write_json)
+                             check_vocabulary, eval_result_json, load_base_params)
 
 log = logging.getLogger(__name__)
 
@@ -110,7 +110,7 @@ def evaluate(*, output_dir: str, config: T5Config, data: BatchSource, batch_size
          "initial_checkpoint_path": initial_checkpoint_path,
          **eval_result_json(result, _template_names(data)), "truncation": truncation}
   if jax.process_index() == 0:
-    write_json(os.path.join(output_dir, "eval_results.json"), out)
+    files.write_json(os.path.join(output_dir, "eval_results.json"), out)
     print(f"accuracy {out['accuracy']:.4f} over {out['num_examples']} examples -> "
           f"{os.path.join(output_dir, 'eval_results.json')}")
   return out
@@ -164,7 +164,7 @@ def _write_rows(kind: str, *, output_dir: str, config: T5Config, data: BatchSour
   count = 0
   batches = _batches(data, tr, batch_size)
   try:
-    with open(path + ".tmp", "w") as f:
+    with files.atomic_open(path) as f:
       for row in _rows(tr, params, batches, batch_size, length_normalize):
         if kind == "infer":
           row.pop("scores")
@@ -172,10 +172,7 @@ def _write_rows(kind: str, *, output_dir: str, config: T5Config, data: BatchSour
             row["prediction_text"] = vocab.decode([t for t in row["prediction_tokens"] if t != 1])
         f.write(json.dumps(row) + "\n")
         count += 1
-    os.replace(path + ".tmp", path)
   except BaseException:
-    if os.path.exists(path + ".tmp"):
-      os.remove(path + ".tmp")
     if created and not os.listdir(output_dir):
       os.rmdir(output_dir)
     raise

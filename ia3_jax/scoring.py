@@ -1,6 +1,6 @@
 """Sequence scoring and rank classification (encoder once per example), and the eval loop.
 
-Rank classification (DESIGN.md): each example has C answer choices; every
+Rank classification (docs/design.md): each example has C answer choices; every
 choice is scored by the model's log-likelihood of its target tokens given the
 input, s_n = sum_t log p(y_t^(n) | x, y_<t^(n)), optionally divided by its
 length T_n (T-Few default), and the prediction is the argmax, ties going to

@@ -38,7 +38,7 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ia3_jax import checkpoints, losses, network, scoring
+from ia3_jax import checkpoints, files, losses, network, scoring
 from ia3_jax import metrics as metrics_lib
 from ia3_jax import params as params_lib
 from ia3_jax.checkpointing import CheckpointConfig, Checkpointer
@@ -708,7 +708,7 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
   def save(step: int) -> None:
     truncation["train"] = _add_truncation(prior_train_truncation, train_stats)
     history = {"train_losses": losses_seen, "eval": eval_results, "truncation": truncation}
-    ckpt.save(step, state, metrics_lib.jsonable(
+    ckpt.save(step, state, files.jsonable(
         {**run_meta, "data_position": data_position, "history": history}))
 
   last_saved = latest
@@ -805,22 +805,10 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
       "wall_time_s": time.time() - t_start,
   }
   if results_path and is_chief:
-    write_json(results_path, results)
+    files.write_json(results_path, results)
     show(f"results: {results_path}")
   results["state"] = state
   return results
-
-
-def write_json(path: str, obj: Any) -> None:
-  """Writes `obj` (made JSON-safe) atomically: a `.tmp` file renamed into place."""
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  try:
-    with open(path + ".tmp", "w") as f:
-      json.dump(metrics_lib.jsonable(obj), f, indent=2)
-    os.replace(path + ".tmp", path)
-  finally:
-    if os.path.exists(path + ".tmp"):
-      os.remove(path + ".tmp")
 
 
 def _read_results(path: Optional[str], step: int) -> Optional[dict]:

@@ -50,7 +50,7 @@ def quickstart() -> nbformat.NotebookNode:
       md("## 1. Load the model and its vocabulary"),
       code('''\
 import jax, jax.numpy as jnp, numpy as np
-from ia3_jax import checkpoints, demo, ia3, network, params as P, peft_io, synthetic
+from ia3_jax import checkpoints, demo, ia3, ia3_adapters, network, params as P, synthetic
 
 config, base_params, vocabulary = demo.load_model()   # any HF T5 directory works here
 print(config)
@@ -122,12 +122,12 @@ print("merged model accuracy:", {k: round(v, 3) for k, v in merged_runner.evalua
       md("## 6. Export\n\nThe vectors as an HF peft IA3 adapter (a few kB; "
          "`PeftModel.from_pretrained` loads it), and the merged model as an HF directory."),
       code('''\
-adapter_dir = peft_io.export_peft_adapter(runner.trainable_params(trained), config, os.path.join(OUT, "adapter"))
+adapter_dir = ia3_adapters.export_peft_adapter(runner.trainable_params(trained), config, os.path.join(OUT, "adapter"))
 merged_dir = checkpoints.export_hf_checkpoint(merged, config, os.path.join(OUT, "merged_model"))
 for d in (adapter_dir, merged_dir):
   for f in sorted(os.listdir(d)):
     print(f"{d}/{f}: {os.path.getsize(os.path.join(d, f)):,} bytes")
-reloaded = peft_io.import_peft_adapter(adapter_dir, config)
+reloaded = ia3_adapters.import_peft_adapter(adapter_dir, config)
 same = all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(reloaded), jax.tree.leaves(runner.trainable_params(trained))))
 print("adapter round trip:", same)
 _, merged_back = checkpoints.load_hf_checkpoint(merged_dir)

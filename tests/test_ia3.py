@@ -260,12 +260,12 @@ def test_gin_file_builds_blocks():
 
 def test_merge_checkpoint_writes_hf_dir(tmp_path):
   from transformers import T5ForConditionalGeneration
-  from ia3_jax import checkpoints
+  from ia3_jax import checkpoints, ia3_adapters
   hf_utils.make_hf_model(tmp_path / "base", "t5_1_1")
   config, base = checkpoints.load_hf_checkpoint(tmp_path / "base")
   bank = _random_ia3(config, ia3.DEFAULT_SITES, 2, seed=7)
   checkpoints.save_params(tmp_path / "ia3", bank)
-  out = ia3.merge_checkpoint(tmp_path / "base", tmp_path / "ia3", tmp_path / "merged", task=1)
+  out = ia3_adapters.merge_checkpoint(tmp_path / "base", tmp_path / "ia3", tmp_path / "merged", task=1)
   batch = hf_utils.random_batch(np.random.default_rng(2), config.vocab_size)
   expected = _logits(ia3.ia3_model(config), ia3.insert_ia3(base, ia3.select_task(bank, 1)), batch)
   torch_model = T5ForConditionalGeneration.from_pretrained(out).eval()

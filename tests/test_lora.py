@@ -12,7 +12,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 
 from ia3_jax import checkpoints, network
 from ia3_jax import params as P
-from ia3_jax.peft_io import AdapterError
+from ia3_jax.errors import AdapterError
 from ia3_jax.peft_methods import lora, lora_io
 from tests import hf_utils
 from tests import tolerances

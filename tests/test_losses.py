@@ -16,7 +16,7 @@ B, C, T, V = 5, 4, 7, 11
 
 
 # ---------------------------------------------------------------------------
-# NumPy references (float64, loops, straight from DESIGN.md "T-Few losses").
+# NumPy references (float64, loops, straight from docs/design.md "T-Few losses").
 # ---------------------------------------------------------------------------
 
 

@@ -71,7 +71,8 @@ def test_every_peft_file_fits_the_run_files(peft, run, capsys):
   rc, out, err = _run_main([*LAYERS[:2], f"--gin_file=peft/{peft}.gin", *extra,
                             "--print_config"], capsys, action=run)
   assert rc == 0, err
-  assert "PEFT_BLOCKS = @" in out and "TRAINABLE_PARAMS = [" in out
+  assert "PEFT_BLOCKS = @" in out and "TRAINABLE_PARAMS = @registry.trainable_patterns()" in out
+  assert "PEFT_METHOD = '" in out
 
 
 def test_full_finetune_overrides_the_recipe(capsys):
@@ -79,7 +80,15 @@ def test_full_finetune_overrides_the_recipe(capsys):
                             "--gin_file=runs/finetune.gin", "--print_config"], capsys)
   assert rc == 0, err
   assert "LEARNING_RATE = 0.0003" in out and "TRAIN_STEPS = 300" in out
-  assert "TRAINABLE_PARAMS = ['.*']" in out
+  assert "PEFT_METHOD = 'full'" in out
+
+
+def test_explicit_trainable_params_override_the_method(capsys):
+  """--gin.TRAINABLE_PARAMS wins over the method's registry patterns."""
+  rc, out, err = _run_main([*LAYERS, *REQUIRED, "--gin_file=runs/finetune.gin",
+                            "--gin.TRAINABLE_PARAMS=['.*ia3_key']", "--print_config"], capsys)
+  assert rc == 0, err
+  assert "TRAINABLE_PARAMS = ['.*ia3_key']" in out
 
 
 def test_missing_macro_names_the_file_that_needs_it(capsys):

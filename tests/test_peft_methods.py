@@ -74,9 +74,11 @@ def test_registry_names_and_uniform_signature(tiny):
     registry.get_method("lorra")
 
 
-def test_ia3_pattern_matches_ia3_module():
+def test_registry_reads_each_method_module():
   from ia3_jax import ia3
-  assert registry.IA3_PATTERN == ia3.IA3_PATTERN
+  from ia3_jax.peft_methods import lora
+  assert registry.get_method("ia3").trainable_patterns == ia3.TRAINABLE_PATTERNS
+  assert registry.trainable_patterns("lora") == list(lora.TRAINABLE_PATTERNS)
 
 
 def _expected_trainable(name, flat_params, base_paths):
@@ -229,7 +231,7 @@ def _t0_3b_formulas():
 
 def test_t0_3b_counts_match_hand_formulas():
   expected = _t0_3b_formulas()
-  assert expected["ia3"] == 540_672  # the paper's figure (DESIGN.md)
+  assert expected["ia3"] == 540_672  # the paper's figure (docs/design.md)
   assert expected["full"] == 2_849_757_184
   got = counts.count_all(get_config("t0_3b"))
   assert {c.method: c.trainable for c in got} == expected

@@ -1,14 +1,10 @@
-"""Helpers shared by the PEFT baselines: projection names, task banks, errors."""
+"""Helpers shared by the PEFT baselines: projection names, target groups, task-count checks."""
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Sequence
+from typing import Iterable, Sequence
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-
-Array = jax.Array
 
 # Every projection `layers.Projecting.project` creates, by block.
 ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
@@ -74,19 +70,3 @@ def require_single_task(method: str, num_tasks: int) -> None:
 def check_num_tasks(num_tasks: int, method: str) -> None:
   if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
     raise ValueError(f"{method}: num_tasks must be a positive int, got {num_tasks!r}")
-
-
-def bank_rows(bank: Array, task_id: Optional[Array], batch: int, what: str) -> Array:
-  """Per-example rows [B, ...] of a task bank [num_tasks, ...].
-
-  `task_id=None` is allowed only for a one-task bank. Ids are not range-checked
-  inside jit (out-of-range rows read as NaN); check them on the host with
-  `registry.check_task_ids`.
-  """
-  if task_id is None:
-    if bank.shape[0] != 1:
-      raise ValueError(f"{what}: a bank of {bank.shape[0]} tasks needs task_id [batch]")
-    return jnp.broadcast_to(bank[0], (batch,) + bank.shape[1:])
-  if task_id.shape != (batch,):
-    raise ValueError(f"{what}: task_id must have shape ({batch},), got {task_id.shape}")
-  return jnp.take(bank, task_id, axis=0, mode="fill", fill_value=jnp.nan)

@@ -6,7 +6,7 @@ peft stores, per adapted `nn.Linear` (weight `[out, in]`),
 `K [in, out]`) is `x @ A' @ B'` with `A' = lora_A.T [in, r]`,
 `B' = lora_B.T [r, out]`, stored as `<block>/<proj>_lora_a` / `_lora_b`.
 Scaling (`alpha / r`, or `alpha / sqrt(r)` with `use_rslora`) comes from
-`adapter_config.json`. Directory reading/writing reuses `ia3_jax.peft_io`.
+`adapter_config.json`. Directory reading/writing reuses `ia3_jax.adapter_files`.
 
 Not representable (raise `AdapterError`): per-module `rank_pattern` /
 `alpha_pattern`, DoRA, LoRA biases, `modules_to_save`, adapters on the LM head
@@ -24,11 +24,11 @@ from typing import Any, Optional
 import jax.numpy as jnp
 import numpy as np
 
+from ia3_jax import adapter_files
 from ia3_jax import params as P
-from ia3_jax import peft_io
 from ia3_jax.config import T5Config
 from ia3_jax.peft_methods import _common, lora
-from ia3_jax.peft_io import AdapterError
+from ia3_jax.errors import AdapterError
 
 PathLike = str | os.PathLike
 Params = dict[str, Any]
@@ -81,14 +81,14 @@ def import_peft_lora(path: PathLike, config: T5Config) -> tuple[Params, LoraSett
   Combine with base params (`params.combine(base, lora_tree)`) and run with
   `network.Transformer(config, blocks=lora.lora_blocks(**settings.blocks_kwargs()))`.
   """
-  cfg, tensors = peft_io.read_adapter_dir(path, peft_type="LORA")
+  cfg, tensors = adapter_files.read_adapter_dir(path, peft_type="LORA")
   source = str(path)
-  _check_config(cfg, f"{source}/{peft_io.ADAPTER_CONFIG}")
+  _check_config(cfg, f"{source}/{adapter_files.ADAPTER_CONFIG}")
   rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-  modules = peft_io.hf_module_map(config)
+  modules = adapter_files.hf_module_map(config)
   flat: dict[str, np.ndarray] = {}
   for key, value in tensors.items():
-    name = peft_io.strip_prefix(key, (peft_io.PEFT_PREFIX,))
+    name = adapter_files.strip_prefix(key, (adapter_files.PEFT_PREFIX,))
     for hf_suffix, ours, want in ((".lora_A.weight", lora.SUFFIX_A, (rank, None)),
                                   (".lora_B.weight", lora.SUFFIX_B, (None, rank))):
       if name.endswith(hf_suffix):
@@ -118,7 +118,7 @@ def import_peft_lora(path: PathLike, config: T5Config) -> tuple[Params, LoraSett
 def _check_complete(flat: dict, config: T5Config, targets: tuple[str, ...], source: str) -> None:
   """Every targeted projection in every layer needs both A and B, with matching shapes."""
   want = {f"{block}/{proj}{suffix}"
-          for block, proj in peft_io.hf_module_map(config).values() if proj in targets
+          for block, proj in adapter_files.hf_module_map(config).values() if proj in targets
           for suffix in (lora.SUFFIX_A, lora.SUFFIX_B)}
   missing = sorted(want - set(flat))
   if missing:
@@ -141,7 +141,7 @@ def export_peft_lora(lora_params: Params, config: T5Config, out_dir: PathLike, *
           if k.endswith(lora.SUFFIX_A) or k.endswith(lora.SUFFIX_B)}
   if not flat:
     raise AdapterError("export_peft_lora: no LoRA params (*_lora_a / *_lora_b) given")
-  by_target = {target: module for module, target in peft_io.hf_module_map(config).items()}
+  by_target = {target: module for module, target in adapter_files.hf_module_map(config).items()}
   ranks = {int(np.shape(v)[1]) for k, v in flat.items() if k.endswith(lora.SUFFIX_A)}
   if len(ranks) != 1:
     raise AdapterError(f"export_peft_lora: LoRA params have several ranks {sorted(ranks)}")
@@ -155,7 +155,7 @@ def export_peft_lora(lora_params: Params, config: T5Config, out_dir: PathLike, *
       raise AdapterError(f"export_peft_lora: {path} is not a LoRA param of a projection of "
                          "this model")
     hf_suffix = ".lora_A.weight" if suffix == lora.SUFFIX_A else ".lora_B.weight"
-    tensors[f"{peft_io.PEFT_PREFIX}{module}{hf_suffix}"] = np.asarray(value, np.float32).T
+    tensors[f"{adapter_files.PEFT_PREFIX}{module}{hf_suffix}"] = np.asarray(value, np.float32).T
     short_names.add(_common.T5X_TO_HF[proj])
   adapter_config = {
       "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "r": ranks.pop(),
@@ -166,5 +166,5 @@ def export_peft_lora(lora_params: Params, config: T5Config, out_dir: PathLike, *
       "alpha_pattern": {}, "use_dora": False, "base_model_name_or_path": base_model_name_or_path,
       "revision": None,
   }
-  return peft_io.write_adapter_dir(out_dir, adapter_config, tensors,
+  return adapter_files.write_adapter_dir(out_dir, adapter_config, tensors,
                                    safe_serialization=safe_serialization)

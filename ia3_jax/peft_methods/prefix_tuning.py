@@ -31,6 +31,7 @@ import jax.numpy as jnp
 
 from ia3_jax import layers, network
 from ia3_jax.config import T5Config
+from ia3_jax import banks
 from ia3_jax.peft_methods import _common
 
 Array = jax.Array
@@ -55,11 +56,11 @@ class PrefixAttention(layers.MultiHeadDotProductAttention):
       return k, v, bias
     cfg = self.config
     shape = (self.num_tasks, self.length, cfg.num_heads, cfg.head_dim)
-    init = layers.logical(nn.initializers.normal(self.init_scale), ("tasks", None, "heads", "kv"))
+    init = layers.logical(nn.initializers.normal(self.init_scale), (banks.TASKS_AXIS, None, "heads", "kv"))
     batch = k.shape[0]
-    pk = _common.bank_rows(self.param(KEY, init, shape, jnp.float32), task_id, batch,
+    pk = banks.task_rows(self.param(KEY, init, shape, jnp.float32), task_id, batch,
                            "prefix_tuning")
-    pv = _common.bank_rows(self.param(VALUE, init, shape, jnp.float32), task_id, batch,
+    pv = banks.task_rows(self.param(VALUE, init, shape, jnp.float32), task_id, batch,
                            "prefix_tuning")
     k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
     v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)

@@ -34,6 +34,7 @@ import numpy as np
 
 from ia3_jax import layers, network
 from ia3_jax.config import T5Config
+from ia3_jax import banks
 from ia3_jax.peft_methods import _common
 
 Array = jax.Array
@@ -79,13 +80,13 @@ class PromptEncoder(network.Encoder):
 
   def embed_inputs(self, tokens: Array, task_id: Optional[Array]) -> tuple[Array, Array]:
     shape = (self.num_tasks, self.length, self.config.emb_dim)
-    delta = self.param(PARAM, layers.logical(nn.initializers.zeros, ("tasks", None, "embed")),
+    delta = self.param(PARAM, layers.logical(nn.initializers.zeros, (banks.TASKS_AXIS, None, "embed")),
                        shape, jnp.float32)
     ids = prompt_init_ids(self.config.vocab_size, self.length, self.num_tasks,
                           init_seed=self.init_seed, init_token_ids=self.init_token_ids)
     bank = jnp.take(self.shared_embedding.embedding, jnp.asarray(ids, jnp.int32), axis=0) + delta
     x, valid = super().embed_inputs(tokens, task_id)
-    prompt = _common.bank_rows(bank, task_id, tokens.shape[0], "prompt_tuning")
+    prompt = banks.task_rows(bank, task_id, tokens.shape[0], "prompt_tuning")
     x = jnp.concatenate([prompt.astype(x.dtype), x], axis=1)
     valid = jnp.concatenate([jnp.ones((tokens.shape[0], self.length), bool), valid], axis=1)
     return x, valid

@@ -15,12 +15,11 @@ for them (and out-of-range ids for all methods) on the host.
 from __future__ import annotations
 
 import dataclasses
-import importlib
 from typing import Any, Callable, Mapping, Optional
 
 import numpy as np
 
-from ia3_jax import network
+from ia3_jax import ia3, network
 from ia3_jax.config import T5Config
 from ia3_jax.peft_methods import (bitfit, full, layernorm, lora, prefix_tuning,
                                   prompt_tuning)
@@ -65,18 +64,13 @@ class Method:
                        f"(num_tasks={num_tasks}); got min {ids.min()}, max {ids.max()}")
 
 
-# Same as ia3_jax.ia3.IA3_PATTERN (checked by a test; ia3 is imported lazily).
-IA3_PATTERN = r"(.*/)?ia3_[a-z_]+"
-
-
 def _ia3_blocks(config: Optional[T5Config] = None, **kw) -> network.Blocks:
-  """(IA)^3 from ia3_jax.ia3 (imported lazily)."""
-  module = importlib.import_module("ia3_jax.ia3")
-  return module.ia3_blocks(**kw)
+  """(IA)^3 blocks (`ia3.ia3_blocks` takes no config)."""
+  return ia3.ia3_blocks(**kw)
 
 
 METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("ia3", _ia3_blocks, (IA3_PATTERN,), True, dict(sites=("k", "v", "ff")),
+    Method("ia3", _ia3_blocks, ia3.TRAINABLE_PATTERNS, True, dict(sites=("k", "v", "ff")),
            description="(IA)^3: learned rescaling of keys, values and FFN activations"),
     Method("lora", lora.lora_blocks, lora.TRAINABLE_PATTERNS, False,
            dict(rank=4, alpha=4.0, dropout=0.0, targets=lora.DEFAULT_TARGETS, use_rslora=False),
@@ -106,3 +100,8 @@ def get_method(name: str) -> Method:
 
 def method_names() -> tuple[str, ...]:
   return tuple(METHODS)
+
+
+def trainable_patterns(name: str) -> list[str]:
+  """The regexes of the params method `name` trains (what gin's TRAINABLE_PARAMS reads)."""
+  return list(get_method(name).trainable_patterns)

@@ -13,9 +13,9 @@ import torch
 from peft import IA3Config, PeftModel, TaskType, get_peft_model
 from transformers import T5ForConditionalGeneration
 
-from ia3_jax import checkpoints, ia3, network, peft_io
+from ia3_jax import adapter_files, checkpoints, ia3, ia3_adapters, network
 from ia3_jax import params as P
-from ia3_jax.peft_io import AdapterError
+from ia3_jax.errors import AdapterError
 from tests import hf_utils
 from tests import tolerances
 
@@ -65,7 +65,7 @@ def test_import_t5_default_matches_peft(bases, tmp_path, variant):
   model = _peft(base_dir, tmp_path)  # peft's T5 default: k, v, wo (feedforward)
   cfg = json.loads((tmp_path / "adapter_config.json").read_text())
   assert set(cfg["target_modules"]) == {"k", "v", "wo"} and cfg["feedforward_modules"] == ["wo"]
-  vectors = peft_io.import_peft_adapter(tmp_path, config)
+  vectors = ia3_adapters.import_peft_adapter(tmp_path, config)
   assert ia3.sites_of(vectors) == ("k", "v", "ff") and ia3.num_tasks_of(vectors) == 1
   assert P.count(vectors) == ia3.count_ia3(config)
   theirs = hf_utils.torch_logits(model, batch)
@@ -78,7 +78,7 @@ def test_import_mt5_tfew_convention_matches_peft(bases, tmp_path):
   base_dir, config, base, batch = bases["t5_1_1"]
   model = _peft(base_dir, tmp_path, seed=1, target_modules=["k", "v", "wi_1"],
                 feedforward_modules=[])
-  vectors = peft_io.import_peft_adapter(tmp_path, config)
+  vectors = ia3_adapters.import_peft_adapter(tmp_path, config)
   assert ia3.sites_of(vectors) == ("k", "v", "ff")
   _assert_close(_ours(config, base, vectors, batch), hf_utils.torch_logits(model, batch), batch)
 
@@ -93,7 +93,7 @@ def test_import_ablation_sites_match_peft(bases, tmp_path, targets, feedforward,
                 safe_serialization=fmt == "safetensors")
   weights = "adapter_model.bin" if fmt == "bin" else "adapter_model.safetensors"
   assert (tmp_path / weights).exists()
-  vectors = peft_io.import_peft_adapter(tmp_path, config)
+  vectors = ia3_adapters.import_peft_adapter(tmp_path, config)
   assert ia3.sites_of(vectors) == sites
   _assert_close(_ours(config, base, vectors, batch), hf_utils.torch_logits(model, batch), batch)
 
@@ -102,7 +102,7 @@ def test_import_partial_layers_fills_ones(bases, tmp_path):
   base_dir, config, base, batch = bases["t5_1_0"]
   model = _peft(base_dir, tmp_path, seed=3, target_modules=r".*decoder.*\.(k|v)$",
                 feedforward_modules=[])
-  vectors = peft_io.import_peft_adapter(tmp_path, config, sites=("k", "v", "ff"))
+  vectors = ia3_adapters.import_peft_adapter(tmp_path, config, sites=("k", "v", "ff"))
   flat = P.flatten(vectors)
   for path, vec in flat.items():
     identity = path.startswith("encoder") or path.endswith("ia3_ff")
@@ -117,7 +117,7 @@ def test_export_loads_in_peft(bases, tmp_path, variant, convention):
   rng = np.random.default_rng(4)
   bank = P.unflatten({p: rng.uniform(0.3, 1.7, v.shape).astype(np.float32)
                       for p, v in P.flatten(ia3.init_ia3(config, num_tasks=2)).items()})
-  out = peft_io.export_peft_adapter(bank, config, tmp_path / "exported", task=1,
+  out = ia3_adapters.export_peft_adapter(bank, config, tmp_path / "exported", task=1,
                                     convention=convention)
   cfg = json.loads((out / "adapter_config.json").read_text())
   ff_module = "wo" if convention == "t5" else "wi_1"
@@ -127,7 +127,7 @@ def test_export_loads_in_peft(bases, tmp_path, variant, convention):
   ours = _ours(config, base, ia3.select_task(bank, 1), batch)
   _assert_close(ours, hf_utils.torch_logits(model, batch), batch)
   # and back: import gives the same vectors
-  back = peft_io.import_peft_adapter(out, config)
+  back = ia3_adapters.import_peft_adapter(out, config)
   for path, vec in P.flatten(ia3.select_task(bank, 1)).items():
     np.testing.assert_array_equal(P.flatten(back)[path], vec)
 
@@ -136,20 +136,20 @@ def test_export_errors(bases, tmp_path):
   _, config, _, _ = bases["t5_1_1"]
   both = ia3.init_ia3(config, ("ff", "mlp_out"))
   with pytest.raises(AdapterError, match="both map to peft module .*DenseReluDense.wo"):
-    peft_io.export_peft_adapter(both, config, tmp_path / "a")
+    ia3_adapters.export_peft_adapter(both, config, tmp_path / "a")
   _, relu_config, _, _ = bases["t5_1_0"]
   with pytest.raises(AdapterError, match="has none; use convention='t5'"):
-    peft_io.export_peft_adapter(ia3.init_ia3(relu_config), relu_config, tmp_path / "b",
+    ia3_adapters.export_peft_adapter(ia3.init_ia3(relu_config), relu_config, tmp_path / "b",
                                 convention="mt5")
   with pytest.raises(ValueError, match="task 3 out of range"):
-    peft_io.export_peft_adapter(ia3.init_ia3(config), config, tmp_path / "c", task=3)
+    ia3_adapters.export_peft_adapter(ia3.init_ia3(config), config, tmp_path / "c", task=3)
 
 
 @pytest.mark.parametrize("variant", ["t5_1_1", "t5_1_0"])
 def test_merge_matches_peft_merge_and_unload(bases, tmp_path, variant):
   base_dir, config, base, batch = bases[variant]
   model = _peft(base_dir, tmp_path, seed=5)
-  vectors = peft_io.import_peft_adapter(tmp_path, config)
+  vectors = ia3_adapters.import_peft_adapter(tmp_path, config)
   merged, _ = ia3.merge(ia3.insert_ia3(base, vectors))
   state = model.merge_and_unload().state_dict()
   names = checkpoints.hf_name_map(config)
@@ -169,7 +169,7 @@ def test_merge_checkpoint_from_peft_adapter(bases, tmp_path):
   base_dir, config, _, batch = bases["t5_1_1"]
   model = _peft(base_dir, tmp_path / "adapter", seed=6, target_modules=["k", "v", "wi_1"],
                 feedforward_modules=[])
-  out = ia3.merge_checkpoint(base_dir, tmp_path / "adapter", tmp_path / "merged")
+  out = ia3_adapters.merge_checkpoint(base_dir, tmp_path / "adapter", tmp_path / "merged")
   _assert_close(hf_utils.torch_logits(_hf(out), batch), hf_utils.torch_logits(model, batch), batch)
 
 
@@ -182,41 +182,41 @@ def test_unrepresentable_targets_raise(bases, tmp_path, variant, targets, feedfo
   base_dir, config, _, _ = bases[variant]
   _peft(base_dir, tmp_path, target_modules=targets, feedforward_modules=feedforward)
   with pytest.raises(AdapterError, match=f"module '.*{module} scales the .* cannot represent"):
-    peft_io.import_peft_adapter(tmp_path, config)
+    ia3_adapters.import_peft_adapter(tmp_path, config)
 
 
 def test_bad_adapter_directories(bases, tmp_path):
   _, config, _, _ = bases["t5_1_1"]
   with pytest.raises(AdapterError, match="not a directory"):
-    peft_io.import_peft_adapter(tmp_path / "missing", config)
+    ia3_adapters.import_peft_adapter(tmp_path / "missing", config)
   tmp_path.joinpath("empty").mkdir()
   with pytest.raises(AdapterError, match="no adapter_config.json"):
-    peft_io.import_peft_adapter(tmp_path / "empty", config)
+    ia3_adapters.import_peft_adapter(tmp_path / "empty", config)
   lora = tmp_path / "lora"
-  peft_io.write_adapter_dir(lora, {"peft_type": "LORA"}, {"x": np.ones((2, 2))})
+  adapter_files.write_adapter_dir(lora, {"peft_type": "LORA"}, {"x": np.ones((2, 2))})
   with pytest.raises(AdapterError, match="peft_type is 'LORA', expected 'IA3'"):
-    peft_io.import_peft_adapter(lora, config)
+    ia3_adapters.import_peft_adapter(lora, config)
   extra = tmp_path / "extra"
   name = "base_model.model.encoder.block.0.layer.0.SelfAttention.k"
-  peft_io.write_adapter_dir(extra, {"peft_type": "IA3"}, {
+  adapter_files.write_adapter_dir(extra, {"peft_type": "IA3"}, {
       f"{name}.ia3_l": np.ones((config.joined_kv, 1)),
       "base_model.model.lm_head.weight": np.ones((2, 2))})
   with pytest.raises(AdapterError, match="not \\(IA\\)\\^3 vectors .*lm_head.weight"):
-    peft_io.import_peft_adapter(extra, config)
+    ia3_adapters.import_peft_adapter(extra, config)
   wrong = tmp_path / "wrong"
-  peft_io.write_adapter_dir(wrong, {"peft_type": "IA3"}, {f"{name}.ia3_l": np.ones((5, 1))})
+  adapter_files.write_adapter_dir(wrong, {"peft_type": "IA3"}, {f"{name}.ia3_l": np.ones((5, 1))})
   with pytest.raises(AdapterError, match="has 5 entries, model expects 32"):
-    peft_io.import_peft_adapter(wrong, config)
+    ia3_adapters.import_peft_adapter(wrong, config)
   layer9 = tmp_path / "layer9"
-  peft_io.write_adapter_dir(layer9, {"peft_type": "IA3"}, {
+  adapter_files.write_adapter_dir(layer9, {"peft_type": "IA3"}, {
       name.replace("block.0", "block.9") + ".ia3_l": np.ones((32, 1))})
   with pytest.raises(AdapterError, match="not a projection of this T5 model"):
-    peft_io.import_peft_adapter(layer9, config)
+    ia3_adapters.import_peft_adapter(layer9, config)
   nofiles = tmp_path / "nofiles"
   nofiles.mkdir()
   (nofiles / "adapter_config.json").write_text('{"peft_type": "IA3"}')
   with pytest.raises(AdapterError, match="no adapter weights"):
-    peft_io.import_peft_adapter(nofiles, config)
+    ia3_adapters.import_peft_adapter(nofiles, config)
 
 
 def _tfew_file(peft_model, path, prefix=""):
@@ -244,7 +244,7 @@ def test_tfew_state_dict_matches_peft(bases, tmp_path, prefix):
                 feedforward_modules=[])
   path = _tfew_file(model, tmp_path / "finish.pt", prefix)
   assert any(k.endswith("DenseReluDense.wi_1.multi_lora_b") for k in torch.load(path))
-  vectors = peft_io.import_tfew_state_dict(path, config)
+  vectors = ia3_adapters.import_tfew_state_dict(path, config)
   assert ia3.sites_of(vectors) == ("k", "v", "ff")
   _assert_close(_ours(config, base, vectors, batch), hf_utils.torch_logits(model, batch), batch)
 
@@ -255,14 +255,14 @@ def test_tfew_rejects_lora_and_pickles(bases, tmp_path):
   torch.save({f"{name}.lora_a": torch.zeros(4, 32), f"{name}.lora_b": torch.zeros(32, 4)},
              tmp_path / "lora.pt")
   with pytest.raises(AdapterError, match="LoRA weights, not \\(IA\\)\\^3"):
-    peft_io.import_tfew_state_dict(tmp_path / "lora.pt", config)
+    ia3_adapters.import_tfew_state_dict(tmp_path / "lora.pt", config)
   torch.save({f"{name}.multi_lora_a": torch.full((1, 32), 2.0)}, tmp_path / "a.pt")
   with pytest.raises(AdapterError, match="scales the input of 'query'"):
-    peft_io.import_tfew_state_dict(tmp_path / "a.pt", config)
+    ia3_adapters.import_tfew_state_dict(tmp_path / "a.pt", config)
   torch.save({"vectors": {"k": torch.ones(3)}, "path": pathlib.PurePosixPath("x")},
              tmp_path / "pickle.pt")
   with pytest.raises(checkpoints.CheckpointError, match="weights_only=True"):
-    peft_io.import_tfew_state_dict(tmp_path / "pickle.pt", config)
+    ia3_adapters.import_tfew_state_dict(tmp_path / "pickle.pt", config)
 
 
 def test_adapters_load_into_one_bank(bases, tmp_path):
@@ -273,7 +273,7 @@ def test_adapters_load_into_one_bank(bases, tmp_path):
              feedforward_modules=[])
   m2 = _peft(base_dir, tmp_path / "a2", seed=12, target_modules=["q", "v"], feedforward_modules=[])
   tfew = _tfew_file(m1, tmp_path / "t1.pt")
-  bank = peft_io.load_adapters_into_bank([tmp_path / "a0", tfew, tmp_path / "a2"], config)
+  bank = ia3_adapters.load_adapters_into_bank([tmp_path / "a0", tfew, tmp_path / "a2"], config)
   assert ia3.num_tasks_of(bank) == 3 and ia3.sites_of(bank) == ("q", "k", "v", "ff")
   task_id = np.array([2, 0, 1, 0])
   mixed = _ours(config, base, bank, batch, task_id)

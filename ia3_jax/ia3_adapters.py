@@ -1,15 +1,9 @@
-"""HF peft adapter directories and T-Few state dicts <-> ia3-jax param trees.
+"""(IA)^3 adapters: HF peft IA3 directories and T-Few state dicts <-> (IA)^3 banks.
 
-Generic part (reused by other peft methods): reading and writing adapter
-directories (`adapter_config.json` + `adapter_model.safetensors` or `.bin`,
-tensors named `base_model.model.<HF module>.<param>`), and the map between HF
-module names (`encoder.block.0.layer.0.SelfAttention.k`) and T5X projections
-(`encoder/layers_0/attention`, `key`).
-
-(IA)^3 part. peft's IA3 stores one vector `ia3_l` per module: shape `(out, 1)`
-scales the module's output, `(1, in)` (a "feedforward module") its input.
-T-Few's `multi_lora_b` (`[out, 1]`) scales the output, `multi_lora_a`
-(`[1, in]`) the input. Both map onto our sites (`ia3.SITES`):
+peft's IA3 stores one vector `ia3_l` per module: shape `(out, 1)` scales the
+module's output, `(1, in)` (a "feedforward module") its input. T-Few's
+`multi_lora_b` (`[out, 1]`) scales the output, `multi_lora_a` (`[1, in]`) the
+input. Both map onto our sites (`ia3.SITES`):
 
   k / v / q output        -> "k" / "v" / "q"
   o input / output        -> "o" / "attn_out"
@@ -18,113 +12,31 @@ T-Few's `multi_lora_b` (`[out, 1]`) scales the output, `multi_lora_a`
 
 Anything else (a wi/wi_0 output behind a nonlinearity, a q/k/v input, ...)
 cannot be represented and raises `AdapterError` naming the module.
+`merge_checkpoint` folds an adapter into a base model on disk.
 """
 
 from __future__ import annotations
 
-from ia3_jax.errors import AdapterError  # re-exported: ia3_jax.errors is its home
-
-import json
 import os
 import pathlib
 import re
-from typing import Any, Iterable, Mapping, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax.numpy as jnp
 import numpy as np
 
 from ia3_jax import checkpoints, ia3
 from ia3_jax import params as P
+from ia3_jax.adapter_files import (ADAPTER_CONFIG, PEFT_PREFIX, hf_module_map, load_state_dict,
+                                   read_adapter_dir, strip_prefix, write_adapter_dir)
 from ia3_jax.config import T5Config
+from ia3_jax.errors import AdapterError
 
 PathLike = str | os.PathLike
 Params = dict[str, Any]
 
-ADAPTER_CONFIG = "adapter_config.json"
-SAFETENSORS_WEIGHTS = "adapter_model.safetensors"
-BIN_WEIGHTS = "adapter_model.bin"
-PEFT_PREFIX = "base_model.model."
 # Prefixes T-Few checkpoints may carry (plain `model.state_dict()` keys have none).
 TFEW_PREFIXES = ("module.model.", "model.", PEFT_PREFIX)
-
-
-
-
-# --------------------------------------------------------------------------- generic
-
-
-def read_adapter_dir(path: PathLike, peft_type: Optional[str] = None
-                     ) -> tuple[dict, dict[str, np.ndarray]]:
-  """(adapter_config dict, {tensor name: array}) of a peft adapter directory."""
-  path = pathlib.Path(path)
-  if not path.is_dir():
-    raise AdapterError(f"{path}: not a directory (expected a peft adapter directory with "
-                       f"{ADAPTER_CONFIG} and {SAFETENSORS_WEIGHTS} or {BIN_WEIGHTS})")
-  cfg_file = path / ADAPTER_CONFIG
-  if not cfg_file.exists():
-    raise AdapterError(f"{path}: no {ADAPTER_CONFIG}; not a peft adapter directory")
-  try:
-    adapter_config = json.loads(cfg_file.read_text())
-  except json.JSONDecodeError as e:
-    raise AdapterError(f"{cfg_file}: not valid JSON ({e})") from e
-  if peft_type is not None and adapter_config.get("peft_type") != peft_type:
-    raise AdapterError(f"{cfg_file}: peft_type is {adapter_config.get('peft_type')!r}, "
-                       f"expected {peft_type!r}")
-  return adapter_config, load_state_dict(_weights_file(path))
-
-
-def _weights_file(path: pathlib.Path) -> pathlib.Path:
-  for name in (SAFETENSORS_WEIGHTS, BIN_WEIGHTS):
-    if (path / name).exists():
-      return path / name
-  raise AdapterError(f"{path}: no adapter weights ({SAFETENSORS_WEIGHTS} or {BIN_WEIGHTS})")
-
-
-def load_state_dict(file: PathLike) -> dict[str, np.ndarray]:
-  """All tensors of a `.safetensors` file or a torch pickle (read with weights_only=True)."""
-  file = pathlib.Path(file)
-  if not file.is_file():
-    raise AdapterError(f"{file}: no such file")
-  reader = (checkpoints.iter_safetensors if file.suffix == ".safetensors"
-            else checkpoints.iter_torch_bin)
-  return {name: np.asarray(t) for name, t in reader(file)}
-
-
-def write_adapter_dir(path: PathLike, adapter_config: Mapping[str, Any],
-                      tensors: Mapping[str, np.ndarray], *, safe_serialization: bool = True
-                      ) -> pathlib.Path:
-  """Writes `adapter_config.json` and the weights (safetensors, or a torch `.bin`)."""
-  path = pathlib.Path(path)
-  path.mkdir(parents=True, exist_ok=True)
-  arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
-  if safe_serialization:
-    from safetensors.numpy import save_file
-    save_file(arrays, str(path / SAFETENSORS_WEIGHTS), metadata={"format": "pt"})
-  else:
-    import torch
-    torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path / BIN_WEIGHTS)
-  (path / ADAPTER_CONFIG).write_text(json.dumps(dict(adapter_config), indent=2, sort_keys=True))
-  return path
-
-
-def hf_module_map(config: T5Config) -> dict[str, tuple[str, str]]:
-  """HF module name -> (T5X block path, projection name) for every projection.
-
-  E.g. `decoder.block.1.layer.1.EncDecAttention.v` ->
-  (`decoder/layers_1/encoder_decoder_attention`, `value`).
-  """
-  out = {}
-  for path, (hf, _) in checkpoints.hf_name_map(config).items():
-    if path[-1] == "kernel" and path[-2] != "logits_dense":
-      out[hf[:-len(".weight")]] = ("/".join(path[:-2]), path[-2])
-  return out
-
-
-def strip_prefix(name: str, prefixes: Iterable[str]) -> str:
-  for prefix in prefixes:
-    if name.startswith(prefix):
-      return name[len(prefix):]
-  return name
 
 
 # --------------------------------------------------------------------------- (IA)^3 sites
@@ -355,3 +267,38 @@ def load_adapters_into_bank(sources: Sequence[PathLike], config: T5Config, *,
   single = [t if set(ia3.sites_of(t)) == set(union) else import_adapter(s, config, sites=union)
             for s, t in zip(sources, single)]
   return ia3.stack_tasks(single)
+
+
+# --------------------------------------------------------------------------- merging
+
+
+def merge_checkpoint(base: Any, adapter: Any, out_dir: str | os.PathLike, *, task: int = 0,
+                     config: Optional[T5Config] = None, output_format: str = "hf",
+                     model_type: str = "t5") -> str:
+  """Writes base params with task `task`'s (IA)^3 vectors folded in.
+
+  `base`: an HF model directory, or a param tree (then pass `config`).
+  `adapter`: a peft IA3 adapter directory, a T-Few state dict file (`*.pt`/`*.bin`/
+  `*.safetensors`), an orbax checkpoint of the (IA)^3 params (or of a tree
+  holding them), or a param tree. `output_format`: "hf" (an HF directory that
+  `from_pretrained` loads) or "orbax". Returns the output path.
+  """
+  if isinstance(base, (str, os.PathLike)):
+    config, base = checkpoints.load_hf_checkpoint(base)
+  elif config is None:
+    raise ValueError("merge_checkpoint: pass `config` when `base` is a param tree")
+  if isinstance(adapter, (str, os.PathLike)):
+    if os.path.isdir(adapter) and os.path.exists(os.path.join(adapter, ADAPTER_CONFIG)):
+      adapter = import_peft_adapter(adapter, config)
+    elif os.path.isfile(adapter):
+      adapter = import_tfew_state_dict(adapter, config)
+    else:
+      adapter = checkpoints.restore_params(adapter)
+  vectors, _ = ia3.extract_ia3(adapter)
+  merged, _ = ia3.merge(ia3.insert_ia3(base, vectors), task)
+  if output_format == "hf":
+    return str(checkpoints.export_hf_checkpoint(merged, config, out_dir, model_type=model_type))
+  if output_format == "orbax":
+    return str(checkpoints.save_params(out_dir, merged))
+  raise ValueError(f"merge_checkpoint: output_format must be 'hf' or 'orbax', "
+                   f"got {output_format!r}")

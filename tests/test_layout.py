@@ -1,0 +1,140 @@
+"""The package layout (docs/design.md, "Module map"): layers, no cycles, no private names.
+
+Walks every module of `ia3_jax` (and the `tasks/` package shipped as
+`ia3_jax.tasks`) with `ast`, including imports inside functions, so a lazy
+import cannot hide a cycle. Run it alone with `pytest tests/test_layout.py`.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
+PACKAGE_DIRS = {"ia3_jax": REPO / "ia3_jax", "ia3_jax.tasks": REPO / "tasks"}
+
+# The data flow, top to bottom: a module may import its own layer or a lower-numbered one.
+LAYERS = {"errors": 0, "files": 0, "model": 1, "peft": 2, "interop": 3, "data": 4,
+          "objectives": 5, "train": 6}
+ENTRY_LAYER = 7  # cli, main, runs, demo, costs, gin_configurables, tasks, the package itself
+
+
+def _modules() -> dict[str, pathlib.Path]:
+  found = {}
+  for package, root in PACKAGE_DIRS.items():
+    for path in root.rglob("*.py"):
+      rel = path.relative_to(root).with_suffix("")
+      parts = [p for p in rel.parts if p != "__init__"]
+      found[".".join([package, *parts])] = path
+  return found
+
+
+MODULES = _modules()
+
+
+def _layer(module: str) -> int:
+  parts = module.split(".")
+  return LAYERS.get(parts[1], ENTRY_LAYER) if len(parts) > 1 else ENTRY_LAYER
+
+
+def _resolve(name: str) -> str | None:
+  """The ia3_jax module that `name` (a module or a name inside one) lives in."""
+  while name:
+    if name in MODULES:
+      return name
+    name = name.rpartition(".")[0]
+  return None
+
+
+def _imports(module: str) -> list[tuple[str, str, int]]:
+  """(imported module, imported name or "", line) for every ia3_jax import of `module`."""
+  tree = ast.parse(MODULES[module].read_text())
+  out = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Import):
+      out += [(a.name, "", node.lineno) for a in node.names if a.name.startswith("ia3_jax")]
+    elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+      if node.module.startswith("ia3_jax"):
+        for a in node.names:
+          full = f"{node.module}.{a.name}"
+          target = full if full in MODULES else node.module
+          out.append((target, "" if full in MODULES else a.name, node.lineno))
+  return out
+
+
+def _graph() -> dict[str, set[str]]:
+  graph = {}
+  for module in MODULES:
+    deps = {_resolve(target) for target, _, _ in _imports(module)}
+    graph[module] = {d for d in deps if d and d != module
+                     and not (module.startswith(d + ".") and d in PACKAGE_DIRS)}
+  return graph
+
+
+def test_layers_are_known():
+  top = {m.split(".")[1] for m in MODULES if m.count(".") >= 2 and m.split(".")[1] != "tasks"}
+  assert top <= set(LAYERS), f"subpackages without a layer: {sorted(top - set(LAYERS))}"
+
+
+def test_no_upward_imports():
+  upward = []
+  for module in MODULES:
+    for target, name, line in _imports(module):
+      dep = _resolve(target)
+      if dep and _layer(dep) > _layer(module):
+        upward.append(f"{MODULES[module].relative_to(REPO)}:{line} imports {dep}")
+  assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
+
+
+def test_no_import_cycles():
+  graph, state, cycles = _graph(), {}, []
+
+  def visit(node: str, stack: list[str]) -> None:
+    state[node] = "open"
+    for dep in sorted(graph.get(node, ())):
+      if state.get(dep) == "open":
+        cycles.append(" -> ".join(stack[stack.index(dep):] + [dep]))
+      elif dep not in state:
+        visit(dep, stack + [dep])
+    state[node] = "done"
+
+  for module in sorted(graph):
+    if module not in state:
+      visit(module, [module])
+  assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+def test_no_private_names_across_modules():
+  private = []
+  for module in MODULES:
+    path = MODULES[module]
+    tree = ast.parse(path.read_text())
+    aliases = {}
+    for target, name, line in _imports(module):
+      shown = name or target.rpartition(".")[2]
+      if shown.startswith("_") and not shown.startswith("__"):
+        private.append(f"{path.relative_to(REPO)}:{line} imports {target} {name}".strip())
+    for node in ast.walk(tree):
+      if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("ia3_jax"):
+        for a in node.names:
+          if f"{node.module}.{a.name}" in MODULES:
+            aliases[a.asname or a.name] = f"{node.module}.{a.name}"
+      elif isinstance(node, ast.Import):
+        for a in node.names:
+          if a.asname and a.name in MODULES:
+            aliases[a.asname] = a.name
+    for node in ast.walk(tree):
+      if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name)
+          and node.value.id in aliases and node.attr.startswith("_")
+          and not node.attr.startswith("__") and aliases[node.value.id] != module):
+        private.append(f"{path.relative_to(REPO)}:{node.lineno} uses "
+                       f"{aliases[node.value.id]}.{node.attr}")
+  assert not private, "private names used across modules:\n" + "\n".join(private)
+
+
+def test_no_reference_to_a_design_file_outside_the_repository():
+  import subprocess
+  out = subprocess.run(["git", "grep", "-n", "-I", "-e", "DESIGN.md", "-e", "../shared"],
+                       cwd=REPO, capture_output=True, text=True)
+  hits = [line for line in out.stdout.splitlines() if not line.startswith("tests/test_layout.py")]
+  assert not hits, "\n".join(hits)
