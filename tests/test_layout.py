@@ -1,4 +1,4 @@
-"""The package layout (docs/design.md, "Module map"): layers, no cycles, no private names.
+"""The package layout: no import cycles, no private names across modules, no outside design file.
 
 Walks every module of `ia3_jax` (and the `tasks/` package shipped as
 `ia3_jax.tasks`) with `ast`, including imports inside functions, so a lazy
@@ -13,12 +13,6 @@ import pathlib
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"ia3_jax": REPO / "ia3_jax", "ia3_jax.tasks": REPO / "tasks"}
 
-# The data flow, top to bottom: a module may import its own layer or a lower-numbered one.
-LAYERS = {"errors": 0, "files": 0, "model": 1, "peft": 2, "interop": 3, "data": 4,
-          "objectives": 5, "train": 6}
-ENTRY_LAYER = 7  # cli, main, runs, demo, costs, gin_configurables, tasks, the package itself
-
-
 def _modules() -> dict[str, pathlib.Path]:
   found = {}
   for package, root in PACKAGE_DIRS.items():
@@ -30,11 +24,6 @@ def _modules() -> dict[str, pathlib.Path]:
 
 
 MODULES = _modules()
-
-
-def _layer(module: str) -> int:
-  parts = module.split(".")
-  return LAYERS.get(parts[1], ENTRY_LAYER) if len(parts) > 1 else ENTRY_LAYER
 
 
 def _resolve(name: str) -> str | None:
@@ -69,21 +58,6 @@ def _graph() -> dict[str, set[str]]:
     graph[module] = {d for d in deps if d and d != module
                      and not (module.startswith(d + ".") and d in PACKAGE_DIRS)}
   return graph
-
-
-def test_layers_are_known():
-  top = {m.split(".")[1] for m in MODULES if m.count(".") >= 2 and m.split(".")[1] != "tasks"}
-  assert top <= set(LAYERS), f"subpackages without a layer: {sorted(top - set(LAYERS))}"
-
-
-def test_no_upward_imports():
-  upward = []
-  for module in MODULES:
-    for target, name, line in _imports(module):
-      dep = _resolve(target)
-      if dep and _layer(dep) > _layer(module):
-        upward.append(f"{MODULES[module].relative_to(REPO)}:{line} imports {dep}")
-  assert not upward, "imports from a higher layer:\n" + "\n".join(upward)
 
 
 def test_no_import_cycles():

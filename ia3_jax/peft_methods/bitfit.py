@@ -20,7 +20,7 @@ import jax
 
 from ia3_jax import layers, network
 from ia3_jax.config import T5Config
-from ia3_jax.peft_methods import _common
+from ia3_jax.peft_methods import projection_targets
 
 Array = jax.Array
 
@@ -40,7 +40,7 @@ def _add_bias(module: nn.Module, y: Array, name: str, features: int,
 class BitFitAttention(layers.MultiHeadDotProductAttention):
   """Attention with a trainable bias after each projection in `targets`."""
 
-  targets: tuple[str, ...] = _common.ATTENTION_PROJECTIONS
+  targets: tuple[str, ...] = projection_targets.ATTENTION_PROJECTIONS
 
   def project(self, x, name, features, kernel_axes, task_id, kernel_init=None):
     y = super().project(x, name, features, kernel_axes, task_id, kernel_init)
@@ -50,12 +50,12 @@ class BitFitAttention(layers.MultiHeadDotProductAttention):
 class BitFitMlp(layers.MlpBlock):
   """MLP with a trainable bias after each projection in `targets`."""
 
-  targets: tuple[str, ...] = _common.MLP_PROJECTIONS
+  targets: tuple[str, ...] = projection_targets.MLP_PROJECTIONS
 
   required: tuple[str, ...] = ()  # named explicitly: must exist in this model
 
   def project(self, x, name, features, kernel_axes, task_id, kernel_init=None):
-    _common.check_mlp_targets(self.config, self.required, "bitfit targets")
+    projection_targets.check_mlp_targets(self.config, self.required, "bitfit targets")
     y = super().project(x, name, features, kernel_axes, task_id, kernel_init)
     return _add_bias(self, y, name, features, kernel_axes)
 
@@ -64,14 +64,14 @@ def bitfit_blocks(config: Optional[T5Config] = None, *,
                   targets: Sequence[str] | str = ("all",), num_tasks: int = 1,
                   base: Optional[network.Blocks] = None) -> network.Blocks:
   """Network blocks with zero-initialised biases after the `targets` projections."""
-  _common.require_single_task("bitfit", num_tasks)
-  names = _common.normalize_targets(targets, what="bitfit targets")
-  required = _common.explicit_mlp_targets(targets)
+  projection_targets.require_single_task("bitfit", num_tasks)
+  names = projection_targets.normalize_targets(targets, what="bitfit targets")
+  required = projection_targets.explicit_mlp_targets(targets)
   if config is not None:
-    _common.check_mlp_targets(config, required, "bitfit targets")
+    projection_targets.check_mlp_targets(config, required, "bitfit targets")
   base = base or network.Blocks()
-  attn = tuple(n for n in names if n in _common.ATTENTION_PROJECTIONS)
-  mlp = tuple(n for n in names if n in _common.MLP_PROJECTIONS)
+  attn = tuple(n for n in names if n in projection_targets.ATTENTION_PROJECTIONS)
+  mlp = tuple(n for n in names if n in projection_targets.MLP_PROJECTIONS)
   return base.replace(
       attention=functools.partial(BitFitAttention, targets=attn) if attn else base.attention,
       mlp=(functools.partial(BitFitMlp, targets=mlp, required=required) if mlp

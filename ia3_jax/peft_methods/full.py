@@ -10,7 +10,7 @@ from typing import Optional
 
 from ia3_jax import network
 from ia3_jax.config import T5Config
-from ia3_jax.peft_methods import _common
+from ia3_jax.peft_methods import projection_targets
 
 TRAINABLE_PATTERNS = (r".*",)
 
@@ -19,5 +19,5 @@ def full_blocks(config: Optional[T5Config] = None, *, num_tasks: int = 1,
                 base: Optional[network.Blocks] = None) -> network.Blocks:
   """The base blocks (full fine-tuning trains everything)."""
   del config
-  _common.require_single_task("full", num_tasks)
+  projection_targets.require_single_task("full", num_tasks)
   return base or network.Blocks()

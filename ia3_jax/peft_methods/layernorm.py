@@ -12,7 +12,7 @@ from typing import Optional
 
 from ia3_jax import network
 from ia3_jax.config import T5Config
-from ia3_jax.peft_methods import _common
+from ia3_jax.peft_methods import projection_targets
 
 TRAINABLE_PATTERNS = (r".*(layer_norm|encoder_norm|decoder_norm)/scale",)
 
@@ -21,5 +21,5 @@ def layernorm_blocks(config: Optional[T5Config] = None, *, num_tasks: int = 1,
                      base: Optional[network.Blocks] = None) -> network.Blocks:
   """The base blocks (LayerNorm tuning only changes what is trained)."""
   del config
-  _common.require_single_task("layernorm", num_tasks)
+  projection_targets.require_single_task("layernorm", num_tasks)
   return base or network.Blocks()

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 
 from ia3_jax import layers, network
 from ia3_jax.config import T5Config
-from ia3_jax.peft_methods import _common
+from ia3_jax.peft_methods import projection_targets
 
 Array = jax.Array
 Params = Any
@@ -73,7 +73,7 @@ class LoraAttention(layers.MultiHeadDotProductAttention):
   alpha: float = 4.0
   dropout_rate: float = 0.0
   use_rslora: bool = False
-  targets: tuple[str, ...] = _common.ATTENTION_PROJECTIONS
+  targets: tuple[str, ...] = projection_targets.ATTENTION_PROJECTIONS
 
   def project(self, x, name, features, kernel_axes, task_id, kernel_init=None):
     y = super().project(x, name, features, kernel_axes, task_id, kernel_init)
@@ -89,12 +89,12 @@ class LoraMlp(layers.MlpBlock):
   alpha: float = 4.0
   dropout_rate: float = 0.0
   use_rslora: bool = False
-  targets: tuple[str, ...] = _common.MLP_PROJECTIONS
+  targets: tuple[str, ...] = projection_targets.MLP_PROJECTIONS
 
   required: tuple[str, ...] = ()  # named explicitly: must exist in this model
 
   def project(self, x, name, features, kernel_axes, task_id, kernel_init=None):
-    _common.check_mlp_targets(self.config, self.required, "lora targets")
+    projection_targets.check_mlp_targets(self.config, self.required, "lora targets")
     y = super().project(x, name, features, kernel_axes, task_id, kernel_init)
     if name not in self.targets:
       return y
@@ -111,19 +111,19 @@ def lora_blocks(config: Optional[T5Config] = None, *, rank: int = 4, alpha: floa
   init): e.g. `wi` does not exist in a gated (T5 1.1) MLP. `base` lets LoRA wrap
   other overrides (it replaces `attention` and `mlp`).
   """
-  _common.require_single_task("lora", num_tasks)
+  projection_targets.require_single_task("lora", num_tasks)
   if not isinstance(rank, int) or rank < 1:
     raise ValueError(f"lora: rank must be a positive int, got {rank!r}")
   if not 0.0 <= dropout < 1.0:
     raise ValueError(f"lora: dropout must be in [0, 1), got {dropout!r}")
-  names = _common.normalize_targets(targets, what="lora targets")
-  required = _common.explicit_mlp_targets(targets)
+  names = projection_targets.normalize_targets(targets, what="lora targets")
+  required = projection_targets.explicit_mlp_targets(targets)
   if config is not None:
-    _common.check_mlp_targets(config, required, "lora targets")
+    projection_targets.check_mlp_targets(config, required, "lora targets")
   kw = dict(rank=rank, alpha=float(alpha), dropout_rate=float(dropout), use_rslora=use_rslora)
   base = base or network.Blocks()
-  attn = tuple(n for n in names if n in _common.ATTENTION_PROJECTIONS)
-  mlp = tuple(n for n in names if n in _common.MLP_PROJECTIONS)
+  attn = tuple(n for n in names if n in projection_targets.ATTENTION_PROJECTIONS)
+  mlp = tuple(n for n in names if n in projection_targets.MLP_PROJECTIONS)
   return base.replace(
       attention=functools.partial(LoraAttention, targets=attn, **kw) if attn else base.attention,
       mlp=(functools.partial(LoraMlp, targets=mlp, required=required, **kw) if mlp
@@ -171,4 +171,4 @@ def lora_targets_in(params: Params) -> tuple[str, ...]:
       for v in tree.values():
         walk(v)
   walk(params)
-  return tuple(n for n in _common.PROJECTIONS if n in found)
+  return tuple(n for n in projection_targets.PROJECTIONS if n in found)

@@ -27,7 +27,7 @@ import numpy as np
 from ia3_jax import adapter_files
 from ia3_jax import params as P
 from ia3_jax.config import T5Config
-from ia3_jax.peft_methods import _common, lora
+from ia3_jax.peft_methods import projection_targets, lora
 from ia3_jax.errors import AdapterError
 
 PathLike = str | os.PathLike
@@ -156,7 +156,7 @@ def export_peft_lora(lora_params: Params, config: T5Config, out_dir: PathLike, *
                          "this model")
     hf_suffix = ".lora_A.weight" if suffix == lora.SUFFIX_A else ".lora_B.weight"
     tensors[f"{adapter_files.PEFT_PREFIX}{module}{hf_suffix}"] = np.asarray(value, np.float32).T
-    short_names.add(_common.T5X_TO_HF[proj])
+    short_names.add(projection_targets.T5X_TO_HF[proj])
   adapter_config = {
       "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "r": ranks.pop(),
       "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,

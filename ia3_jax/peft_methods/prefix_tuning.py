@@ -32,7 +32,7 @@ import jax.numpy as jnp
 from ia3_jax import layers, network
 from ia3_jax.config import T5Config
 from ia3_jax import banks
-from ia3_jax.peft_methods import _common
+from ia3_jax.peft_methods import projection_targets
 
 Array = jax.Array
 
@@ -77,7 +77,7 @@ def prefix_tuning_blocks(config: Optional[T5Config] = None, *, length: int = 10,
                          base: Optional[network.Blocks] = None) -> network.Blocks:
   """Network blocks with `length` learned key/value prefixes in each attention of `sites`."""
   del config
-  _common.check_num_tasks(num_tasks, "prefix_tuning")
+  projection_targets.check_num_tasks(num_tasks, "prefix_tuning")
   if not isinstance(length, int) or length < 1:
     raise ValueError(f"prefix_tuning: length must be a positive int, got {length!r}")
   sites = (sites,) if isinstance(sites, str) else tuple(sites)

@@ -35,7 +35,7 @@ import numpy as np
 from ia3_jax import layers, network
 from ia3_jax.config import T5Config
 from ia3_jax import banks
-from ia3_jax.peft_methods import _common
+from ia3_jax.peft_methods import projection_targets
 
 Array = jax.Array
 Params = Any
@@ -107,7 +107,7 @@ def prompt_tuning_blocks(config: Optional[T5Config] = None, *, length: int = 100
 
   With `config` given, the init ids are validated now (else at model init).
   """
-  _common.check_num_tasks(num_tasks, "prompt_tuning")
+  projection_targets.check_num_tasks(num_tasks, "prompt_tuning")
   if not isinstance(length, int) or length < 1:
     raise ValueError(f"prompt_tuning: length must be a positive int, got {length!r}")
   if config is not None:
