@@ -342,3 +342,23 @@ def test_every_flag_has_help(cmd, flags, capsys):
     i = next(i for i, l in enumerate(lines) if l.strip().startswith(flag + " "))
     described = lines[i].strip()[len(flag):].split(None, 1)  # "FLAG {choices}  help"
     assert len(described) > 1 or lines[i + 1].startswith(" " * 10), (flag, lines[i])
+
+
+def test_streamed_data_error_is_clean_and_closes_the_stream(tmp_path, monkeypatch):
+  """The library level of the streamed-data fix: the DataError's own message, stream closed."""
+  import importlib
+  from ia3_jax import data
+  from ia3_jax.errors import DataError
+  task = _task_dir(tmp_path, drop_field_on_line=6)
+  monkeypatch.syspath_prepend(str(task))
+  monkeypatch.delitem(sys.modules, "mine_tasks", raising=False)
+  importlib.import_module("mine_tasks")
+  it = data.get_batches("whole_train", None, 4, {"inputs": 32, "targets": 4, "num_choices": 2})
+  with pytest.raises(DataError) as e:
+    for _ in range(100):  # 40 examples per epoch: the bad row comes in the first epoch
+      next(it)
+  assert str(e.value).startswith(f"whole_train: {task / 'train.jsonl'}, line 6: template "
+                                 "'is it positive'")
+  assert "\n" not in str(e.value) and "function_node" not in str(e.value)
+  with pytest.raises(StopIteration):
+    next(it)
