@@ -604,7 +604,8 @@ def _source_for(key: str, data: Mapping[str, Any]) -> Source:
 
 # --------------------------------------------------------------------------- batches
 
-def _lookup(name: str):
+def lookup(name: str):
+  """The seqio task or mixture `name`, or a DataError naming it (with close matches)."""
   try:
     return seqio.get_mixture_or_task(name)
   except ValueError:
@@ -748,7 +749,7 @@ def get_batches(name: str, split: str | None, batch_size: int, feature_lengths: 
       when feature_lengths["num_choices"] == 1.
     task_id_map: dataset key -> row of the task bank (default: global ids).
   """
-  provider = _lookup(name)
+  provider = lookup(name)
   info = _INFO.get(name)
   if split is None:
     if info is None:

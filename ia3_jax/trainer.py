@@ -118,13 +118,7 @@ class SeqioBatches:
 
   def vocabulary(self):
     """The vocabulary of the task's output features ("targets"): what decodes its tokens."""
-    import seqio
-    self._setup()
-    try:
-      provider = seqio.get_mixture_or_task(self.name)
-    except ValueError as e:
-      raise DataError(f"{self.name!r}: not a registered seqio task or mixture ({e})") from None
-    return provider.output_features["targets"].vocabulary
+    return self._setup().lookup(self.name).output_features["targets"].vocabulary
 
   def template_names(self) -> Optional[tuple[str, ...]]:
     """Names of the template ids in the batches (None for tasks not registered by ia3_jax.data)."""

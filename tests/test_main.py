@@ -181,7 +181,8 @@ def _train_from_the_command_line(root: pathlib.Path, cache: pathlib.Path):
   assert "steps_per_s=" in logs  # the progress bar
   assert sorted(results["eval"]) == ["3", "6"]  # every EVAL_PERIOD steps, and at the end
   final_eval = results["eval"]["6"]
-  assert final_eval["num_examples"] == 48 and set(final_eval["per_template"]) == {"0", "1"}
+  assert final_eval["num_examples"] == 48
+  assert set(final_eval["per_template"]) == {"is it positive", "review sentiment"}
   return model_dir, final_eval
 
 

@@ -92,7 +92,7 @@ def test_own_data_module_and_train_command(tmp_path):
   assert results["step"] == 2
   assert results["params"]["trainable"] == 5376  # (IA)^3 on the bundled model (README: demo)
   final = results["eval"]["2"]
-  assert final["num_examples"] == 12 and set(final["per_template"]) == {"0", "1"}
+  assert final["num_examples"] == 12 and set(final["per_template"]) == {"did they like it", "is it positive"}
 
 
 def test_toy_train_command_from_the_repo_root(tmp_path):
