@@ -171,9 +171,6 @@ class FewShotRunner:
     from ia3_jax import params as params_lib  # pylint: disable=g-import-not-at-top
     state = self.trainer.init_state(self.base_params)
     full = state.params
-    post_load = getattr(self.method, "post_load", None)  # e.g. prompt tuning's init from vocab rows
-    if post_load is not None:
-      full = post_load(full, self.config, **self.method_kwargs)
     if init is not None:
       flat = params_lib.flatten(full)
       for path, value in params_lib.flatten(init).items():

@@ -43,7 +43,7 @@ import os
 import random
 import re
 from collections import Counter
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Iterable, Mapping
 
 import jinja2
 import jinja2.meta
@@ -432,9 +432,3 @@ def promptsource_templates(checkout: str | os.PathLike, dataset: str,
       return load_templates(path)
   raise DataError(f"{root}: no promptsource templates for dataset {dataset!r} subset {subset!r} "
                   f"(looked for {os.path.join('promptsource/templates', dataset, subset or '', 'templates.yaml')})")
-
-
-def render_all(templates: Sequence[Template], example: Mapping[str, Any], *, where: str,
-               labeled: bool = True) -> list[Rendered]:
-  """Renders one example through every template."""
-  return [t.render(example, where=where, labeled=labeled) for t in templates]

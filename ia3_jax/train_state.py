@@ -8,7 +8,7 @@ it stays bit-for-bit the same buffers for the whole run.
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import Any
 
 import flax
 import jax
@@ -65,7 +65,3 @@ def opt_state_param_paths(opt_state: Any) -> set[str]:
     if keys:
       found.add("/".join(keys))
   return found
-
-
-def nbytes(tree: Optional[Any]) -> int:
-  return 0 if tree is None else params_lib.nbytes(tree)

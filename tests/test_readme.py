@@ -12,7 +12,6 @@ import shlex
 import subprocess
 import sys
 
-import pytest
 
 from ia3_jax import checkpoints, data
 from ia3_jax.demo import BUNDLED_MODEL_DIR

@@ -5,10 +5,8 @@ split, choices made identical by truncation) are errors; TensorBoard points are 
 import json
 import pathlib
 import shutil
-import sys
 import uuid
 
-import numpy as np
 import pytest
 import seqio
 
