@@ -39,7 +39,7 @@ import numpy as np
 import seqio
 
 from ia3_jax import fewshot
-from ia3_jax.errors import ConfigError
+from ia3_jax.errors import ConfigError, EmptyRenderError
 from ia3_jax.feature_converters import EOS_ID, RankClassificationFeatureConverter, TruncationStats
 from ia3_jax.sources import CsvSource, InMemorySource, JsonlSource, Record, Source, import_tf
 from ia3_jax.templates import DataError, Template, TemplateSet, load_templates
@@ -232,6 +232,9 @@ class DatasetSpec:
     num_choices: expected number of answer choices (checked for every example).
     unlabeled_splits: splits without labels (targets empty, label -1).
     task_id: fixed task id (None: assigned, see module doc).
+    skip_empty_renders: a template that renders an empty input or target for an
+      example is skipped for that example (counted and logged) instead of failing;
+      for promptsource's question-specific templates (COPA's "cause"-only ones).
   """
   key: str
   source: Source
@@ -243,6 +246,7 @@ class DatasetSpec:
   num_choices: int | None = None
   unlabeled_splits: frozenset[str] = frozenset()
   task_id: int | None = None
+  skip_empty_renders: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -305,12 +309,42 @@ def _records(spec: DatasetSpec, split: str) -> list[Record]:
     return _RECORD_CACHE[key][1]
 
 
+def _renders(spec: DatasetSpec, templates: Sequence[Template], template_ids: Sequence[int],
+             record: Record, labeled: bool) -> tuple[list, list[int]]:
+  """(template, render) per template slot, and the slots' template ids.
+
+  With `spec.skip_empty_renders`, a slot whose template renders empty takes a
+  valid render of another template of the row (its id with it), so rows keep
+  one slot per template; no valid render at all gives `([], [])`.
+  """
+  out, ids = [], []
+  for template, tid in zip(templates, template_ids):
+    try:
+      out.append((template, template.render(record.fields, where=record.where, labeled=labeled)))
+      ids.append(tid)
+    except EmptyRenderError:
+      if not spec.skip_empty_renders:
+        raise
+      out.append(None)
+      ids.append(None)
+  valid = [i for i, r in enumerate(out) if r is not None]
+  if not valid:
+    return [], []
+  for i, r in enumerate(out):
+    if r is None:
+      j = valid[i % len(valid)]
+      out[i], ids[i] = out[j], ids[j]
+  return out, ids
+
+
 def _render_row(spec: DatasetSpec, templates: Sequence[Template], template_ids: Sequence[int],
                 record: Record, labeled: bool, tid: int) -> dict:
-  rendered = [t.render(record.fields, where=record.where, labeled=labeled) for t in templates]
-  row = {"inputs": [], "targets": [], "choices": [], "label": [], "template_id": list(template_ids),
+  rendered, kept_ids = _renders(spec, templates, template_ids, record, labeled)
+  if not rendered:
+    return None
+  row = {"inputs": [], "targets": [], "choices": [], "label": [], "template_id": kept_ids,
          "example_id": record.index, "task_id": tid}
-  for template, r in zip(templates, rendered):
+  for template, r in rendered:
     choices = list(r.choices) if r.choices is not None else [r.target]
     if spec.num_choices is not None and len(choices) != spec.num_choices:
       raise DataError(f"{record.where}: {template.location}: renders {len(choices)} answer "
@@ -336,9 +370,28 @@ def _rows(spec: DatasetSpec, templates: TemplateSet, template_idx: Sequence[int]
   chosen = [templates.templates[i] for i in template_idx]
   labeled = split not in spec.unlabeled_splits
   rows = [_render_row(spec, chosen, template_idx, r, labeled, tid) for r in records]
+  rows = _without_empty(rows, spec, split, [templates.templates[i].name for i in template_idx])
   with _LOCK:
     _ROW_CACHE[key] = (spec, templates, rows)
   return rows
+
+
+def _without_empty(rows: list, spec: DatasetSpec, split: str, names: Sequence[str]) -> list[dict]:
+  """Drops examples no template renders, logging how many renders were skipped."""
+  kept = [r for r in rows if r is not None]
+  if not spec.skip_empty_renders:
+    return kept
+  skipped = sum(len(names) - len(set(r["template_id"])) for r in kept) + (
+      len(names) * (len(rows) - len(kept)))
+  if skipped:
+    log.warning("%s split %r: %d of %d renders empty (question-specific templates among %s) "
+                "were skipped; %d of %d examples have no valid template and were dropped",
+                spec.key, split, skipped, len(names) * len(rows), list(names),
+                len(rows) - len(kept), len(rows))
+  if not kept and rows:
+    raise DataError(f"{spec.key} split {split!r}: no template among {list(names)} renders any of "
+                    f"its {len(rows)} examples")
+  return kept
 
 
 def _stream_rows(spec: DatasetSpec, templates: TemplateSet, template_idx: Sequence[int], split: str,
@@ -347,7 +400,9 @@ def _stream_rows(spec: DatasetSpec, templates: TemplateSet, template_idx: Sequen
   chosen = [templates.templates[i] for i in template_idx]
   labeled = split not in spec.unlabeled_splits
   for record in spec.source.iterate(split):
-    yield _render_row(spec, chosen, template_idx, record, labeled, tid)
+    row = _render_row(spec, chosen, template_idx, record, labeled, tid)
+    if row is not None:
+      yield row
 
 
 def _rows_dataset(rows: Sequence[dict], num_templates: int):

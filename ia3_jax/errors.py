@@ -20,6 +20,10 @@ class DataError(Ia3JaxError, ValueError):
   """Bad data or template; the message names file, line, template and field."""
 
 
+class EmptyRenderError(DataError):
+  """A template renders an empty input or target for an example (e.g. a question-specific one)."""
+
+
 class CheckpointError(Ia3JaxError, ValueError):
   """A checkpoint that cannot be read as the requested model."""
 

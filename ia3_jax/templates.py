@@ -35,7 +35,7 @@ template and its file and line, and the fields involved.
 
 from __future__ import annotations
 
-from ia3_jax.errors import DataError  # re-exported: ia3_jax.errors is its home
+from ia3_jax.errors import DataError, EmptyRenderError  # re-exported: ia3_jax.errors is its home
 
 import dataclasses
 import hashlib
@@ -198,14 +198,14 @@ class Template:
                       "separators; expected exactly one (input ||| target)")
     inputs = parts[0]
     if not inputs:
-      raise DataError(f"{where}: {self.location}: renders an empty input"
+      raise EmptyRenderError(f"{where}: {self.location}: renders an empty input"
                       f"{self._fields_note(source.split(SEPARATOR, 1)[0], example)}")
     if not labeled:
       return Rendered(inputs, "", choices, -1)
     target = parts[1] if len(parts) == 2 else ""
     target_src = self.jinja.split(SEPARATOR, 1)[1]
     if not target:
-      raise DataError(f"{where}: {self.location}: renders an empty target"
+      raise EmptyRenderError(f"{where}: {self.location}: renders an empty target"
                       f"{self._fields_note(target_src, example)}")
     label = -1
     if choices is not None:

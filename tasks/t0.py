@@ -76,5 +76,8 @@ def specs(*, data_dir: str | None = None, manual_dir: str | None = None,
                            train_split=setup.train_split, eval_split=setup.eval_split,
                            num_shots=setup.num_shots, seeds=fewshot.TFEW_SEEDS,
                            num_choices=num_choices, unlabeled_splits=frozenset(unlabeled),
-                           task_id=task_ids[key]))
+                           task_id=task_ids[key],
+                           # promptsource's question-specific templates (COPA) render empty
+                           # on the other examples: skipped there and counted.
+                           skip_empty_renders=promptsource_dir is not None))
   return out

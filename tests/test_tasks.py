@@ -212,3 +212,61 @@ def test_promptsource_checkout_replaces_our_templates(registered, tmp_path, mock
   finally:
     tasks.register_all(vocabulary(), **dirs, groups=("t0",))
   assert "rte_eval_does_this_imply" in data.registered_names("rte")
+
+
+def test_promptsource_copa_question_specific_templates_skip_empty_renders(registered, tmp_path,
+                                                                          mock, caplog):
+  """promptsource COPA: a "cause"-only template renders empty on "effect" questions.
+
+  Those renders are skipped and counted (T-Few keeps only valid renders); the
+  generic template still renders every example. (The mock data's `question`
+  is random text, so the stand-in condition compares two mock fields.)
+  """
+  for (dataset, subset), n in {v[3]: v[4] for v in t0.T0_HELDOUT.values()}.items():
+    other = tmp_path / "promptsource" / "templates" / dataset / (subset or "")
+    other.mkdir(parents=True, exist_ok=True)
+    (other / "templates.yaml").write_text(textwrap.dedent(f"""\
+        dataset: {dataset}
+        templates:
+          id-a: !Template
+            answer_choices: {" ||| ".join("ABCD"[:n])}
+            id: id-a
+            jinja: '{{{{ premise }}}} ok? ||| {{{{ answer_choices[0] }}}}'
+            metadata: !TemplateMetadata {{original_task: true, choices_in_prompt: false}}
+            name: original
+            reference: ''
+        """))
+  folder = tmp_path / "promptsource" / "templates" / "super_glue" / "copa"
+  (folder / "templates.yaml").write_text(textwrap.dedent("""\
+      dataset: super_glue
+      subset: copa
+      templates:
+        id-a: !Template
+          answer_choices: '{{choice1}} ||| {{choice2}}'
+          id: id-a
+          jinja: '{{ premise }} What is the {{ question }}? ||| {{ answer_choices[label] }}'
+          metadata: !TemplateMetadata {original_task: true, choices_in_prompt: false}
+          name: generic
+          reference: ''
+        id-b: !Template
+          answer_choices: '{{choice1}} ||| {{choice2}}'
+          id: id-b
+          jinja: '{% if premise < choice1 %}{{ premise }} Why? ||| {{ answer_choices[label] }}{% endif %}'
+          metadata: !TemplateMetadata {original_task: true, choices_in_prompt: false}
+          name: cause only
+          reference: ''
+      """))
+  _, dirs = registered
+  try:
+    tasks.register_all(vocabulary(), **dirs, promptsource_dir=str(tmp_path), groups=("t0",))
+    generic = data.rendered_examples("copa_eval_generic")
+    with caplog.at_level("WARNING"):
+      cause = data.rendered_examples("copa_eval_cause_only")
+    assert generic and all(r["inputs"][0].endswith("?") for r in generic)
+    assert 0 < len(cause) < len(generic)
+    assert all(r["inputs"][0].endswith("Why?") for r in cause)
+    assert "were skipped" in caplog.text and "copa" in caplog.text
+    train = data.rendered_examples("copa_fewshot_seed0")  # both templates per example
+    assert all(len(r["inputs"]) == 2 for r in train)
+  finally:
+    tasks.register_all(vocabulary(), **dirs, groups=("t0",))
