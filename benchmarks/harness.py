@@ -24,12 +24,12 @@ import jax.numpy as jnp
 import numpy as np
 
 from ia3_jax import config as config_lib
-from ia3_jax import ia3, losses, network, optimizers, trainer
+from ia3_jax import ia3, loop, losses, network, optimizers, trainer
 
 Batch = dict[str, np.ndarray]
 
 IA3_TRAINABLE = ia3.IA3_PATTERN
-FULL_TRAINABLE = trainer.ALL_PARAMS
+FULL_TRAINABLE = loop.ALL_PARAMS
 
 
 # --------------------------------------------------------------------------- workload
@@ -266,13 +266,17 @@ class JaxTraining:
     self.state = self.trainer.init_state(base)
     self.batch = self.trainer.partitioner.shard_batch(self.trainer.model_batch(batch),
                                                       batch["label"].shape[0])
+    # The train loop's step (with its finite check), on a batch sharded once.
+    self.loop = loop.TrainLoop(self.trainer, num_steps=2**31 - 1,
+                               batch_size=batch["label"].shape[0])
+    self.loop.add_hook(loop.check_finite("benchmark step"))
     self.last_metrics: Optional[dict] = None
 
   def step(self) -> float:
     """One update; returns the loss of the params before it (blocks)."""
-    self.state, metrics = self.trainer.step(self.state, self.batch)
-    self.last_metrics = jax.device_get(metrics)
-    return float(self.last_metrics["loss"])
+    info = self.loop.step(self.state, self.batch)
+    self.state, self.last_metrics = info.state, dict(info.metrics)
+    return self.last_metrics["loss"]
 
   def compiled(self):
     return self.trainer.lower_step(self.state, self.batch).compile()

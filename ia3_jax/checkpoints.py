@@ -409,3 +409,15 @@ def load_vocabulary(path: PathLike, extra_ids: Optional[int] = None):
   elif not path.exists():
     raise CheckpointError(f"{path}: no such SentencePiece model file")
   return seqio.SentencePieceVocabulary(str(model_file), extra_ids=extra_ids or 0)
+
+
+def load_initial_params(path: Optional[str | os.PathLike]
+                        ) -> tuple[Optional[dict[str, Any]], Optional[T5Config]]:
+  """A run's initial params: an HF directory (config.json; with its config) or orbax params."""
+  if not path:
+    return None, None
+  p = pathlib.Path(path)
+  if (p / "config.json").exists():
+    config, params = load_hf_checkpoint(p)
+    return params, config
+  return restore_params(p), None

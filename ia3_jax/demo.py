@@ -22,7 +22,8 @@ vectors move), dropout off (the model was pre-trained without it), shorter
 sequences. Everything else is the recipe.
 
 `FewShotRunner` is the reusable piece (the notebooks build their ablations on
-it): one jit-compiled `trainer.Trainer` for a method and loss, fitted on any
+it): one jit-compiled `trainer.Trainer` for a method and loss, fitted by
+the train loop (`loop.TrainLoop`), fitted on any
 few-shot task and evaluated on any evaluation task of `ia3_jax.tasks.demo`.
 """
 
@@ -30,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import pathlib
 import sys
@@ -182,11 +182,11 @@ class FewShotRunner:
 
   def evaluate(self, params, family: str) -> dict[str, float]:
     """Rank-classification accuracy of every template of `family` on its evaluation split."""
-    from ia3_jax import data  # pylint: disable=g-import-not-at-top
+    from ia3_jax import batches, registration  # pylint: disable=g-import-not-at-top
     name = f"demo_{family}_eval"
-    batches = data.get_batches(name, None, self.eval_batch_size, feature_lengths(family))
-    result = self.trainer.evaluate(params, batches, self.eval_batch_size)
-    names = data.get_task_info(name).template_names
+    stream = batches.get_batches(name, None, self.eval_batch_size, feature_lengths(family))
+    result = self.trainer.evaluate(params, stream, self.eval_batch_size)
+    names = registration.get_task_info(name).template_names
     return {names[int(t)]: float(r["accuracy"]) for t, r in result["per_template"].items()}
 
   def fit(self, family: str, seed: int, *, init: Optional[Mapping[str, Any]] = None,
@@ -199,29 +199,24 @@ class FewShotRunner:
     params (e.g. pre-trained (IA)^3 vectors). TensorBoard scalars go to
     `log_dir` when given.
     """
-    from ia3_jax import data, trainer  # pylint: disable=g-import-not-at-top
-    import jax  # pylint: disable=g-import-not-at-top
-    tr = self.trainer
-    state = tr.init_state(self._with_method_params(init))
-    batches = data.get_batches(f"demo_{family}_fewshot_seed{seed}", "train", self.batch_size,
-                               feature_lengths(family), seed=seed)
-    writer = trainer.MetricWriter(log_dir, tensorboard=bool(log_dir), show=lambda _: None)
-    losses, window = [], []
+    from ia3_jax import batches, loop, writers  # pylint: disable=g-import-not-at-top
+    name = f"demo_{family}_fewshot_seed{seed}"
+    train_loop = loop.TrainLoop(self.trainer, num_steps=self.train_steps,
+                                batch_size=self.batch_size, data_name=name)
+    train_loop.add_hook(loop.check_finite(f"{family} seed {seed}"))
+    losses: list[float] = []
+    train_loop.add_hook(lambda info: losses.append(info.metrics["loss"]))
+    writer = writers.MetricWriter(log_dir, tensorboard=bool(log_dir), show=lambda _: None)
+
+    def emit(step: int, scalars: dict[str, float]) -> None:
+      writer.write(step, scalars, prefix="train/")
+      if progress:
+        progress(step, losses[-1])
+    train_loop.add_hook(loop.MetricsWindow(log_period, emit))
+    state = self.trainer.init_state(self._with_method_params(init))
     try:
-      for step in range(1, self.train_steps + 1):
-        batch = tr.partitioner.shard_batch(tr.model_batch(next(batches)), self.batch_size)
-        state, step_metrics = tr.step(state, batch)
-        step_metrics = jax.device_get(step_metrics)
-        loss = float(step_metrics["loss"])
-        if not math.isfinite(loss):
-          raise trainer.TrainingDivergedError(f"{family} seed {seed}: loss {loss} at step {step}")
-        losses.append(loss)
-        window.append(step_metrics)
-        if step % log_period == 0 or step == self.train_steps:
-          writer.write(step, trainer.average_metrics(window), prefix="train/")
-          window = []
-          if progress:
-            progress(step, loss)
+      state = train_loop.run(state, batches.get_batches(name, "train", self.batch_size,
+                                                        feature_lengths(family), seed=seed))
     finally:
       writer.close()
     return state.params, losses
@@ -240,22 +235,21 @@ def pretrain_ia3(config: T5Config, base_params: Mapping[str, Any], model_dir: st
 
   T-Few's initialisation: L_LM only, mixed tasks, one shared set of vectors
   (the paper: 100k steps, batch 16, lr 3e-4 on T0's mixture; here a few
-  hundred steps). Runs `trainer.train` in `model_dir`; the training tasks must
+  hundred steps). Runs `loop.train` in `model_dir`; the training tasks must
   be registered (`register_tasks` with `synthetic.TRAINING_FAMILIES`).
   Returns the (IA)^3 subtree (host arrays), ready for `FewShotRunner.fit(init=...)`.
   """
   import jax  # pylint: disable=g-import-not-at-top
-  from ia3_jax import ia3, losses, optimizers, trainer  # pylint: disable=g-import-not-at-top
+  from ia3_jax import batches, ia3, loop, losses, optimizers  # pylint: disable=g-import-not-at-top
   from ia3_jax.tasks import demo as demo_tasks  # pylint: disable=g-import-not-at-top
-  results = trainer.train(
+  results = loop.train(
       model_dir=model_dir, config=config,
-      train_data=trainer.SeqioBatches(demo_tasks.PRETRAIN_MIXTURE,
-                                      dict(FEATURE_LENGTHS, num_choices=1), seed=seed,
-                                      register_builtin=False),
+      train_data=batches.SeqioBatches(demo_tasks.PRETRAIN_MIXTURE,
+                                      dict(FEATURE_LENGTHS, num_choices=1), seed=seed),
       blocks=ia3.ia3_blocks(tuple(sites)), trainable=ia3.IA3_PATTERN,
-      train_config=trainer.TrainConfig(train_steps=train_steps, batch_size=batch_size, seed=seed,
-                                       enable_dropout=False, eval_at_end=False, progress=False,
-                                       log_period=max(1, train_steps // 10)),
+      train_config=loop.TrainConfig(train_steps=train_steps, batch_size=batch_size, seed=seed,
+                                    enable_dropout=False, eval_at_end=False, progress=False,
+                                    log_period=max(1, train_steps // 10)),
       loss=losses.LossConfig(lm_weight=1.0, ul_weight=0.0, ln_weight=0.0),
       optimizer=optimizers.OptimizerConfig(learning_rate=learning_rate),
       initial_params=base_params)
@@ -455,8 +449,8 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
 
 
 def _write_summary_scalars(logdir: pathlib.Path, summary: Mapping[str, Any]) -> None:
-  from ia3_jax import trainer  # pylint: disable=g-import-not-at-top
-  writer = trainer.MetricWriter(str(logdir), tensorboard=True, show=lambda _: None)
+  from ia3_jax import writers  # pylint: disable=g-import-not-at-top
+  writer = writers.MetricWriter(str(logdir), tensorboard=True, show=lambda _: None)
   try:
     scalars = {}
     for family, t in summary["tasks"].items():

@@ -1,8 +1,8 @@
 """The gin edge: the few glue functions that exist only for gin files.
 
 The gin files use T5X's dynamic registration (`from __gin__ import
-dynamic_registration`, then `from ia3_jax import trainer` and bindings such as
-`trainer.TrainConfig.train_steps = %TRAIN_STEPS`), so the library's plain
+dynamic_registration`, then `from ia3_jax import loop` and bindings such as
+`loop.TrainConfig.train_steps = %TRAIN_STEPS`), so the library's plain
 functions and dataclasses are configured by their module paths and need no
 registration; every module except this one and the entry points stays free of
 gin. (Registering them here under short names as well would create a second,
@@ -10,7 +10,7 @@ unrelated configurable for the same function.)
 
 What lives here:
   * `run(action)`: the entry point `ia3_jax.main` calls; `runs/*.gin` bind
-    `gin_configurables.run.action` to `trainer.train`, `runs.evaluate`, ...
+    `gin_configurables.run.action` to `loop.train`, `runs.evaluate`, ...
   * `optional_batches(name, ...)`: a `SeqioBatches`, or None when `name` is
     None (e.g. EVAL_MIXTURE_OR_TASK_NAME = None: no evaluation).
   * `feature_lengths(...)`: TASK_FEATURE_LENGTHS with a clear error.
@@ -21,9 +21,10 @@ What lives here:
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
-from ia3_jax import trainer
+if TYPE_CHECKING:  # imported when called: --help reads this module without seqio/TensorFlow
+  from ia3_jax import batches
 
 
 def gin_dir() -> str:
@@ -49,7 +50,7 @@ def default_search_paths() -> list[str]:
 def run(action: Callable[[], Any]) -> Any:
   """Calls the configured action (bound by a `runs/*.gin` file)."""
   if not callable(action):
-    raise TypeError(f"gin_configurables.run.action must be a callable such as @trainer.train, "
+    raise TypeError(f"gin_configurables.run.action must be a callable such as @loop.train, "
                     f"got {action!r}")
   return action()
 
@@ -63,12 +64,13 @@ def feature_lengths(lengths: Mapping[str, int]) -> dict[str, int]:
 
 def optional_batches(name: Optional[str], feature_lengths: Mapping[str, int], *,
                      split: Optional[str] = None, seed: int = 0,
-                     task_modules: Sequence[str] = (), register_builtin: bool = True,
+                     task_modules: Sequence[str] = (),
                      task_id_map: Optional[Mapping[str, int]] = None
-                     ) -> Optional[trainer.SeqioBatches]:
-  """`trainer.SeqioBatches` for `name`, or None when `name` is None or empty."""
+                     ) -> Optional[batches.SeqioBatches]:
+  """`batches.SeqioBatches` for `name`, or None when `name` is None or empty."""
   if not name:
     return None
-  return trainer.SeqioBatches(name=name, feature_lengths=dict(feature_lengths), split=split,
+  from ia3_jax import batches  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  return batches.SeqioBatches(name=name, feature_lengths=dict(feature_lengths), split=split,
                               seed=seed, task_modules=tuple(task_modules or ()),
-                              register_builtin=register_builtin, task_id_map=task_id_map)
+                              task_id_map=task_id_map)

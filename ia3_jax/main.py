@@ -522,6 +522,7 @@ def run(argv: Sequence[str], *, action: Optional[str] = None,
   if not files:
     parser.error("no --gin_file given (e.g. --gin_file=runs/finetune.gin)")
   _init_processes(args)
+  import_tensorflow_quietly(verbose)  # before anything imports it (gin's modules, the data)
   import gin
   from ia3_jax import gin_configurables
   parsed = parse_gin(files, bindings, args.gin_search_paths, gin_flag_bindings)
@@ -529,7 +530,8 @@ def run(argv: Sequence[str], *, action: Optional[str] = None,
     print(gin.config_str())
     return 0
   _check_outputs()
-  import_tensorflow_quietly(verbose)
+  from ia3_jax import tasks
+  tasks.register_all()  # the built-in tasks, for names such as rte_fewshot_seed0
   try:
     gin.get_configurable(gin_configurables.run)()
   except (RuntimeError, ValueError) as e:

@@ -99,7 +99,7 @@ class OptimizerConfig:
       return lambda count: jnp.full((), self.learning_rate, jnp.float32)
     if self.total_steps is None:
       raise ValueError("OptimizerConfig.total_steps is None: set it (TRAIN_STEPS), or let "
-                       "trainer.train fill it in")
+                       "loop.train fill it in")
     return linear_warmup_linear_decay(self.learning_rate, self.num_warmup_steps, self.total_steps)
 
   def build(self) -> optax.GradientTransformation:

@@ -1,4 +1,4 @@
-"""Entry points of the eval, score and infer runs (train is `trainer.train`).
+"""Entry points of the eval, score and infer runs (train is `loop.train`).
 
 Each loads the base params (INITIAL_CHECKPOINT_PATH: an HF directory, an
 orbax param checkpoint, or None for the seed's random init), puts the
@@ -30,8 +30,11 @@ from ia3_jax import checkpointing, checkpoints, files, network
 from ia3_jax import params as params_lib
 from ia3_jax.config import T5Config
 from ia3_jax.partitioning import PartitionConfig, Partitioner
-from ia3_jax.trainer import (ALL_PARAMS, BatchSource, Trainer, build_model, check_eval_result,
-                             check_vocabulary, eval_result_json, load_base_params)
+from ia3_jax.batches import BatchSource
+from ia3_jax.checks import check_eval_result, check_vocabulary
+from ia3_jax.loop import ALL_PARAMS, build_model
+from ia3_jax.trainer import Trainer
+from ia3_jax.writers import eval_result_json
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +55,7 @@ def load_for_inference(*, config: T5Config, blocks: Optional[network.Blocks] = N
                   "(INITIAL_CHECKPOINT_PATH=None)", checkpoint_path,
                   meta["initial_checkpoint_path"])
     seed = int(meta.get("seed", seed))  # the random base (if any) of the training run
-  base, hf_config = load_base_params(initial_checkpoint_path)
+  base, hf_config = checkpoints.load_initial_params(initial_checkpoint_path)
   if base is not None and hf_config is not None:
     checkpoints.check_params_match(base, config, source=str(initial_checkpoint_path))
   model = build_model(config, blocks, dropout_rate=0.0)

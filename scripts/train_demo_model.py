@@ -7,7 +7,7 @@ What it does, all with ia3-jax's own code:
   1. trains a SentencePiece vocabulary (T5 ids: pad 0, eos 1, unk 2) on the
      rendered text of the synthetic suite (`ia3_jax.synthetic`);
   2. registers the suite as seqio tasks (`ia3_jax.tasks.demo`);
-  3. trains a tiny T5 1.1-style model from a random init with `trainer.train`
+  3. trains a tiny T5 1.1-style model from a random init with `loop.train`
      (every param trainable, L_LM only) on the multitask mixture of the
      TRAINING families, one random template per example: T0-style multitask
      prompted training; the held-out families are never seen;
@@ -61,7 +61,7 @@ def main(argv=None) -> int:
 
   import jax  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
-  from ia3_jax import checkpoints, losses, optimizers, trainer  # pylint: disable=g-import-not-at-top
+  from ia3_jax import batches, checkpoints, loop, losses, optimizers  # pylint: disable=g-import-not-at-top
   from ia3_jax.tasks import demo as demo_tasks  # pylint: disable=g-import-not-at-top
 
   print(f"[1/4] SentencePiece vocabulary ({args.vocab_size} pieces)", flush=True)
@@ -79,13 +79,13 @@ def main(argv=None) -> int:
   config = demo.demo_model_config(vocabulary.vocab_size)
   print(f"[3/4] multitask training: {args.steps} steps x batch {args.batch_size} on "
         f"{', '.join(synthetic.TRAINING_FAMILIES)}", flush=True)
-  results = trainer.train(
+  results = loop.train(
       model_dir=str(work), config=config,
-      train_data=trainer.SeqioBatches(
+      train_data=batches.SeqioBatches(
           demo_tasks.PRETRAIN_MIXTURE, dict(demo.PRETRAIN["feature_lengths"], num_choices=1),
-          seed=args.seed, register_builtin=False),
-      trainable=trainer.ALL_PARAMS,
-      train_config=trainer.TrainConfig(
+          seed=args.seed),
+      trainable=loop.ALL_PARAMS,
+      train_config=loop.TrainConfig(
           train_steps=args.steps, batch_size=args.batch_size, seed=args.seed, log_period=50,
           enable_dropout=False, eval_at_end=False, progress=True),
       loss=losses.LossConfig(lm_weight=1.0, ul_weight=0.0, ln_weight=0.0),

@@ -13,7 +13,7 @@ import jax
 import numpy as np
 import pytest
 
-from ia3_jax import checkpointing, checkpoints, config, ia3, trainer
+from ia3_jax import checkpointing, checkpoints, config, ia3, loop, trainer
 from ia3_jax import params as P
 from tests import trainer_utils as tu
 
@@ -45,7 +45,7 @@ def _committed_steps(model_dir: pathlib.Path) -> list[int]:
 
 
 def _write_checkpoint(model_dir: pathlib.Path, cfg, step: int = 3) -> None:
-  """A checkpoint as `trainer.train` writes it, without training (no step to compile)."""
+  """A checkpoint as `loop.train` writes it, without training (no step to compile)."""
   from ia3_jax import network, optimizers
   tr = trainer.Trainer(network.Transformer(cfg, ia3.ia3_blocks()), trainable=ia3.IA3_PATTERN,
                        optimizer=optimizers.OptimizerConfig(total_steps=10).build())
@@ -109,9 +109,9 @@ def test_resume_with_another_model_shape_names_the_param(tmp_path):
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"checkpoints/3/trainable: param decoder/layers_0/mlp/ia3_ff has shape "
                            r"\(1, 64\) in the checkpoint; this model expects \(1, 96\)"):
-    trainer.train(model_dir=str(tmp_path), config=wide, blocks=ia3.ia3_blocks(),
+    loop.train(model_dir=str(tmp_path), config=wide, blocks=ia3.ia3_blocks(),
                   trainable=ia3.IA3_PATTERN, train_data=tu.SyntheticBatches(8),
-                  train_config=trainer.TrainConfig(train_steps=10, seed=0, tensorboard=False,
+                  train_config=loop.TrainConfig(train_steps=10, seed=0, tensorboard=False,
                                                    progress=False),
                   initial_params=tu.random_base_params(wide))
 
@@ -120,9 +120,9 @@ def test_resume_with_another_batch_size_is_refused(tmp_path):
   tiny = config.get_config("tiny")
   _write_checkpoint(tmp_path, tiny)
   with pytest.raises(checkpoints.CheckpointError, match="batch_size=8, this run has batch_size=4"):
-    trainer.train(model_dir=str(tmp_path), config=tiny, blocks=ia3.ia3_blocks(),
+    loop.train(model_dir=str(tmp_path), config=tiny, blocks=ia3.ia3_blocks(),
                   trainable=ia3.IA3_PATTERN, train_data=tu.SyntheticBatches(4),
-                  train_config=trainer.TrainConfig(train_steps=10, batch_size=4, seed=0,
+                  train_config=loop.TrainConfig(train_steps=10, batch_size=4, seed=0,
                                                    tensorboard=False, progress=False),
                   initial_params=tu.random_base_params(tiny))
 

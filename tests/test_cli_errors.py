@@ -177,7 +177,7 @@ def test_macros_of_the_files_are_accepted(capsys):
 
 
 def test_unknown_configurable_parameter_still_rejected_by_gin(capsys):
-  rc, _, err = _run_main([*LAYERS, *REQUIRED, "--gin.trainer.TrainConfig.bogus=1",
+  rc, _, err = _run_main([*LAYERS, *REQUIRED, "--gin.loop.TrainConfig.bogus=1",
                           "--print_config"], capsys)
   assert rc == 2 and "doesn't have a parameter named 'bogus'" in err
 

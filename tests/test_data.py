@@ -253,7 +253,8 @@ def test_default_vocabulary_is_the_models_own_never_a_download(tmp_path, monkeyp
   from ia3_jax.demo import BUNDLED_MODEL_DIR
   from ia3_jax.errors import ConfigError
   monkeypatch.delenv("IA3_JAX_SPM_PATH", raising=False)
-  monkeypatch.setattr(data, "_DEFAULT_VOCAB", None)
+  from ia3_jax import registration
+  monkeypatch.setattr(registration, "_DEFAULT_VOCAB", None)
   assert not str(getattr(data.default_vocabulary(), "sentencepiece_model_file", "")).startswith("gs://")
   paths = _write_task(tmp_path, n_train=8, n_val=3)
   data.register_task("modelvocab", paths, tmp_path / "templates.yaml")

@@ -112,12 +112,12 @@ def test_required_macro_names_the_file(capsys):
 
 def test_unknown_binding_in_a_file_names_file_and_line(capsys, tmp_path):
   (tmp_path / "mine.gin").write_text("from __gin__ import dynamic_registration\n"
-                                     "from ia3_jax import trainer\n\n"
-                                     "trainer.TrainConfig.bogus = 1\n")
+                                     "from ia3_jax import loop\n\n"
+                                     "loop.TrainConfig.bogus = 1\n")
   rc, _, err = _run_main([*LAYERS, "--gin_file=mine.gin", f"--gin_search_paths={tmp_path}",
                           *REQUIRED, "--print_config"], capsys, action="train")
   assert rc == 2
-  assert "Configurable 'trainer.TrainConfig' doesn't have a parameter named 'bogus'" in err
+  assert "Configurable 'loop.TrainConfig' doesn't have a parameter named 'bogus'" in err
   assert f'In file "{tmp_path / "mine.gin"}", line 4' in err
 
 
@@ -164,7 +164,7 @@ def _train_from_the_command_line(root: pathlib.Path, cache: pathlib.Path):
       "--gin.TRAIN_STEPS=6", "--gin.BATCH_SIZE=4", "--gin.CHECKPOINT_PERIOD=3",
       "--gin.EVAL_PERIOD=3",
       "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 4, 'num_choices': 2}",
-      "--gin.trainer.TrainConfig.log_period=3"]
+      "--gin.loop.TrainConfig.log_period=3"]
   env = tu.child_env(cache)
   env["PYTHONPATH"] = os.pathsep.join([str(root / "toy"), str(REPO)])
   proc = subprocess.run(args, env=env, cwd=root, capture_output=True, text=True, timeout=400)

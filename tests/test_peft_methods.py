@@ -306,17 +306,17 @@ def test_gin_file_matches_registry(tiny, name):
 
 
 def test_gin_prompt_tuning_trains_with_the_trainer(tmp_path):
-  """gin/peft/prompt_tuning.gin through trainer.train: only the prompt trains, and the prompt
+  """gin/peft/prompt_tuning.gin through loop.train: only the prompt trains, and the prompt
   starts from the rows of the given (not the random-init) embedding."""
-  from ia3_jax import checkpointing, losses, optimizers, trainer
+  from ia3_jax import checkpointing, loop, losses, optimizers
   from tests import trainer_utils as tu
   config = get_config("tiny")
   blocks, trainable, _ = _parse_peft_gin("prompt_tuning", ["PROMPT_LENGTH = 4"])
   base = tu.random_base_params(config)
-  res = trainer.train(
+  res = loop.train(
       model_dir=str(tmp_path), config=config, blocks=blocks, trainable=trainable,
       train_data=tu.SyntheticBatches(8, num_distinct=1),
-      train_config=trainer.TrainConfig(train_steps=3, batch_size=8, log_period=1,
+      train_config=loop.TrainConfig(train_steps=3, batch_size=8, log_period=1,
                                        tensorboard=False, progress=False),
       loss=losses.LossConfig(ul_weight=0.0),
       optimizer=optimizers.OptimizerConfig(learning_rate=0.3, warmup_steps=0,

@@ -10,7 +10,7 @@ import uuid
 import pytest
 import seqio
 
-from ia3_jax import config, errors, ia3, runs, trainer
+from ia3_jax import batches, checks, config, errors, ia3, runs, trainer, writers
 from tests import trainer_utils as tu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -44,8 +44,8 @@ def _task_module(root: pathlib.Path, monkeypatch, *, yaml: str | None = None,
   return f"{key}_tasks", key
 
 
-def _data(module: str, key: str, lengths=LENGTHS) -> trainer.SeqioBatches:
-  return trainer.SeqioBatches(f"{key}_eval", lengths, shuffle=False, repeat=False,
+def _data(module: str, key: str, lengths=LENGTHS) -> batches.SeqioBatches:
+  return batches.SeqioBatches(f"{key}_eval", lengths, shuffle=False, repeat=False,
                               task_modules=[module])
 
 
@@ -95,7 +95,7 @@ def test_token_ids_beyond_the_embedding_are_a_data_error():
   batch["encoder_input_tokens"][2, 3] = 200
   with pytest.raises(errors.DataError, match="'encoder_input_tokens' holds token id 200, "
                      "outside the model's vocab_size=128"):
-    trainer.check_token_ids(batch, 128, "train batch")
+    checks.check_token_ids(batch, 128, "train batch")
 
 
 def test_empty_validation_split_is_a_data_error(tmp_path, monkeypatch):
@@ -117,11 +117,11 @@ def test_choices_identical_after_truncation_are_a_data_error(tmp_path, monkeypat
 def test_tensorboard_writes_no_step_twice_after_a_resume(tmp_path):
   from ia3_jax.sources import import_tf
   tf = import_tf()
-  first = trainer.MetricWriter(str(tmp_path), True, lambda _: None)
+  first = writers.MetricWriter(str(tmp_path), True, lambda _: None)
   for step in (1, 2, 3, 4):
     first.write(step, {"loss": step}, prefix="train/")
   first.close()
-  resumed = trainer.MetricWriter(str(tmp_path), True, lambda _: None)  # resumed from step 2
+  resumed = writers.MetricWriter(str(tmp_path), True, lambda _: None)  # resumed from step 2
   for step in (3, 4, 5, 6):
     resumed.write(step, {"loss": step}, prefix="train/")
   resumed.close()
@@ -133,14 +133,14 @@ def test_tensorboard_writes_no_step_twice_after_a_resume(tmp_path):
 def test_eval_summary_has_every_templates_accuracy():
   result = {"accuracy": 0.5, "num_examples": 4,
             "per_template": {0: {"accuracy": 1.0}, 1: {"accuracy": 0.0}}}
-  summary = trainer.eval_summary(result, ("is it positive", "review sentiment"))
+  summary = writers.eval_summary(result, ("is it positive", "review sentiment"))
   assert summary["template/is_it_positive/accuracy"] == 1.0
   assert summary["template/review_sentiment/accuracy"] == 0.0
 
 
 def _hf_base_and_checkpoint(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
   """A tiny random HF base (with the demo model's spiece.model) and an (IA)^3 training
-  checkpoint of it, as `trainer.train` writes one (nothing trained)."""
+  checkpoint of it, as `loop.train` writes one (nothing trained)."""
   from ia3_jax import checkpointing, checkpoints, network, optimizers
   from tests import hf_utils
   base = root / "base"

@@ -11,7 +11,7 @@ import pytest
 
 from ia3_jax import checkpoints, config, ia3, losses, network, optimizers, scoring
 from ia3_jax import params as P
-from ia3_jax import train_state, trainer
+from ia3_jax import batches, errors, loop, train_state, trainer
 from tests import trainer_utils as tu
 
 TINY = config.get_config("tiny")
@@ -162,7 +162,7 @@ def test_grad_accumulation_equals_full_batch(tmp_path):
 def test_nan_stops_with_step_and_last_good_checkpoint(tmp_path):
   # The third update multiplies by a NaN learning rate: params turn NaN at step 3.
   sgd = optax.sgd(lambda count: jnp.where(count >= 2, jnp.nan, 1e-3))
-  with pytest.raises(trainer.TrainingDivergedError) as err:
+  with pytest.raises(errors.TrainingDivergedError) as err:
     tu.run_tiny(str(tmp_path), steps=6, dropout=0.0, optimizer=sgd, checkpoint_period=1)
   msg = str(err.value)
   good = tmp_path / "checkpoints" / "2"
@@ -179,9 +179,9 @@ def test_initial_params_of_another_shape_name_the_param(tmp_path):
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"initial_params: param decoder/layers_0/mlp/wi_0/kernel has shape "
                            r"\(32, 96\); the model expects \(32, 64\)"):
-    trainer.train(model_dir=str(tmp_path), config=TINY, blocks=ia3.ia3_blocks(),
+    loop.train(model_dir=str(tmp_path), config=TINY, blocks=ia3.ia3_blocks(),
                   trainable=ia3.IA3_PATTERN, train_data=tu.SyntheticBatches(8),
-                  train_config=trainer.TrainConfig(train_steps=1, tensorboard=False,
+                  train_config=loop.TrainConfig(train_steps=1, tensorboard=False,
                                                    progress=False),
                   initial_params=tu.random_base_params(wide))
 
@@ -202,9 +202,9 @@ def test_hf_checkpoint_of_another_model_names_the_param(tmp_path):
   with pytest.raises(checkpoints.CheckpointError,
                      match=r"/hf: param decoder/decoder_norm/scale has shape \(24,\), model "
                            r"expects \(32,\)"):
-    trainer.train(model_dir=str(tmp_path / "run"), config=TINY, train_data=tu.SyntheticBatches(8),
+    loop.train(model_dir=str(tmp_path / "run"), config=TINY, train_data=tu.SyntheticBatches(8),
                   initial_checkpoint_path=str(hf_dir),
-                  train_config=trainer.TrainConfig(train_steps=1, tensorboard=False,
+                  train_config=loop.TrainConfig(train_steps=1, tensorboard=False,
                                                    progress=False))
 
 
@@ -262,12 +262,12 @@ def test_truncation_is_reported_for_training_and_eval(tmp_path, monkeypatch, cap
   import logging
   monkeypatch.syspath_prepend(str(tu.REPO / "examples" / "toy"))
   lengths = {"inputs": 6, "targets": 4, "num_choices": 2}  # every toy input is longer
-  source = lambda name: trainer.SeqioBatches(name, lengths, task_modules=["toy_tasks"])
-  caplog.set_level(logging.INFO, logger="ia3_jax.trainer")
-  trainer.train(model_dir=str(tmp_path), config=TINY, blocks=ia3.ia3_blocks(),
+  source = lambda name: batches.SeqioBatches(name, lengths, task_modules=["toy_tasks"])
+  caplog.set_level(logging.INFO, logger="ia3_jax.writers")
+  loop.train(model_dir=str(tmp_path), config=TINY, blocks=ia3.ia3_blocks(),
                 trainable=ia3.IA3_PATTERN, train_data=source("toy_fewshot_seed0"),
                 eval_data=source("toy_eval"),
-                train_config=trainer.TrainConfig(train_steps=2, batch_size=4, seed=0,
+                train_config=loop.TrainConfig(train_steps=2, batch_size=4, seed=0,
                                                  tensorboard=False, progress=False),
                 initial_params=tu.random_base_params(TINY))
   saved = json.loads((tmp_path / "results.json").read_text())["truncation"]

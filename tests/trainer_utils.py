@@ -139,20 +139,20 @@ def run_tiny(model_dir: str, *, steps: int, batch_size: int = 8, dropout: float 
            keep: int = 3, delay: float = 0.0, grad_accum_steps: int = 1, num_distinct: int = 0,
            trainable: str = "ia3", optimizer=None, eval_batches: int = 0, seed: int = 0,
            schedule_steps: int = SCHEDULE_STEPS, post_load=None):
-  """`trainer.train` on the tiny preset with the T-Few loss and optimizer (Adafactor, clip 1.0,
+  """`loop.train` on the tiny preset with the T-Few loss and optimizer (Adafactor, clip 1.0,
   warmup over 6% of `schedule_steps`, then linear decay to 0 at `schedule_steps`)."""
   from ia3_jax import checkpointing, config, ia3, losses, optimizers, partitioning as part
-  from ia3_jax import trainer
+  from ia3_jax import loop
   cfg = config.get_config("tiny")
   if trainable == "ia3":
     blocks, patterns = ia3.ia3_blocks(), ia3.IA3_PATTERN
   else:
     blocks, patterns = None, ".*"
-  return trainer.train(
+  return loop.train(
       model_dir=model_dir, config=cfg, blocks=blocks, trainable=patterns,
       train_data=SyntheticBatches(batch_size, delay=delay, num_distinct=num_distinct, seed=seed),
       eval_data=SyntheticEval(batch_size, num_batches=eval_batches) if eval_batches else None,
-      train_config=trainer.TrainConfig(train_steps=steps, batch_size=batch_size,
+      train_config=loop.TrainConfig(train_steps=steps, batch_size=batch_size,
                                        grad_accum_steps=grad_accum_steps, log_period=5,
                                        tensorboard=False, progress=False, seed=seed),
       loss=losses.LossConfig(),

@@ -4,7 +4,7 @@
     blocks = method.blocks(config, rank=8)        # module overrides -> network.Transformer
     model = network.Transformer(config, blocks=blocks)
     trainable, frozen = params.select(tree, method.trainable_patterns)  # ia3_jax.params
-    trainer.train(..., blocks=blocks, trainable=method.trainable_patterns)
+    loop.train(..., blocks=blocks, trainable=method.trainable_patterns)
 
 `blocks(config, **kw)` takes the method's hyper-parameters (see `defaults`),
 always including `num_tasks`; methods without per-task banks raise a clear
