@@ -21,6 +21,7 @@ from typing import Iterator, Mapping, Optional, Protocol, Sequence
 import numpy as np
 import seqio
 
+from ia3_jax import features
 from ia3_jax.errors import DataError
 from ia3_jax.feature_converters import EOS_ID, RankClassificationFeatureConverter, TruncationStats
 from ia3_jax.registration import (RenderedSource, get_task_info, lookup, output_features,
@@ -322,10 +323,7 @@ def _eval_batches(provider, split, batch_size, lengths, lm_only, shard_id, num_s
 
 def _empty_batch(lengths, lm_only) -> dict[str, np.ndarray]:
   c = 1 if lm_only else lengths["num_choices"]
-  z = lambda *shape: np.zeros((0, *shape), np.int32)
-  return {"encoder_input_tokens": z(lengths["inputs"]), "choice_tokens": z(c, lengths["targets"]),
-          "choice_mask": z(c), "label": z(), "task_id": z(), "template_id": z(), "example_id": z(),
-          "inputs_length": z(), "num_choices": z(), "choice_lengths": z(c)}
+  return features.empty_batch({"L": lengths["inputs"], "T": lengths["targets"], "C": c})
 
 
 def truncation_report(name: str, split: str | None, feature_lengths: Mapping[str, int], *,

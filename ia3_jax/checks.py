@@ -12,7 +12,7 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
-from ia3_jax import metrics as metrics_lib
+from ia3_jax import features
 from ia3_jax.config import T5Config
 from ia3_jax.errors import ConfigError, DataError
 
@@ -38,7 +38,7 @@ def check_vocabulary(source: Any, config: T5Config) -> None:
 
 def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int, where: str) -> None:
   """Token ids outside the embedding would turn the loss non-finite: a DataError instead."""
-  for key in ("encoder_input_tokens", "choice_tokens"):
+  for key in features.TOKEN_FEATURES:
     if key in batch and np.size(batch[key]):
       top = int(np.max(batch[key]))
       if top >= vocab_size or int(np.min(batch[key])) < 0:
@@ -68,7 +68,7 @@ def warn_train_batch(batch: Mapping[str, np.ndarray], stats: Any, name: str, rep
       show(f"truncated: {stats.report(name + ' (train, so far)')}")
   if not reported["identical"] and "choice_tokens" in batch:
     mask = np.asarray(batch.get("example_mask", np.ones(np.shape(batch["label"])))).astype(bool)
-    same = metrics_lib.identical_choices(batch["choice_tokens"], batch["choice_mask"])[mask]
+    same = features.identical_choices(batch["choice_tokens"], batch["choice_mask"])[mask]
     if same.any():
       reported["identical"] = True
       msg = (f"warning: {name}: {int(same.sum())} training examples in one batch have "

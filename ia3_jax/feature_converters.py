@@ -33,7 +33,7 @@ from typing import Mapping
 import numpy as np
 import seqio
 
-from ia3_jax.metrics import identical_choices
+from ia3_jax import features
 from ia3_jax.sources import import_tf
 
 tf = import_tf()
@@ -42,7 +42,7 @@ PAD_ID = 0
 EOS_ID = 1
 
 _FS = seqio.FeatureConverter.FeatureSpec
-_OPTIONAL_SCALARS = ("task_id", "template_id", "example_id")
+_OPTIONAL_SCALARS = features.ROW_IDS
 
 
 def _fit_1d(tokens, length: int):
@@ -86,12 +86,7 @@ class RankClassificationFeatureConverter(seqio.FeatureConverter):
 
   TASK_FEATURES = {"inputs": _FS(tf.int32, 1), "targets": _FS(tf.int32, 1),
                    "choices": _FS(tf.int32, 2), "label": _FS(tf.int32, 0)}
-  MODEL_FEATURES = {
-      "encoder_input_tokens": _FS(tf.int32, 1), "choice_tokens": _FS(tf.int32, 2),
-      "choice_mask": _FS(tf.int32, 1), "label": _FS(tf.int32, 0), "task_id": _FS(tf.int32, 0),
-      "template_id": _FS(tf.int32, 0), "example_id": _FS(tf.int32, 0),
-      "inputs_length": _FS(tf.int32, 0), "num_choices": _FS(tf.int32, 0),
-      "choice_lengths": _FS(tf.int32, 1)}
+  MODEL_FEATURES = {k: _FS(tf.int32, features.rank(k)) for k in features.CONVERTED_FEATURES}
   PACKING_FEATURE_DTYPES = {}
 
   def __init__(self, num_choices: int | None = None, lm_only: bool = False):
@@ -204,7 +199,7 @@ class TruncationStats:
     self.max_choice_length = max(self.max_choice_length, int(lengths.max()))
     self.max_num_choices = max(self.max_num_choices, int(n.max()))
     self.examples_with_identical_choices += int(
-        identical_choices(batch["choice_tokens"][rows], batch["choice_mask"][rows]).sum())
+        features.identical_choices(batch["choice_tokens"][rows], batch["choice_mask"][rows]).sum())
 
   def add(self, other: Mapping[str, int]) -> None:
     """Adds the counts of another pass (`as_dict()` of it, e.g. from a checkpoint's meta)."""

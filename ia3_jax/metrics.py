@@ -46,16 +46,6 @@ def accuracy_counts(predictions: Any, labels: Any,
   return int(np.sum((predictions == labels) & mask)), int(np.sum(mask))
 
 
-def identical_choices(choice_tokens: np.ndarray, choice_mask: np.ndarray) -> np.ndarray:
-  """bool [B]: rows where two real choices have the same (possibly cut) tokens."""
-  tokens = np.asarray(choice_tokens)
-  mask = np.asarray(choice_mask).astype(bool)
-  same = np.all(tokens[:, :, None, :] == tokens[:, None, :, :], axis=-1)
-  c = tokens.shape[1]
-  pairs = same & mask[:, :, None] & mask[:, None, :] & ~np.eye(c, dtype=bool)[None]
-  return pairs.any(axis=(1, 2))
-
-
 def accuracy(predictions: Any, labels: Any, example_mask: Optional[Any] = None) -> float:
   """Fraction of counted rows (example_mask != 0) whose prediction equals the label.
 

@@ -26,7 +26,7 @@ import jax
 import numpy as np
 import optax
 
-from ia3_jax import checkpointing, checkpoints, files, network
+from ia3_jax import checkpointing, checkpoints, features, files, network
 from ia3_jax import params as params_lib
 from ia3_jax.config import T5Config
 from ia3_jax.partitioning import PartitionConfig, Partitioner
@@ -124,15 +124,13 @@ def _rows(tr: Trainer, params: Any, batches: Iterator, batch_size: int,
   """Per-example scores and predictions of this host's rows (padding rows dropped)."""
   classify = tr.classifier(batch_size, length_normalize)
   for batch in batches:
-    inputs = {k: np.asarray(batch[k]) for k in
-              ("encoder_input_tokens", "choice_tokens", "choice_mask", "task_id") if k in batch}
+    inputs = {k: np.asarray(batch[k]) for k in features.MODEL_FEATURES if k in batch}
     out = classify(params, inputs)
     rows = len(out["predictions"])
     mask = np.asarray(batch.get("example_mask", np.ones((rows,), np.int32))).astype(bool)
     for i in np.nonzero(mask)[0]:
       pred = int(out["predictions"][i])
-      row = {k: int(np.asarray(batch[k])[i]) for k in ("example_id", "template_id", "task_id",
-                                                        "label") if k in batch}
+      row = {k: int(np.asarray(batch[k])[i]) for k in (*features.ROW_IDS, "label") if k in batch}
       row["prediction"] = pred
       row["scores"] = [float(s) if np.isfinite(s) else None for s in out["scores"][i]]
       row["prediction_tokens"] = [int(t) for t in inputs["choice_tokens"][i, pred] if t > 0]

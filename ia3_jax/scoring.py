@@ -26,13 +26,11 @@ import jax.numpy as jnp
 import numpy as np
 from tqdm.auto import tqdm
 
-from ia3_jax import losses, metrics, network
+from ia3_jax import features, losses, metrics, network
 
 Array = jax.Array
 Batch = Mapping[str, Any]
 
-# The features the model reads; everything else stays on the host.
-MODEL_FEATURES = ("encoder_input_tokens", "choice_tokens", "choice_mask", "task_id")
 
 
 # ---------------------------------------------------------------------------
@@ -41,7 +39,7 @@ MODEL_FEATURES = ("encoder_input_tokens", "choice_tokens", "choice_mask", "task_
 
 
 def _check_batch(batch: Batch) -> tuple[int, int, int]:
-  for key in ("encoder_input_tokens", "choice_tokens"):
+  for key in features.TOKEN_FEATURES:
     if key not in batch:
       raise ValueError(f"batch has no {key!r} feature (has: {sorted(batch)})")
   enc, choices = batch["encoder_input_tokens"], batch["choice_tokens"]
@@ -166,7 +164,7 @@ def rank_classify(model: network.Transformer, params: Any, batch: Batch, *,
 
 def model_inputs(batch: Batch) -> dict[str, Any]:
   """The features `rank_classify` reads (host-only features would retrigger jit)."""
-  return {k: batch[k] for k in MODEL_FEATURES if batch.get(k) is not None}
+  return {k: batch[k] for k in features.MODEL_FEATURES if batch.get(k) is not None}
 
 
 class RankClassifier:
@@ -283,7 +281,7 @@ def evaluate(model: network.Transformer, params: Any, batches: Iterable[Batch], 
     predictions = np.asarray(out["predictions"])[:b]
     num_unlabelled += int(np.sum(mask & (labels < 0)))
     mask &= labels >= 0
-    num_identical += int(np.sum(metrics.identical_choices(
+    num_identical += int(np.sum(features.identical_choices(
         inputs["choice_tokens"], inputs.get("choice_mask", np.ones((b, c), np.int32)))[mask]))
     correct, counted = metrics.accuracy_counts(predictions, labels, mask)
     num_correct += correct

@@ -24,18 +24,19 @@ import numpy as np
 import optax
 from jax.sharding import NamedSharding, PartitionSpec
 
-from ia3_jax import losses, network, scoring
+from ia3_jax import features, losses, network, scoring
 from ia3_jax import params as params_lib
 from ia3_jax.checks import check_token_ids
 from ia3_jax.errors import CheckpointError
 from ia3_jax.partitioning import Partitioner
 from ia3_jax.train_state import TrainState, opt_state_shardings
 
+# What the train step needs from a host batch (example_mask defaults to all ones).
+REQUIRED_TRAIN_FEATURES = tuple(k for k in features.TRAIN_FEATURES if k != "example_mask")
+
 Params = dict[str, Any]
 Batch = Mapping[str, np.ndarray]
 
-# Features the jitted step reads; everything else (ids, lengths) stays on the host.
-TRAIN_FEATURES = ("encoder_input_tokens", "choice_tokens", "choice_mask", "label", "example_mask")
 
 
 
@@ -208,7 +209,7 @@ class Trainer:
   def _loss_fn(self, trainable: Params, frozen: Params, batch: Batch, rng: jax.Array):
     params = params_lib.combine(trainable, frozen)
     rngs = {"dropout": rng} if self.enable_dropout else None
-    model_batch = {k: batch[k] for k in ("encoder_input_tokens", "choice_tokens", "choice_mask")}
+    model_batch = {k: batch[k] for k in features.MODEL_FEATURES if k != "task_id"}
     if self.use_task_id:
       model_batch["task_id"] = batch["task_id"]
     logp = scoring.choice_log_probs(self.model, params, model_batch,
@@ -251,10 +252,10 @@ class Trainer:
 
   def model_batch(self, host_batch: Batch) -> dict[str, np.ndarray]:
     """The features the step reads (example_mask defaults to all ones)."""
-    missing = [k for k in TRAIN_FEATURES[:-1] if k not in host_batch]
+    missing = [k for k in REQUIRED_TRAIN_FEATURES if k not in host_batch]
     if missing:
       raise ValueError(f"train batch lacks features {missing} (has {sorted(host_batch)})")
-    out = {k: np.asarray(host_batch[k]) for k in TRAIN_FEATURES[:-1]}
+    out = {k: np.asarray(host_batch[k]) for k in REQUIRED_TRAIN_FEATURES}
     check_token_ids(out, self.model.config.vocab_size, "train batch")
     out["example_mask"] = np.asarray(host_batch.get(
         "example_mask", np.ones(out["label"].shape, np.int32)))

@@ -31,7 +31,7 @@ MOVES = {
     "train_state": "train.train_state", "optimizers": "train.optimizers",
     "partitioning": "train.partitioning", "checkpointing": "train.checkpointer",
     "trainer": "train.trainer", "loop": "train.loop", "writers": "train.writers",
-    "preemption": "train.preemption",
+    "preemption": "train.preemption", "checks": "train.checks",
 }
 PACKAGES = {"peft_methods": "peft"}  # old package -> new package (its __init__ names)
 NEW_PACKAGES = ["model", "peft", "interop", "data", "objectives", "train"]
@@ -183,6 +183,45 @@ def git(*args):
     subprocess.run(["git", *args], cwd=ROOT, check=True)
 
 
+DATA_FACADE = '''"""From raw examples to batches: sources, few-shot samples, templates, seqio tasks, converters.
+
+The data API in one namespace, each name from its home module (imported on first use, so
+that `ia3_jax.data.sources` and friends load without seqio and TensorFlow):
+
+    from ia3_jax import data
+    data.register_task("my_task", {"train": "train.jsonl"}, "templates.yaml")
+    batches = data.get_batches("my_task_fewshot_seed0", "train", 8, lengths)
+"""
+
+import importlib
+from typing import Any
+
+_HOMES = {
+    **{name: "batches" for name in (
+        "BatchIterator", "BatchSource", "SeqioBatches", "get_batches", "op_error_message",
+        "truncation_report")},
+    **{name: "registration" for name in (
+        "FIRST_USER_TASK_ID", "RUN_MODEL_MACRO", "SPM_PATH_ENV", "DatasetSpec", "ModelVocabulary",
+        "Registered", "RenderedSource", "TaskInfo", "add_mixture", "clear_cache",
+        "default_vocabulary", "get_task_info", "lookup", "output_features", "register_dataset",
+        "register_task", "register_task_id", "registered_names", "rendered_examples",
+        "resolve_default_vocabulary", "run_model_path", "select_first_template",
+        "select_random_template", "set_default_vocabulary", "task_id", "task_ids",
+        "tokenize_prompted")},
+}
+__all__ = sorted(_HOMES)
+
+
+def __getattr__(name: str) -> Any:
+  home = _HOMES.get(name)
+  if home is None:
+    raise AttributeError(f"module 'ia3_jax.data' has no attribute {name!r}")
+  value = getattr(importlib.import_module(f"ia3_jax.data.{home}"), name)
+  globals()[name] = value
+  return value
+'''
+
+
 def move_files():
   for pkg in NEW_PACKAGES:
     d = ROOT / "ia3_jax" / pkg
@@ -199,6 +238,9 @@ def move_files():
   init = ROOT / "ia3_jax/peft_methods/__init__.py"
   if init.exists():
     git("mv", "ia3_jax/peft_methods/__init__.py", "ia3_jax/peft/__init__.py")
+  git("rm", "-q", "ia3_jax/data.py")  # the flat facade: the package's __init__ replaces it
+  if not DRY:
+    (ROOT / "ia3_jax/data/__init__.py").write_text(DATA_FACADE)
   for pkg in NEW_PACKAGES:
     f = ROOT / "ia3_jax" / pkg / "__init__.py"
     if not f.exists() and not DRY:
