@@ -23,8 +23,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ia3_jax import config as config_lib
-from ia3_jax import ia3, loop, losses, network, optimizers, trainer
+from ia3_jax.model import config as config_lib
+from ia3_jax.model import network
+from ia3_jax.objectives import losses
+from ia3_jax.peft import ia3
+from ia3_jax.train import loop, optimizers, trainer
 
 Batch = dict[str, np.ndarray]
 
@@ -321,7 +324,7 @@ class JaxRankClassification:
     return self.classifier.lower(self.params, self.inputs).compile()
 
   def matmul_flops(self) -> float:
-    from ia3_jax import scoring
+    from ia3_jax.objectives import scoring
     cfg = self.training.model.config
     model = network.Transformer(cfg.replace(dtype="float32"), blocks=self.training.model.blocks)
     with self.training.trainer.partitioner.context():

@@ -66,11 +66,11 @@ def base_model(model):
 
 
 def jax_params(model, config) -> dict:
-  """The base weights as an ia3-jax (T5X-named) numpy param tree, via `checkpoints.hf_name_map`."""
-  from ia3_jax import checkpoints
+  """The base weights as an ia3-jax (T5X-named) numpy param tree, via `hf_checkpoints.hf_name_map`."""
+  from ia3_jax.interop import hf_checkpoints
   state = {k.replace("base_layer.", ""): v for k, v in base_model(model).state_dict().items()}
   tree: dict = {}
-  for path, (name, transposed) in checkpoints.hf_name_map(config).items():
+  for path, (name, transposed) in hf_checkpoints.hf_name_map(config).items():
     value = state[name].detach().float().cpu().numpy()
     node = tree
     for key in path[:-1]:

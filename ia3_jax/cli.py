@@ -42,11 +42,12 @@ def _usage() -> str:
 
 def _config_for(model: Optional[str], base: Optional[str], checkpoint_meta: Optional[dict]):
   """Model config from a preset name, an HF directory's config.json, or a checkpoint's meta."""
-  from ia3_jax import checkpoints, config as config_lib
+  from ia3_jax.interop import hf_checkpoints
+  from ia3_jax.model import config as config_lib
   if model:
     return config_lib.get_config(model)
   if base:
-    return checkpoints.load_hf_config(base)
+    return hf_checkpoints.load_hf_config(base)
   if checkpoint_meta and "model_config" in checkpoint_meta:
     fields = dict(checkpoint_meta["model_config"])
     return config_lib.T5Config(**fields)
@@ -55,8 +56,8 @@ def _config_for(model: Optional[str], base: Optional[str], checkpoint_meta: Opti
 
 def _trainable_dir(path: str) -> tuple[pathlib.Path, dict]:
   """The `trainable/` item of a training checkpoint (MODEL_DIR, checkpoints/ or a step)."""
-  from ia3_jax import checkpointing
-  step_dir, meta = checkpointing.read_checkpoint_meta(path)
+  from ia3_jax.train import checkpointer
+  step_dir, meta = checkpointer.read_checkpoint_meta(path)
   return step_dir / "trainable", meta
 
 
@@ -83,28 +84,28 @@ def convert(argv: Sequence[str]) -> int:
                  help="HF model class written with --to hf (mt5: MT5ForConditionalGeneration)")
   _add_verbose_flag(p)
   args = p.parse_args(argv)
-  from ia3_jax import checkpoints
+  from ia3_jax.interop import hf_checkpoints
   src = pathlib.Path(args.src)
   src_is_hf = (src / "config.json").exists()
   to = args.to or ("orbax" if src_is_hf else "hf")
   if src.is_dir() and not src_is_hf and not (src / "_METADATA").exists():
-    raise checkpoints.CheckpointError(
+    raise hf_checkpoints.CheckpointError(
         f"{src}: no config.json (not an HF model directory) and no _METADATA (not an orbax "
         "param checkpoint)")
   if src_is_hf:
-    config, params = checkpoints.load_hf_checkpoint(args.src)
+    config, params = hf_checkpoints.load_hf_checkpoint(args.src)
   else:
-    params = checkpoints.restore_params(args.src)
+    params = hf_checkpoints.restore_params(args.src)
     meta_file = pathlib.Path(args.src) / "model_config.json"
     meta = {"model_config": json.loads(meta_file.read_text())} if meta_file.exists() else None
     config = _config_for(args.model, None, meta)
-    checkpoints.check_params_match(params, config, source=args.src)
+    hf_checkpoints.check_params_match(params, config, source=args.src)
   if to == "orbax":
-    out = checkpoints.save_params(args.dst, params)
+    out = hf_checkpoints.save_params(args.dst, params)
     (pathlib.Path(args.dst) / "model_config.json").write_text(
         json.dumps(config.to_dict(), indent=2))
   else:
-    out = checkpoints.export_hf_checkpoint(params, config, args.dst, model_type=args.model_type)
+    out = hf_checkpoints.export_hf_checkpoint(params, config, args.dst, model_type=args.model_type)
   print(f"wrote {to} checkpoint {out}")
   return 0
 
@@ -125,7 +126,7 @@ def merge(argv: Sequence[str]) -> int:
   args = p.parse_args(argv)
   import os
   import shutil
-  from ia3_jax import ia3_adapters
+  from ia3_jax.interop import ia3_adapters
   source = args.ia3
   if _is_training_checkpoint(source):
     source = str(_trainable_dir(source)[0])
@@ -173,12 +174,13 @@ def export_peft(argv: Sequence[str]) -> int:
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out adapter")
   _add_verbose_flag(p)
   args = p.parse_args(argv)
-  from ia3_jax import checkpointing, ia3_adapters
   from ia3_jax.errors import ConfigError
+  from ia3_jax.interop import ia3_adapters
+  from ia3_jax.train import checkpointer
   out_dir = pathlib.Path(args.out)
   if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not args.overwrite:
     raise ConfigError(f"--out {args.out}: already exists; pass --overwrite to replace it")
-  trainable, meta = checkpointing.restore_trainable(args.checkpoint)
+  trainable, meta = checkpointer.restore_trainable(args.checkpoint)
   config = _config_for(args.model, args.base, meta)
   out = ia3_adapters.export_peft_adapter(trainable, config, args.out, task=args.task,
                                     convention=args.convention,
@@ -219,7 +221,7 @@ def _dispatch(argv: Sequence[str], verbose: bool) -> int:
     from ia3_jax import costs
     return costs.main(rest)
   if cmd == "peft-counts":
-    from ia3_jax.peft_methods import counts
+    from ia3_jax.peft import counts
     return counts.main(rest)
   print(f"ia3-jax: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
   return 2

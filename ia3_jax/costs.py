@@ -39,7 +39,7 @@ from typing import Any, Optional, Sequence
 import jax
 import numpy as np
 
-from ia3_jax.config import PRESETS, T5Config, get_config
+from ia3_jax.model.config import PRESETS, T5Config, get_config
 
 ENCODER_DECODER = "encoder_decoder"
 DECODER_ONLY = "decoder_only"

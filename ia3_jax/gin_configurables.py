@@ -24,7 +24,7 @@ import os
 from typing import TYPE_CHECKING, Any, Callable, Mapping, Optional, Sequence
 
 if TYPE_CHECKING:  # imported when called: --help reads this module without seqio/TensorFlow
-  from ia3_jax import batches
+  from ia3_jax.data import batches
 
 
 def gin_dir() -> str:
@@ -70,7 +70,7 @@ def optional_batches(name: Optional[str], feature_lengths: Mapping[str, int], *,
   """`batches.SeqioBatches` for `name`, or None when `name` is None or empty."""
   if not name:
     return None
-  from ia3_jax import batches  # pylint: disable=g-import-not-at-top,redefined-outer-name
+  from ia3_jax.data import batches  # pylint: disable=g-import-not-at-top,redefined-outer-name
   return batches.SeqioBatches(name=name, feature_lengths=dict(feature_lengths), split=split,
                               seed=seed, task_modules=tuple(task_modules or ()),
                               task_id_map=task_id_map)

@@ -142,7 +142,7 @@ def import_tensorflow_quietly(verbose: bool = False) -> None:
   """
   if "tensorflow" in sys.modules:
     return
-  from ia3_jax import sources
+  from ia3_jax.data import sources
   with _stderr_silenced(not verbose):
     sources.import_tf()
 
@@ -482,7 +482,7 @@ def _ensure_run_file(files: list[str], action: Optional[str]) -> list[str]:
 def _init_processes(args: argparse.Namespace) -> None:
   if not (args.multiprocess or args.coordinator_address or args.num_processes):
     return
-  from ia3_jax import partitioning
+  from ia3_jax.train import partitioning
   partitioning.initialize_distributed(args.coordinator_address, args.num_processes,
                                       args.process_id, cpu_collectives=args.cpu_collectives)
 

@@ -26,15 +26,19 @@ import jax
 import numpy as np
 import optax
 
-from ia3_jax import checkpointing, checkpoints, features, files, network
-from ia3_jax import params as params_lib
-from ia3_jax.config import T5Config
-from ia3_jax.partitioning import PartitionConfig, Partitioner
-from ia3_jax.batches import BatchSource
-from ia3_jax.checks import check_eval_result, check_vocabulary
-from ia3_jax.loop import ALL_PARAMS, build_model
-from ia3_jax.trainer import Trainer
-from ia3_jax.writers import eval_result_json
+from ia3_jax import files
+from ia3_jax.data import features
+from ia3_jax.data.batches import BatchSource
+from ia3_jax.interop import hf_checkpoints
+from ia3_jax.model import network
+from ia3_jax.model import params as params_lib
+from ia3_jax.model.config import T5Config
+from ia3_jax.train import checkpointer
+from ia3_jax.train.checks import check_eval_result, check_vocabulary
+from ia3_jax.train.loop import ALL_PARAMS, build_model
+from ia3_jax.train.partitioning import PartitionConfig, Partitioner
+from ia3_jax.train.trainer import Trainer
+from ia3_jax.train.writers import eval_result_json
 
 log = logging.getLogger(__name__)
 
@@ -49,22 +53,22 @@ def load_for_inference(*, config: T5Config, blocks: Optional[network.Blocks] = N
   """(trainer, params on the mesh, checkpoint meta) for eval / score / infer."""
   meta: dict = {}
   if checkpoint_path:
-    _, meta = checkpointing.read_checkpoint_meta(checkpoint_path)
+    _, meta = checkpointer.read_checkpoint_meta(checkpoint_path)
     if initial_checkpoint_path is None and meta.get("initial_checkpoint_path"):
       log.warning("checkpoint %s was trained from %s; this run uses a random base "
                   "(INITIAL_CHECKPOINT_PATH=None)", checkpoint_path,
                   meta["initial_checkpoint_path"])
     seed = int(meta.get("seed", seed))  # the random base (if any) of the training run
-  base, hf_config = checkpoints.load_initial_params(initial_checkpoint_path)
+  base, hf_config = hf_checkpoints.load_initial_params(initial_checkpoint_path)
   if base is not None and hf_config is not None:
-    checkpoints.check_params_match(base, config, source=str(initial_checkpoint_path))
+    hf_checkpoints.check_params_match(base, config, source=str(initial_checkpoint_path))
   model = build_model(config, blocks, dropout_rate=0.0)
   tr = Trainer(model, trainable=trainable, optimizer=optax.identity(),
                partitioner=Partitioner(partitioning), seed=seed, enable_dropout=False,
                use_task_id=use_task_id, max_choices_per_step=max_choices_per_step)
   state = tr.init_state(base, source=str(initial_checkpoint_path))
   if checkpoint_path:
-    restored, meta = checkpointing.restore_trainable(checkpoint_path,
+    restored, meta = checkpointer.restore_trainable(checkpoint_path,
                                                      tr.abstract_state().trainable)
     state = state.replace(trainable=restored)
   return tr, state.params, meta

@@ -50,7 +50,11 @@ def quickstart() -> nbformat.NotebookNode:
       md("## 1. Load the model and its vocabulary"),
       code('''\
 import jax, jax.numpy as jnp, numpy as np
-from ia3_jax import checkpoints, demo, ia3, ia3_adapters, network, params as P, synthetic
+from ia3_jax import demo
+from ia3_jax.data import synthetic
+from ia3_jax.interop import hf_checkpoints, ia3_adapters
+from ia3_jax.model import network, params as params_lib
+from ia3_jax.peft import ia3
 
 config, base_params, vocabulary = demo.load_model()   # any HF T5 directory works here
 print(config)
@@ -60,8 +64,8 @@ print(f"{network.param_count(base_params):,} params, vocabulary of {vocabulary.v
          "registered as seqio tasks: `demo_<task>_fewshot_seed<S>` (k examples) and "
          "`demo_<task>_eval_<template>`."),
       code('''\
+from ia3_jax.data.templates import load_templates
 from ia3_jax.tasks import demo as demo_tasks
-from ia3_jax.templates import load_templates
 demo.register_tasks(vocabulary, families=TASKS, seeds=SEEDS, num_shots=32, eval_size=EVAL_SIZE)
 task = TASKS[0]
 templates = load_templates(demo_tasks.template_path(task))
@@ -85,7 +89,8 @@ print("max |difference| at init:", float(jnp.max(jnp.abs(base_logits - ia3_logit
          "`FewShotRunner` wraps ia3-jax's trainer: only the (IA)$^3$ vectors are "
          "differentiated; loss L_LM + L_UL + L_LN; Adafactor with warmup and linear decay."),
       code('''\
-from ia3_jax import losses, optimizers
+from ia3_jax.objectives import losses
+from ia3_jax.train import optimizers
 runner = demo.FewShotRunner(config, base_params, method="ia3",
                             loss=losses.LossConfig(1.0, 1.0, 1.0),
                             optimizer=optimizers.OptimizerConfig(learning_rate=demo.DEMO_RECIPE["learning_rate"]),
@@ -123,14 +128,14 @@ print("merged model accuracy:", {k: round(v, 3) for k, v in merged_runner.evalua
          "`PeftModel.from_pretrained` loads it), and the merged model as an HF directory."),
       code('''\
 adapter_dir = ia3_adapters.export_peft_adapter(runner.trainable_params(trained), config, os.path.join(OUT, "adapter"))
-merged_dir = checkpoints.export_hf_checkpoint(merged, config, os.path.join(OUT, "merged_model"))
+merged_dir = hf_checkpoints.export_hf_checkpoint(merged, config, os.path.join(OUT, "merged_model"))
 for d in (adapter_dir, merged_dir):
   for f in sorted(os.listdir(d)):
     print(f"{d}/{f}: {os.path.getsize(os.path.join(d, f)):,} bytes")
 reloaded = ia3_adapters.import_peft_adapter(adapter_dir, config)
 same = all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(reloaded), jax.tree.leaves(runner.trainable_params(trained))))
 print("adapter round trip:", same)
-_, merged_back = checkpoints.load_hf_checkpoint(merged_dir)
+_, merged_back = hf_checkpoints.load_hf_checkpoint(merged_dir)
 print("merged model round trip:", all(np.allclose(x, y) for x, y in zip(jax.tree.leaves(merged_back), jax.tree.leaves(merged))))'''),
   ]
   return new_notebook(cells=cells, metadata=_metadata())
@@ -153,8 +158,11 @@ import numpy as np
 import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt
-from ia3_jax import demo, losses, optimizers, synthetic
-from ia3_jax.peft_methods import registry
+from ia3_jax import demo
+from ia3_jax.data import synthetic
+from ia3_jax.objectives import losses
+from ia3_jax.peft import registry
+from ia3_jax.train import optimizers
 
 config, base_params, vocabulary = demo.load_model()
 demo.register_tasks(vocabulary, families=list(synthetic.TRAINING_FAMILIES) + TASKS, seeds=SEEDS,
@@ -216,7 +224,7 @@ init_results = {"zero-shot": zero_shot,
 show(init_results)
 bar_plot(init_results, "(IA)$^3$ initialisation", "ablation_init.png")'''),
       md("## 3. Methods\n\n(IA)$^3$ against full fine-tuning (the paper's baseline: lr 3e-4) "
-         "and the other methods in `ia3_jax.peft_methods`, each with the T-Few losses and the "
+         "and the other methods in `ia3_jax.peft`, each with the T-Few losses and the "
          "same steps. The learning rates are not tuned here. Methods whose new parameters start "
          "at zero (LoRA's B, BitFit's biases) use Adafactor without parameter scaling: with it, "
          "a zero parameter's step is 1e-3 of the learning rate (Adafactor's eps2 floor on the "

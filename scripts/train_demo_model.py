@@ -5,13 +5,13 @@
 
 What it does, all with ia3-jax's own code:
   1. trains a SentencePiece vocabulary (T5 ids: pad 0, eos 1, unk 2) on the
-     rendered text of the synthetic suite (`ia3_jax.synthetic`);
+     rendered text of the synthetic suite (`ia3_jax.data.synthetic`);
   2. registers the suite as seqio tasks (`ia3_jax.tasks.demo`);
   3. trains a tiny T5 1.1-style model from a random init with `loop.train`
      (every param trainable, L_LM only) on the multitask mixture of the
      TRAINING families, one random template per example: T0-style multitask
      prompted training; the held-out families are never seen;
-  4. exports it with `checkpoints.export_hf_checkpoint` (config.json +
+  4. exports it with `hf_checkpoints.export_hf_checkpoint` (config.json +
      model.safetensors) next to spiece.model and tokenizer_config.json, and
      writes `training.json` (settings, wall time, accuracy of every family).
 
@@ -28,7 +28,8 @@ import shutil
 import sys
 import time
 
-from ia3_jax import demo, synthetic
+from ia3_jax import demo
+from ia3_jax.data import synthetic
 
 DEFAULT_OUT = pathlib.Path(demo.__file__).parent / "assets" / "demo"
 
@@ -61,7 +62,10 @@ def main(argv=None) -> int:
 
   import jax  # pylint: disable=g-import-not-at-top
   import seqio  # pylint: disable=g-import-not-at-top
-  from ia3_jax import batches, checkpoints, loop, losses, optimizers  # pylint: disable=g-import-not-at-top
+  from ia3_jax.data import batches
+  from ia3_jax.interop import hf_checkpoints
+  from ia3_jax.train import loop, optimizers
+  from ia3_jax.objectives import losses  # pylint: disable=g-import-not-at-top
   from ia3_jax.tasks import demo as demo_tasks  # pylint: disable=g-import-not-at-top
 
   print(f"[1/4] SentencePiece vocabulary ({args.vocab_size} pieces)", flush=True)
@@ -94,7 +98,7 @@ def main(argv=None) -> int:
           schedule="linear", grad_clip_norm=1.0),
       results_file="results.json")
   params = jax.device_get(results["state"].params)
-  checkpoints.export_hf_checkpoint(params, config, out)
+  hf_checkpoints.export_hf_checkpoint(params, config, out)
   train_time = time.time() - t0
 
   print("[4/4] accuracy of every family (rank classification, median over templates)",

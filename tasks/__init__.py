@@ -53,7 +53,7 @@ def register_all(vocabulary=None, *, data_dir: str | None = None, manual_dir: st
     groups: any of "t0", "raft", "pretrain".
   """
   from ia3_jax import data  # pylint: disable=g-import-not-at-top
-  from ia3_jax.fewshot import TFEW_SEEDS  # pylint: disable=g-import-not-at-top
+  from ia3_jax.data.fewshot import TFEW_SEEDS  # pylint: disable=g-import-not-at-top
 
   vocabulary = vocabulary or data.default_vocabulary()
   raft_dir = raft_dir or os.environ.get("IA3_JAX_RAFT_DIR")

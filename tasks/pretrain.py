@@ -14,8 +14,8 @@ import os
 from typing import Any
 
 from ia3_jax.data import DatasetSpec
-from ia3_jax.sources import TfdsSource
-from ia3_jax.templates import load_templates
+from ia3_jax.data.sources import TfdsSource
+from ia3_jax.data.templates import load_templates
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "templates")
 

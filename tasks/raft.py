@@ -13,10 +13,9 @@ import os
 import re
 from typing import Any
 
-from ia3_jax import fewshot
-from ia3_jax.data import DatasetSpec
-from ia3_jax.sources import CsvSource
-from ia3_jax.templates import DataError, load_templates
+from ia3_jax.data import DatasetSpec, fewshot
+from ia3_jax.data.sources import CsvSource
+from ia3_jax.data.templates import DataError, load_templates
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "templates")
 

@@ -5,10 +5,9 @@ from __future__ import annotations
 import os
 from typing import Any
 
-from ia3_jax import fewshot
-from ia3_jax.data import DatasetSpec
-from ia3_jax.sources import TfdsSource
-from ia3_jax.templates import TemplateSet, load_templates, promptsource_templates
+from ia3_jax.data import DatasetSpec, fewshot
+from ia3_jax.data.sources import TfdsSource
+from ia3_jax.data.templates import TemplateSet, load_templates, promptsource_templates
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "templates")
 

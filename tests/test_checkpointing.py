@@ -13,8 +13,11 @@ import jax
 import numpy as np
 import pytest
 
-from ia3_jax import checkpointing, checkpoints, config, ia3, loop, trainer
-from ia3_jax import params as P
+from ia3_jax.interop import hf_checkpoints
+from ia3_jax.model import config
+from ia3_jax.model import params as params_lib
+from ia3_jax.peft import ia3
+from ia3_jax.train import checkpointer, loop, trainer
 from tests import trainer_utils as tu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -46,11 +49,12 @@ def _committed_steps(model_dir: pathlib.Path) -> list[int]:
 
 def _write_checkpoint(model_dir: pathlib.Path, cfg, step: int = 3) -> None:
   """A checkpoint as `loop.train` writes it, without training (no step to compile)."""
-  from ia3_jax import network, optimizers
+  from ia3_jax.model import network
+  from ia3_jax.train import optimizers
   tr = trainer.Trainer(network.Transformer(cfg, ia3.ia3_blocks()), trainable=ia3.IA3_PATTERN,
                        optimizer=optimizers.OptimizerConfig(total_steps=10).build())
   state = tr.init_state(tu.random_base_params(cfg))
-  ckpt = checkpointing.Checkpointer(model_dir / "checkpoints")
+  ckpt = checkpointer.Checkpointer(model_dir / "checkpoints")
   ckpt.save(step, state, {"seed": 0, "batch_size": 8, "grad_accum_steps": 1,
                           "initial_checkpoint_path": None, "data_position": step})
   ckpt.close()
@@ -85,20 +89,20 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path, compi
   assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
   first = int(resumed.stdout.split("FIRST_STEP")[1].split()[0])
   assert first > max(killed_at) >= PERIOD  # it continued, it did not start over
-  got, meta = checkpointing.restore_trainable(model_dir)
+  got, meta = checkpointer.restore_trainable(model_dir)
   assert meta["step"] == STEPS and meta["data_position"] == STEPS
-  for name, value in P.flatten(want).items():
-    np.testing.assert_array_equal(P.flatten(got)[name], value, err_msg=name)
+  for name, value in params_lib.flatten(want).items():
+    np.testing.assert_array_equal(params_lib.flatten(got)[name], value, err_msg=name)
 
   # What a checkpoint holds, and how many are kept.
   assert _committed_steps(reference_dir) == [4, 6, 8]  # keep=3 of 2, 4, 6, 8
   step_dir = reference_dir / "checkpoints" / "8"
   assert sorted(p.name for p in step_dir.iterdir() if p.is_dir()) == ["meta", "opt_state",
                                                                       "trainable"]
-  saved, meta = checkpointing.restore_trainable(reference_dir)
-  assert set(P.flatten(saved)) == set(P.flatten(want))
-  assert all(p.rsplit("/", 1)[-1].startswith("ia3_") for p in P.flatten(saved))
-  assert meta["trainable_params"] == sorted(P.flatten(want))
+  saved, meta = checkpointer.restore_trainable(reference_dir)
+  assert set(params_lib.flatten(saved)) == set(params_lib.flatten(want))
+  assert all(p.rsplit("/", 1)[-1].startswith("ia3_") for p in params_lib.flatten(saved))
+  assert meta["trainable_params"] == sorted(params_lib.flatten(want))
   assert meta["seed"] == 0 and meta["batch_size"] == 8
   assert reference["checkpoint"] == str(step_dir)
 
@@ -106,7 +110,7 @@ def test_kill_after_checkpoint_then_resume_matches_uninterrupted(tmp_path, compi
 def test_resume_with_another_model_shape_names_the_param(tmp_path):
   _write_checkpoint(tmp_path, config.get_config("tiny"))
   wide = config.get_config("tiny").replace(mlp_dim=96)
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(hf_checkpoints.CheckpointError,
                      match=r"checkpoints/3/trainable: param decoder/layers_0/mlp/ia3_ff has shape "
                            r"\(1, 64\) in the checkpoint; this model expects \(1, 96\)"):
     loop.train(model_dir=str(tmp_path), config=wide, blocks=ia3.ia3_blocks(),
@@ -119,7 +123,7 @@ def test_resume_with_another_model_shape_names_the_param(tmp_path):
 def test_resume_with_another_batch_size_is_refused(tmp_path):
   tiny = config.get_config("tiny")
   _write_checkpoint(tmp_path, tiny)
-  with pytest.raises(checkpoints.CheckpointError, match="batch_size=8, this run has batch_size=4"):
+  with pytest.raises(hf_checkpoints.CheckpointError, match="batch_size=8, this run has batch_size=4"):
     loop.train(model_dir=str(tmp_path), config=tiny, blocks=ia3.ia3_blocks(),
                   trainable=ia3.IA3_PATTERN, train_data=tu.SyntheticBatches(4),
                   train_config=loop.TrainConfig(train_steps=10, batch_size=4, seed=0,
@@ -158,9 +162,9 @@ def test_sigint_saves_then_resume_matches_uninterrupted_and_rerun_is_a_no_op(tmp
                            timeout=300)
   assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
   assert int(resumed.stdout.split("FIRST_STEP")[1].split()[0]) == stopped + 1
-  got, _ = checkpointing.restore_trainable(model_dir)
-  for name, value in P.flatten(want).items():
-    np.testing.assert_array_equal(P.flatten(got)[name], value, err_msg=name)
+  got, _ = checkpointer.restore_trainable(model_dir)
+  for name, value in params_lib.flatten(want).items():
+    np.testing.assert_array_equal(params_lib.flatten(got)[name], value, err_msg=name)
   results_file = model_dir / "results.json"
   saved = json.loads(results_file.read_text())
   assert saved["train_losses"] == want_losses and len(want_losses) == STEPS
@@ -175,7 +179,7 @@ def test_sigint_saves_then_resume_matches_uninterrupted_and_rerun_is_a_no_op(tmp
 
 
 def test_stop_on_signal_restores_the_previous_handlers():
-  from ia3_jax import preemption
+  from ia3_jax.train import preemption
   previous = signal.getsignal(signal.SIGTERM)
   with preemption.StopOnSignal() as stop:
     os.kill(os.getpid(), signal.SIGTERM)

@@ -12,9 +12,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from transformers import T5ForConditionalGeneration
 
-from ia3_jax import checkpoints, network
-from ia3_jax.checkpoints import CheckpointError
-from ia3_jax.config import get_config
+from ia3_jax.interop import hf_checkpoints
+from ia3_jax.interop.hf_checkpoints import CheckpointError
+from ia3_jax.model import network
+from ia3_jax.model.config import get_config
 from tests import hf_utils
 from tests import tolerances
 
@@ -39,7 +40,7 @@ def _assert_close_on_targets(ours, theirs, batch):
 ])
 def test_logits_match_pytorch(tmp_path, variant, shape, fmt):
   torch_model = hf_utils.make_hf_model(tmp_path, variant, shape, fmt=fmt)
-  config, params = checkpoints.load_hf_checkpoint(tmp_path)
+  config, params = hf_checkpoints.load_hf_checkpoint(tmp_path)
   assert config.logits_via_embedding == (variant == "t5_1_0")
   assert ("logits_dense" in params["decoder"]) == (variant == "t5_1_1")
   rng = np.random.default_rng(0)
@@ -51,7 +52,7 @@ def test_logits_match_pytorch(tmp_path, variant, shape, fmt):
 
 def test_untied_head_is_read_from_file(tmp_path):
   hf_utils.make_hf_model(tmp_path, "t5_1_1")
-  _, params = checkpoints.load_hf_checkpoint(tmp_path)
+  _, params = hf_checkpoints.load_hf_checkpoint(tmp_path)
   state = load_file(str(tmp_path / "model.safetensors"))
   np.testing.assert_array_equal(params["decoder"]["logits_dense"]["kernel"],
                                 state["lm_head.weight"].numpy().T)
@@ -64,12 +65,12 @@ def test_export_round_trip(tmp_path, variant):
   config = get_config("tiny", mlp_activations=("relu",) if variant == "t5_1_0" else ("gelu", "linear"),
                       logits_via_embedding=variant == "t5_1_0")
   params = network.init_params(network.Transformer(config), jax.random.key(3))
-  out = checkpoints.export_hf_checkpoint(params, config, tmp_path / "hf")
+  out = hf_checkpoints.export_hf_checkpoint(params, config, tmp_path / "hf")
   torch_model = T5ForConditionalGeneration.from_pretrained(out).eval()
   batch = hf_utils.random_batch(np.random.default_rng(1), config.vocab_size)
   _assert_close_on_targets(_our_logits(config, params, batch),
                            hf_utils.torch_logits(torch_model, batch), batch)
-  config2, params2 = checkpoints.load_hf_checkpoint(out)
+  config2, params2 = hf_checkpoints.load_hf_checkpoint(out)
   assert config2 == config
   jax.tree.map(np.testing.assert_array_equal, params2, jax.tree.map(np.asarray, params))
 
@@ -77,10 +78,10 @@ def test_export_round_trip(tmp_path, variant):
 def test_sharded_export_and_load(tmp_path):
   config = get_config("tiny")
   params = network.init_params(network.Transformer(config), jax.random.key(0))
-  checkpoints.export_hf_checkpoint(params, config, tmp_path, max_shard_bytes=20_000)
+  hf_checkpoints.export_hf_checkpoint(params, config, tmp_path, max_shard_bytes=20_000)
   index = json.loads((tmp_path / "model.safetensors.index.json").read_text())
   assert len(set(index["weight_map"].values())) > 3
-  _, loaded = checkpoints.load_hf_checkpoint(tmp_path)
+  _, loaded = hf_checkpoints.load_hf_checkpoint(tmp_path)
   jax.tree.map(np.testing.assert_array_equal, loaded, jax.tree.map(np.asarray, params))
   torch_model = T5ForConditionalGeneration.from_pretrained(tmp_path).eval()
   batch = hf_utils.random_batch(np.random.default_rng(2), config.vocab_size)
@@ -92,7 +93,7 @@ def test_dtype_cast_and_bf16_files(tmp_path):
   hf_utils.make_hf_model(tmp_path, "t5_1_1")
   state = load_file(str(tmp_path / "model.safetensors"))
   save_file({k: v.bfloat16() for k, v in state.items()}, str(tmp_path / "model.safetensors"))
-  _, params = checkpoints.load_hf_checkpoint(tmp_path, dtype=jnp.bfloat16)
+  _, params = hf_checkpoints.load_hf_checkpoint(tmp_path, dtype=jnp.bfloat16)
   leaves = jax.tree.leaves(params)
   assert all(x.dtype == jnp.bfloat16 for x in leaves)
   np.testing.assert_array_equal(
@@ -107,7 +108,7 @@ def test_load_does_not_hold_two_copies(tmp_path):
                          num_heads=8)
   size = (tmp_path / "model.safetensors").stat().st_size
   tracemalloc.start()
-  checkpoints.load_hf_checkpoint(tmp_path)
+  hf_checkpoints.load_hf_checkpoint(tmp_path)
   _, peak = tracemalloc.get_traced_memory()
   tracemalloc.stop()
   assert peak < 1.5 * size, (peak, size)
@@ -118,14 +119,14 @@ def test_load_does_not_hold_two_copies(tmp_path):
 
 def test_error_no_config(tmp_path):
   with pytest.raises(CheckpointError, match="no config.json"):
-    checkpoints.load_hf_checkpoint(tmp_path)
+    hf_checkpoints.load_hf_checkpoint(tmp_path)
 
 
 def test_error_unsupported_architecture(tmp_path):
   (tmp_path / "config.json").write_text(json.dumps(
       {"model_type": "bart", "architectures": ["BartForConditionalGeneration"]}))
   with pytest.raises(CheckpointError, match=r"model_type 'bart'.*BartForConditionalGeneration"):
-    checkpoints.load_hf_checkpoint(tmp_path)
+    hf_checkpoints.load_hf_checkpoint(tmp_path)
 
 
 def test_error_missing_and_misshapen_tensor(tmp_path):
@@ -136,11 +137,11 @@ def test_error_missing_and_misshapen_tensor(tmp_path):
   broken[name] = torch.zeros(3, 3)
   save_file(broken, str(tmp_path / "model.safetensors"))
   with pytest.raises(CheckpointError, match=r"decoder\.block\.1\.layer\.2\.DenseReluDense\.wo"):
-    checkpoints.load_hf_checkpoint(tmp_path)
+    hf_checkpoints.load_hf_checkpoint(tmp_path)
   del broken[name]
   save_file(broken, str(tmp_path / "model.safetensors"))
   with pytest.raises(CheckpointError, match=r"missing tensors: .*decoder\.block\.1\.layer\.2"):
-    checkpoints.load_hf_checkpoint(tmp_path)
+    hf_checkpoints.load_hf_checkpoint(tmp_path)
 
 
 class _NotATensor:
@@ -152,21 +153,21 @@ def test_error_pickle_with_objects(tmp_path):
   (tmp_path / "model.safetensors").unlink()
   torch.save({"shared.weight": _NotATensor()}, tmp_path / "pytorch_model.bin")
   with pytest.raises(CheckpointError, match="weights_only=True"):
-    checkpoints.load_hf_checkpoint(tmp_path)
+    hf_checkpoints.load_hf_checkpoint(tmp_path)
 
 
 def test_error_no_weights(tmp_path):
   hf_utils.make_hf_model(tmp_path, "t5_1_1")
   (tmp_path / "model.safetensors").unlink()
   with pytest.raises(CheckpointError, match="no weights found"):
-    checkpoints.load_hf_checkpoint(tmp_path)
+    hf_checkpoints.load_hf_checkpoint(tmp_path)
 
 
 def test_check_params_match_names_param():
   config = get_config("tiny")
   params = network.init_params(network.Transformer(config), jax.random.key(0))
   with pytest.raises(CheckpointError, match=r"param decoder/layers_0/mlp/wi_0/kernel has shape \(32, 64\), model expects \(32, 32\)"):
-    checkpoints.check_params_match(params, config.replace(mlp_dim=32))
+    hf_checkpoints.check_params_match(params, config.replace(mlp_dim=32))
 
 
 # ---------------------------------------------------------------- orbax, vocabulary
@@ -174,10 +175,10 @@ def test_check_params_match_names_param():
 
 def test_orbax_round_trip(tmp_path):
   params = network.init_params(network.Transformer(get_config("tiny")), jax.random.key(0))
-  checkpoints.save_params(tmp_path / "ckpt", params)
-  restored = checkpoints.restore_params(tmp_path / "ckpt", target=params)
+  hf_checkpoints.save_params(tmp_path / "ckpt", params)
+  restored = hf_checkpoints.restore_params(tmp_path / "ckpt", target=params)
   jax.tree.map(np.testing.assert_array_equal, restored, params)
-  restored = checkpoints.restore_params(tmp_path / "ckpt")
+  restored = hf_checkpoints.restore_params(tmp_path / "ckpt")
   jax.tree.map(np.testing.assert_array_equal, restored, params)
 
 
@@ -190,14 +191,14 @@ def test_load_vocabulary(tmp_path):
   import sentencepiece as spm
   shutil.copy(_seqio_spm(), tmp_path / "spiece.model")
   (tmp_path / "tokenizer_config.json").write_text(json.dumps({"extra_ids": 10}))
-  vocab = checkpoints.load_vocabulary(tmp_path)
+  vocab = hf_checkpoints.load_vocabulary(tmp_path)
   reference = spm.SentencePieceProcessor(model_file=str(_seqio_spm()))
   text = "the cat sat"
   assert list(vocab.encode(text)) == reference.encode(text)
   assert vocab.vocab_size == reference.get_piece_size() + 10
   assert vocab.decode(vocab.encode(text)) == text
   with pytest.raises(CheckpointError, match="nothing_here: no such SentencePiece model file"):
-    checkpoints.load_vocabulary(tmp_path / "nothing_here")
+    hf_checkpoints.load_vocabulary(tmp_path / "nothing_here")
   (tmp_path / "empty").mkdir()
   with pytest.raises(CheckpointError, match=r"empty: no SentencePiece model \(spiece.model"):
-    checkpoints.load_vocabulary(tmp_path / "empty")
+    hf_checkpoints.load_vocabulary(tmp_path / "empty")

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from ia3_jax import costs
-from ia3_jax.config import get_config
+from ia3_jax.model.config import get_config
 
 
 def _round_sig(x, digits=2):

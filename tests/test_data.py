@@ -11,7 +11,7 @@ import pytest
 
 from tests.data_fixtures import spm_model_path, vocabulary
 from ia3_jax import data
-from ia3_jax.templates import DataError
+from ia3_jax.data.templates import DataError
 
 TEMPLATES = textwrap.dedent("""\
     dataset: sentiment
@@ -249,11 +249,11 @@ def test_default_vocabulary_is_the_models_own_never_a_download(tmp_path, monkeyp
   """register_task without vocabulary=: the run's model's spiece.model, resolved when the task
   tokenizes ($IA3_JAX_SPM_PATH, else gin's INITIAL_CHECKPOINT_PATH), else a ConfigError."""
   import gin
-  from ia3_jax import checkpoints
   from ia3_jax.demo import BUNDLED_MODEL_DIR
   from ia3_jax.errors import ConfigError
+  from ia3_jax.interop import hf_checkpoints
   monkeypatch.delenv("IA3_JAX_SPM_PATH", raising=False)
-  from ia3_jax import registration
+  from ia3_jax.data import registration
   monkeypatch.setattr(registration, "_DEFAULT_VOCAB", None)
   assert not str(getattr(data.default_vocabulary(), "sentencepiece_model_file", "")).startswith("gs://")
   paths = _write_task(tmp_path, n_train=8, n_val=3)
@@ -266,6 +266,6 @@ def test_default_vocabulary_is_the_models_own_never_a_download(tmp_path, monkeyp
     return [int(t) for t in batch["encoder_input_tokens"][0] if t > 1]
   prompt = data.rendered_examples("modelvocab_eval_by_name")[0]["inputs"][0]
   gin.parse_config(f"INITIAL_CHECKPOINT_PATH = '{BUNDLED_MODEL_DIR}'")  # what a gin run binds
-  assert first_prompt_tokens() == checkpoints.load_vocabulary(BUNDLED_MODEL_DIR).encode(prompt)
+  assert first_prompt_tokens() == hf_checkpoints.load_vocabulary(BUNDLED_MODEL_DIR).encode(prompt)
   monkeypatch.setenv("IA3_JAX_SPM_PATH", spm_model_path())
   assert first_prompt_tokens() == vocabulary().encode(prompt)

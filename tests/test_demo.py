@@ -7,7 +7,8 @@ import jax
 import numpy as np
 import pytest
 
-from ia3_jax import demo, synthetic
+from ia3_jax import demo
+from ia3_jax.data import synthetic
 
 ASSETS = demo.BUNDLED_MODEL_DIR
 
@@ -37,7 +38,7 @@ def test_bundled_model_loads_in_transformers(bundled, tmp_path):
   import jax.numpy as jnp
   import torch
   import transformers
-  from ia3_jax import network
+  from ia3_jax.model import network
   config, params, _ = bundled
   hf = transformers.T5ForConditionalGeneration.from_pretrained(ASSETS).eval()
   rng = np.random.RandomState(0)
@@ -71,7 +72,7 @@ def small_run(tmp_path_factory):
 
 
 def test_run_demo_outputs(small_run, bundled):
-  from ia3_jax import ia3
+  from ia3_jax.peft import ia3
   out, results = small_run
   config = bundled[0]
   saved = results
@@ -115,8 +116,8 @@ def test_zero_shot_is_the_base_model(bundled):
 def test_demo_tasks_through_seqio(bundled):
   """Registered tasks give rank-classification batches whose labelled choice is the template's target."""
   from ia3_jax import data
+  from ia3_jax.data.templates import load_templates
   from ia3_jax.tasks import demo as demo_tasks
-  from ia3_jax.templates import load_templates
   _, _, vocabulary = bundled
   demo.register_tasks(vocabulary, families=("alive",), seeds=(5,), num_shots=6, eval_size=16)
   lengths = demo.feature_lengths("alive")
@@ -131,7 +132,7 @@ def test_demo_tasks_through_seqio(bundled):
     assert vocabulary.decode(correct) == r.target
   shots = data.get_batches("demo_alive_fewshot_seed5", "train", 6, lengths, seed=0)
   ids = {i for _ in range(6) for i in next(shots)["example_id"].tolist()}  # a repeated stream
-  from ia3_jax import fewshot
+  from ia3_jax.data import fewshot
   assert ids == set(fewshot.sample_indices(demo_tasks.HELDOUT_POOL_SIZE, 6, 5).tolist())
 
 

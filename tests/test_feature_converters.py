@@ -4,7 +4,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ia3_jax.feature_converters import EOS_ID, RankClassificationFeatureConverter, TruncationStats
+from ia3_jax.data.feature_converters import EOS_ID
+from ia3_jax.data.feature_converters import RankClassificationFeatureConverter
+from ia3_jax.data.feature_converters import TruncationStats
 
 # (inputs, choices, label); every sequence ends in EOS like the tasks' tokens.
 EXAMPLES = [

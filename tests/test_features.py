@@ -1,9 +1,10 @@
-"""The batch layout (ia3_jax.features): what the converter and get_batches produce, choice checks."""
+"""The batch layout (ia3_jax.data.features): what the converter and get_batches produce, choice checks."""
 
 import numpy as np
 
-from ia3_jax import data, features
-from ia3_jax.feature_converters import RankClassificationFeatureConverter
+from ia3_jax import data
+from ia3_jax.data import features
+from ia3_jax.data.feature_converters import RankClassificationFeatureConverter
 from tests.data_fixtures import vocabulary
 
 TEMPLATES = """\

@@ -7,14 +7,14 @@ import sys
 import numpy as np
 import pytest
 
-from ia3_jax import fewshot
-from ia3_jax.templates import DataError
+from ia3_jax.data import fewshot
+from ia3_jax.data.templates import DataError
 
 CASES = [(277, 32), (1000, 50), (70, 70), (39905, 20), (5, 3)]
 
 _CHILD = """
 import json, sys
-from ia3_jax import fewshot
+from ia3_jax.data import fewshot
 cases = json.loads(sys.argv[1])
 print(json.dumps([[fewshot.sample_indices(n, k, s).tolist() for n, k in cases] for s in fewshot.TFEW_SEEDS]))
 """

@@ -4,7 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from ia3_jax import checkpoints, generation, network
+from ia3_jax.interop import hf_checkpoints
+from ia3_jax.model import generation, network
 from tests import hf_utils
 from tests.test_scoring import NUM_TASKS, forward, task_model
 
@@ -51,7 +52,7 @@ def full_forward_greedy(model, params, enc, max_length, task_id=None):
 @pytest.mark.parametrize("variant,seed,factor", [("t5_1_1", 1, 1.1), ("t5_1_0", 0, 2.2)])
 def test_greedy_equals_hf_generate_and_full_forwards(tmp_path, variant, seed, factor):
   torch_model = hf_utils.make_hf_model(tmp_path, variant)
-  config, params = checkpoints.load_hf_checkpoint(tmp_path)
+  config, params = hf_checkpoints.load_hf_checkpoint(tmp_path)
   torch_model, params = boost_eos(torch_model, params, factor)
   model = network.Transformer(config)
   enc = hf_utils.random_batch(np.random.default_rng(seed), config.vocab_size, 6, 11, 2)[
@@ -70,7 +71,7 @@ def test_greedy_equals_hf_generate_and_full_forwards(tmp_path, variant, seed, fa
 
 def test_loop_stops_when_every_row_is_done(tmp_path):
   torch_model = hf_utils.make_hf_model(tmp_path, "t5_1_1")
-  config, params = checkpoints.load_hf_checkpoint(tmp_path)
+  config, params = hf_checkpoints.load_hf_checkpoint(tmp_path)
   torch_model, params = boost_eos(torch_model, params, 50.0)
   model = network.Transformer(config)
   enc = hf_utils.random_batch(np.random.default_rng(1), config.vocab_size, 6, 11, 2)[

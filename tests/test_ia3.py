@@ -8,9 +8,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ia3_jax import ia3, network
-from ia3_jax import params as P
-from ia3_jax.config import get_config
+from ia3_jax.model import network
+from ia3_jax.model import params as params_lib
+from ia3_jax.model.config import get_config
+from ia3_jax.peft import ia3
 from tests import hf_utils
 from tests import tolerances
 
@@ -38,9 +39,9 @@ def _logits(model, params, batch, task_id=None):
 
 def _random_ia3(config, sites, num_tasks, seed):
   """Non-identity vectors in [0.3, 1.7)."""
-  flat = P.flatten(ia3.init_ia3(config, sites, num_tasks))
+  flat = params_lib.flatten(ia3.init_ia3(config, sites, num_tasks))
   keys = jax.random.split(jax.random.key(seed), len(flat))
-  return P.unflatten({path: jax.random.uniform(k, v.shape, minval=0.3, maxval=1.7)
+  return params_lib.unflatten({path: jax.random.uniform(k, v.shape, minval=0.3, maxval=1.7)
                       for k, (path, v) in zip(keys, sorted(flat.items()))})
 
 
@@ -60,7 +61,7 @@ def test_ones_equal_base_exactly(kind):
 def test_param_names_shapes_axes():
   config = CONFIGS["gated"]
   model = ia3.ia3_model(config, num_tasks=2)
-  axes = P.flatten(network.logical_axes(model, with_task_id=True))
+  axes = params_lib.flatten(network.logical_axes(model, with_task_id=True))
   params = network.init_params(model, jax.random.key(1), with_task_id=True)
   vectors, base = ia3.extract_ia3(params)
   kv, ff = ("tasks", "joined_kv"), ("tasks", "mlp")
@@ -74,7 +75,7 @@ def test_param_names_shapes_axes():
       expected.update({f"decoder/layers_{i}/{att}/ia3_key": kv,
                        f"decoder/layers_{i}/{att}/ia3_value": kv})
     expected[f"decoder/layers_{i}/mlp/ia3_ff"] = ff
-  flat = P.flatten(vectors)
+  flat = params_lib.flatten(vectors)
   assert sorted(flat) == sorted(expected)
   for path, names in expected.items():
     assert tuple(axes[path]) == names
@@ -83,13 +84,13 @@ def test_param_names_shapes_axes():
     np.testing.assert_array_equal(flat[path], 1.0)
   # the base part is exactly the base network's tree
   plain = network.abstract_params(network.Transformer(config))
-  assert P.paths(base) == P.paths(plain)
+  assert params_lib.paths(base) == params_lib.paths(plain)
   assert ia3.sites_of(vectors) == ("k", "v", "ff") and ia3.num_tasks_of(vectors) == 2
 
 
 def test_ablation_site_shapes():
   config = CONFIGS["gated"]
-  flat = P.flatten(ia3.init_ia3(config, ("q", "o", "attn_out", "mlp_out"), 1))
+  flat = params_lib.flatten(ia3.init_ia3(config, ("q", "o", "attn_out", "mlp_out"), 1))
   att = "decoder/layers_0/encoder_decoder_attention/"
   assert flat[att + "ia3_query"].shape == (1, config.joined_kv)
   assert flat[att + "ia3_out_input"].shape == (1, config.joined_kv)
@@ -176,17 +177,17 @@ def test_merge_matches_unmerged_and_unmerge_is_exact(kind):
   task_id = jnp.ones((6,), jnp.int32)
   expected = _logits(ia3.ia3_model(config, ALL_SITES, 2), params, batch, task_id)
   merged, originals = ia3.merge(params, task=1)
-  assert P.paths(merged) == P.paths(base)
+  assert params_lib.paths(merged) == params_lib.paths(base)
   tolerances.assert_close(_logits(network.Transformer(config), merged, batch), expected)
   # merging changes only the kernels the vectors multiply
-  changed = sorted(p for p in P.paths(base)
-                   if not np.array_equal(P.flatten(base)[p], P.flatten(merged)[p]))
-  assert changed == sorted(P.paths(originals["kernels"]))
+  changed = sorted(p for p in params_lib.paths(base)
+                   if not np.array_equal(params_lib.flatten(base)[p], params_lib.flatten(merged)[p]))
+  assert changed == sorted(params_lib.paths(originals["kernels"]))
   assert {p.rsplit("/", 2)[-2] for p in changed} == {"query", "key", "value", "out", "wo"}
   restored = ia3.unmerge(merged, originals)
-  assert P.paths(restored) == P.paths(params)
-  for path, value in P.flatten(params).items():
-    np.testing.assert_array_equal(np.asarray(P.flatten(restored)[path]), np.asarray(value))
+  assert params_lib.paths(restored) == params_lib.paths(params)
+  for path, value in params_lib.flatten(params).items():
+    np.testing.assert_array_equal(np.asarray(params_lib.flatten(restored)[path]), np.asarray(value))
   with pytest.raises(ValueError, match="task 2 out of range"):
     ia3.merge(params, task=2)
   with pytest.raises(ValueError, match="no \\(IA\\)\\^3 vectors"):
@@ -198,7 +199,7 @@ def test_extract_insert_select_stack():
   bank = _random_ia3(config, ia3.DEFAULT_SITES, 3, seed=4)
   params = ia3.insert_ia3(base, bank)
   got, rest = ia3.extract_ia3(params)
-  assert P.paths(rest) == P.paths(base) and P.paths(got) == P.paths(bank)
+  assert params_lib.paths(rest) == params_lib.paths(base) and params_lib.paths(got) == params_lib.paths(bank)
   restacked = ia3.stack_tasks([ia3.select_task(bank, t) for t in range(3)])
   jax.tree.map(np.testing.assert_array_equal, restacked, bank)
   # inserting replaces existing vectors
@@ -211,22 +212,22 @@ def test_extract_insert_select_stack():
 def test_trainable_mask_selects_vectors_only():
   config, base, _ = _base("gated")
   params = ia3.with_ia3(base, config)
-  trainable, frozen = P.partition(params, ia3.trainable_mask(params))
-  assert P.paths(trainable) == P.paths(ia3.init_ia3(config))
-  assert P.count(frozen) == P.count(base)
+  trainable, frozen = params_lib.partition(params, ia3.trainable_mask(params))
+  assert params_lib.paths(trainable) == params_lib.paths(ia3.init_ia3(config))
+  assert params_lib.count(frozen) == params_lib.count(base)
 
 
 def test_param_counts_via_eval_shape():
   # Encoder layer: d_k + d_v + d_ff; decoder layer: 2 d_k + 2 d_v + d_ff.
   abstract = {name: ia3.abstract_ia3(get_config(name)) for name in ("t0_3b", "t0_11b")}
-  counts = {name: P.count(a) for name, a in abstract.items()}
+  counts = {name: params_lib.count(a) for name, a in abstract.items()}
   assert counts == {"t0_3b": 540_672, "t0_11b": 1_081_344}
   for name, c in counts.items():
     cfg = get_config(name)
     kv, ff = cfg.joined_kv, cfg.mlp_dim
     assert c == cfg.num_encoder_layers * (2 * kv + ff) + cfg.num_decoder_layers * (4 * kv + ff)
   # 2.2 MB and 4.3 MB in fp32 (the paper quotes 4.2 MB for T0)
-  assert {n: P.nbytes(a) for n, a in abstract.items()} == {"t0_3b": 2_162_688, "t0_11b": 4_325_376}
+  assert {n: params_lib.nbytes(a) for n, a in abstract.items()} == {"t0_3b": 2_162_688, "t0_11b": 4_325_376}
   tiny = CONFIGS["gated"]
   assert ia3.count_ia3(tiny, num_tasks=4) == 4 * ia3.count_ia3(tiny)
 
@@ -254,17 +255,17 @@ def test_gin_file_builds_blocks():
   config = CONFIGS["gated"]
   params = network.init_params(network.Transformer(config, blocks), jax.random.key(0),
                                with_task_id=True)
-  mask = P.trainable_mask(params, trainable)
-  assert P.count(params, mask) == 3 * ia3.count_ia3(config)
+  mask = params_lib.trainable_mask(params, trainable)
+  assert params_lib.count(params, mask) == 3 * ia3.count_ia3(config)
 
 
 def test_merge_checkpoint_writes_hf_dir(tmp_path):
   from transformers import T5ForConditionalGeneration
-  from ia3_jax import checkpoints, ia3_adapters
+  from ia3_jax.interop import hf_checkpoints, ia3_adapters
   hf_utils.make_hf_model(tmp_path / "base", "t5_1_1")
-  config, base = checkpoints.load_hf_checkpoint(tmp_path / "base")
+  config, base = hf_checkpoints.load_hf_checkpoint(tmp_path / "base")
   bank = _random_ia3(config, ia3.DEFAULT_SITES, 2, seed=7)
-  checkpoints.save_params(tmp_path / "ia3", bank)
+  hf_checkpoints.save_params(tmp_path / "ia3", bank)
   out = ia3_adapters.merge_checkpoint(tmp_path / "base", tmp_path / "ia3", tmp_path / "merged", task=1)
   batch = hf_utils.random_batch(np.random.default_rng(2), config.vocab_size)
   expected = _logits(ia3.ia3_model(config), ia3.insert_ia3(base, ia3.select_task(bank, 1)), batch)

@@ -13,9 +13,11 @@ import torch
 from peft import IA3Config, PeftModel, TaskType, get_peft_model
 from transformers import T5ForConditionalGeneration
 
-from ia3_jax import adapter_files, checkpoints, ia3, ia3_adapters, network
-from ia3_jax import params as P
 from ia3_jax.errors import AdapterError
+from ia3_jax.interop import adapter_files, hf_checkpoints, ia3_adapters
+from ia3_jax.model import network
+from ia3_jax.model import params as params_lib
+from ia3_jax.peft import ia3
 from tests import hf_utils
 from tests import tolerances
 
@@ -27,7 +29,7 @@ def bases(tmp_path_factory):
   for variant in ("t5_1_1", "t5_1_0"):
     d = tmp_path_factory.mktemp(variant)
     hf_utils.make_hf_model(d, variant, seed=1)
-    config, params = checkpoints.load_hf_checkpoint(d)
+    config, params = hf_checkpoints.load_hf_checkpoint(d)
     batch = hf_utils.random_batch(np.random.default_rng(0), config.vocab_size, batch=4,
                                   enc_len=11, dec_len=6)
     out[variant] = (d, config, params, batch)
@@ -67,7 +69,7 @@ def test_import_t5_default_matches_peft(bases, tmp_path, variant):
   assert set(cfg["target_modules"]) == {"k", "v", "wo"} and cfg["feedforward_modules"] == ["wo"]
   vectors = ia3_adapters.import_peft_adapter(tmp_path, config)
   assert ia3.sites_of(vectors) == ("k", "v", "ff") and ia3.num_tasks_of(vectors) == 1
-  assert P.count(vectors) == ia3.count_ia3(config)
+  assert params_lib.count(vectors) == ia3.count_ia3(config)
   theirs = hf_utils.torch_logits(model, batch)
   _assert_close(_ours(config, base, vectors, batch), theirs, batch)
   # the adapter matters (so the match above is not the base model's)
@@ -103,7 +105,7 @@ def test_import_partial_layers_fills_ones(bases, tmp_path):
   model = _peft(base_dir, tmp_path, seed=3, target_modules=r".*decoder.*\.(k|v)$",
                 feedforward_modules=[])
   vectors = ia3_adapters.import_peft_adapter(tmp_path, config, sites=("k", "v", "ff"))
-  flat = P.flatten(vectors)
+  flat = params_lib.flatten(vectors)
   for path, vec in flat.items():
     identity = path.startswith("encoder") or path.endswith("ia3_ff")
     assert np.all(np.asarray(vec) == 1.0) == identity, path
@@ -115,8 +117,8 @@ def test_import_partial_layers_fills_ones(bases, tmp_path):
 def test_export_loads_in_peft(bases, tmp_path, variant, convention):
   base_dir, config, base, batch = bases[variant]
   rng = np.random.default_rng(4)
-  bank = P.unflatten({p: rng.uniform(0.3, 1.7, v.shape).astype(np.float32)
-                      for p, v in P.flatten(ia3.init_ia3(config, num_tasks=2)).items()})
+  bank = params_lib.unflatten({p: rng.uniform(0.3, 1.7, v.shape).astype(np.float32)
+                      for p, v in params_lib.flatten(ia3.init_ia3(config, num_tasks=2)).items()})
   out = ia3_adapters.export_peft_adapter(bank, config, tmp_path / "exported", task=1,
                                     convention=convention)
   cfg = json.loads((out / "adapter_config.json").read_text())
@@ -128,8 +130,8 @@ def test_export_loads_in_peft(bases, tmp_path, variant, convention):
   _assert_close(ours, hf_utils.torch_logits(model, batch), batch)
   # and back: import gives the same vectors
   back = ia3_adapters.import_peft_adapter(out, config)
-  for path, vec in P.flatten(ia3.select_task(bank, 1)).items():
-    np.testing.assert_array_equal(P.flatten(back)[path], vec)
+  for path, vec in params_lib.flatten(ia3.select_task(bank, 1)).items():
+    np.testing.assert_array_equal(params_lib.flatten(back)[path], vec)
 
 
 def test_export_errors(bases, tmp_path):
@@ -152,8 +154,8 @@ def test_merge_matches_peft_merge_and_unload(bases, tmp_path, variant):
   vectors = ia3_adapters.import_peft_adapter(tmp_path, config)
   merged, _ = ia3.merge(ia3.insert_ia3(base, vectors))
   state = model.merge_and_unload().state_dict()
-  names = checkpoints.hf_name_map(config)
-  for path, value in P.flatten(merged).items():
+  names = hf_checkpoints.hf_name_map(config)
+  for path, value in params_lib.flatten(merged).items():
     hf, transposed = names[tuple(path.split("/"))]
     theirs = state[hf].numpy()
     # same float32 products: bit-for-bit equal
@@ -261,7 +263,7 @@ def test_tfew_rejects_lora_and_pickles(bases, tmp_path):
     ia3_adapters.import_tfew_state_dict(tmp_path / "a.pt", config)
   torch.save({"vectors": {"k": torch.ones(3)}, "path": pathlib.PurePosixPath("x")},
              tmp_path / "pickle.pt")
-  with pytest.raises(checkpoints.CheckpointError, match="weights_only=True"):
+  with pytest.raises(hf_checkpoints.CheckpointError, match="weights_only=True"):
     ia3_adapters.import_tfew_state_dict(tmp_path / "pickle.pt", config)
 
 

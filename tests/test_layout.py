@@ -1,4 +1,5 @@
-"""The package layout: no import cycles, no private names across modules, no outside design file.
+"""The package layout: the data flow's layers, no import cycles, no private names across
+modules, no outside design file.
 
 Walks every module of `ia3_jax` (and the `tasks/` package shipped as
 `ia3_jax.tasks`) with `ast`, including imports inside functions, so a lazy
@@ -76,6 +77,35 @@ def test_no_import_cycles():
     if module not in state:
       visit(module, [module])
   assert not cycles, "import cycles:\n" + "\n".join(cycles)
+
+
+# The layers of the data flow, bottom up (docs/design.md): a module imports only from its own
+# layer or the ones below. Everything not listed (cli, main, runs, demo, costs, gin_configurables,
+# the package itself and the built-in tasks) is an entry point, on top.
+LAYERS = {"ia3_jax.errors": 0, "ia3_jax.files": 0, "ia3_jax.model": 1, "ia3_jax.peft": 2,
+          "ia3_jax.interop": 3, "ia3_jax.data": 4, "ia3_jax.objectives": 5, "ia3_jax.train": 6}
+ENTRY = max(LAYERS.values()) + 1
+
+
+def _layer(module: str) -> int:
+  for prefix in sorted(LAYERS, key=len, reverse=True):
+    if module == prefix or module.startswith(prefix + "."):
+      return LAYERS[prefix]
+  return ENTRY
+
+
+def test_modules_import_only_their_layer_or_below():
+  upward = [f"{m} (layer {_layer(m)}) imports {d} (layer {_layer(d)})"
+            for m, deps in sorted(_graph().items()) for d in sorted(deps) if _layer(d) > _layer(m)]
+  assert not upward, "imports against the data flow:\n" + "\n".join(upward)
+
+
+def test_every_library_module_sits_in_a_layer():
+  entry_points = {"ia3_jax", "ia3_jax.cli", "ia3_jax.main", "ia3_jax.runs", "ia3_jax.demo",
+                  "ia3_jax.costs", "ia3_jax.gin_configurables"}
+  loose = sorted(m for m in MODULES if _layer(m) == ENTRY and m not in entry_points
+                 and not m.startswith("ia3_jax.tasks"))
+  assert not loose, f"modules outside the layers (add them to a subpackage): {loose}"
 
 
 def test_no_private_names_across_modules():

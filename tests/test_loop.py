@@ -1,4 +1,4 @@
-"""The one training loop (ia3_jax.loop.TrainLoop): steps, hooks, the finite check, windows."""
+"""The one training loop (ia3_jax.train.loop.TrainLoop): steps, hooks, the finite check, windows."""
 
 import itertools
 import math
@@ -8,7 +8,10 @@ import numpy as np
 import optax
 import pytest
 
-from ia3_jax import config, demo, errors, ia3, loop, network, trainer
+from ia3_jax import demo, errors
+from ia3_jax.model import config, network
+from ia3_jax.peft import ia3
+from ia3_jax.train import loop, trainer
 from tests import trainer_utils as tu
 
 TINY = config.get_config("tiny")

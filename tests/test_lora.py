@@ -10,10 +10,11 @@ import pytest
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
-from ia3_jax import checkpoints, network
-from ia3_jax import params as P
 from ia3_jax.errors import AdapterError
-from ia3_jax.peft_methods import lora, lora_io
+from ia3_jax.interop import hf_checkpoints, lora_adapters
+from ia3_jax.model import network
+from ia3_jax.model import params as params_lib
+from ia3_jax.peft import lora
 from tests import hf_utils
 from tests import tolerances
 
@@ -34,7 +35,7 @@ def peft_case(request, tmp_path_factory):
   variant, targets, rslora = CASES[request.param]
   root = tmp_path_factory.mktemp(request.param)
   hf = hf_utils.make_hf_model(root / "base", variant, "small")
-  config, base = checkpoints.load_hf_checkpoint(root / "base")
+  config, base = hf_checkpoints.load_hf_checkpoint(root / "base")
   torch.manual_seed(0)
   peft_model = get_peft_model(copy.deepcopy(hf), LoraConfig(
       r=RANK, lora_alpha=ALPHA, target_modules=targets, lora_dropout=0.0, use_rslora=rslora,
@@ -42,12 +43,12 @@ def peft_case(request, tmp_path_factory):
   peft_model.save_pretrained(root / "adapter")
   batch = hf_utils.random_batch(np.random.default_rng(0), config.vocab_size, batch=3,
                                 enc_len=25, dec_len=6)
-  tree, settings = lora_io.import_peft_lora(root / "adapter", config)
+  tree, settings = lora_adapters.import_peft_lora(root / "adapter", config)
   lora_apply = _jitted_apply(config, lora.lora_blocks(**settings.blocks_kwargs()), batch)
   return dict(hf=hf, config=config, base=base, peft=peft_model, root=root, batch=batch,
               rslora=rslora, tree=tree, settings=settings, lora_apply=lora_apply,
               base_apply=_jitted_apply(config, network.Blocks(), batch),
-              unmerged=lora_apply(P.combine(base, tree)))
+              unmerged=lora_apply(params_lib.combine(base, tree)))
 
 
 def _jitted_apply(config, blocks, batch):
@@ -73,31 +74,31 @@ def test_exported_adapter_loads_in_peft(peft_case, tmp_path):
   c = peft_case
   tree, settings = c["tree"], c["settings"]
   # Different weights from the imported ones: what we export is what peft computes.
-  flat = P.flatten(tree)
-  tree = P.unflatten({k: -0.7 * v + 0.05 * jax.random.normal(jax.random.key(i), v.shape)
+  flat = params_lib.flatten(tree)
+  tree = params_lib.unflatten({k: -0.7 * v + 0.05 * jax.random.normal(jax.random.key(i), v.shape)
                       for i, (k, v) in enumerate(sorted(flat.items()))})
-  lora_io.export_peft_lora(P.combine(c["base"], tree), c["config"], tmp_path / "out",
+  lora_adapters.export_peft_lora(params_lib.combine(c["base"], tree), c["config"], tmp_path / "out",
                            alpha=ALPHA, use_rslora=c["rslora"])
   saved = json.loads((tmp_path / "out" / "adapter_config.json").read_text())
   assert saved["peft_type"] == "LORA" and saved["r"] == RANK
   loaded = PeftModel.from_pretrained(copy.deepcopy(c["hf"]), tmp_path / "out").eval()
-  ours = c["lora_apply"](P.combine(c["base"], tree))
+  ours = c["lora_apply"](params_lib.combine(c["base"], tree))
   tolerances.assert_close_to_torch(ours, hf_utils.torch_logits(loaded, c["batch"]))
   # Round trip through the files is exact.
-  again, settings2 = lora_io.import_peft_lora(tmp_path / "out", c["config"])
+  again, settings2 = lora_adapters.import_peft_lora(tmp_path / "out", c["config"])
   assert settings2 == settings
-  exported = P.flatten(tree)
-  assert set(P.flatten(again)) == set(exported)
-  for k, v in P.flatten(again).items():
+  exported = params_lib.flatten(tree)
+  assert set(params_lib.flatten(again)) == set(exported)
+  for k, v in params_lib.flatten(again).items():
     np.testing.assert_array_equal(v, np.asarray(exported[k]))
 
 
 def test_merged_matches_peft_merge_and_unload(peft_case):
   c = peft_case
   settings = c["settings"]
-  merged = lora.merge_lora(P.combine(c["base"], c["tree"]), alpha=settings.alpha,
+  merged = lora.merge_lora(params_lib.combine(c["base"], c["tree"]), alpha=settings.alpha,
                            use_rslora=settings.use_rslora)
-  assert set(P.flatten(merged)) == set(P.flatten(c["base"]))  # a plain T5X tree
+  assert set(params_lib.flatten(merged)) == set(params_lib.flatten(c["base"]))  # a plain T5X tree
   theirs = hf_utils.torch_logits(copy.deepcopy(c["peft"]).merge_and_unload(), c["batch"])
   ours_merged = c["base_apply"](merged)
   tolerances.assert_close_to_torch(ours_merged, theirs)
@@ -105,7 +106,7 @@ def test_merged_matches_peft_merge_and_unload(peft_case):
 
 
 def test_lora_dropout_only_with_a_dropout_rng():
-  from ia3_jax.config import get_config
+  from ia3_jax.model.config import get_config
   config = get_config("tiny")
   model = network.Transformer(config, blocks=lora.lora_blocks(rank=2, dropout=0.5))
   params = network.init_params(model, jax.random.key(0))
@@ -151,7 +152,7 @@ def _rewrite_config(src, dst, **changes):
 def test_unsupported_adapters_raise(peft_case, tmp_path, changes, message):
   bad = _rewrite_config(peft_case["root"] / "adapter", tmp_path / "bad", **changes)
   with pytest.raises(AdapterError, match=message):
-    lora_io.import_peft_lora(bad, peft_case["config"])
+    lora_adapters.import_peft_lora(bad, peft_case["config"])
 
 
 def test_adapter_skipping_layers_raises(peft_case, tmp_path):
@@ -161,14 +162,14 @@ def test_adapter_skipping_layers_raises(peft_case, tmp_path):
       layers_pattern="block", task_type="SEQ_2_SEQ_LM"))
   partial.save_pretrained(tmp_path / "partial")
   with pytest.raises(AdapterError, match="lack weights.*layers_to_transform"):
-    lora_io.import_peft_lora(tmp_path / "partial", c["config"])
+    lora_adapters.import_peft_lora(tmp_path / "partial", c["config"])
 
 
 def test_lora_param_names_and_shapes():
-  from ia3_jax.config import get_config
+  from ia3_jax.model.config import get_config
   config = get_config("tiny")
   model = network.Transformer(config, blocks=lora.lora_blocks(rank=3, targets=["q", "wo"]))
-  flat = P.flatten(jax.eval_shape(lambda k: network.init_params(model, k), jax.random.key(0)))
+  flat = params_lib.flatten(jax.eval_shape(lambda k: network.init_params(model, k), jax.random.key(0)))
   new = {k: v.shape for k, v in flat.items() if "_lora_" in k}
   assert new["encoder/layers_0/attention/query_lora_a"] == (config.emb_dim, 3)
   assert new["decoder/layers_1/encoder_decoder_attention/query_lora_b"] == (3, config.joined_kv)

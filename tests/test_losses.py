@@ -1,4 +1,4 @@
-"""Tests for ia3_jax.losses against a NumPy implementation written from the formulas."""
+"""Tests for ia3_jax.objectives.losses against a NumPy implementation written from the formulas."""
 
 import functools
 import math
@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ia3_jax import losses
+from ia3_jax.objectives import losses
 from tests import tolerances
 
 B, C, T, V = 5, 4, 7, 11

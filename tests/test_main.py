@@ -112,7 +112,7 @@ def test_required_macro_names_the_file(capsys):
 
 def test_unknown_binding_in_a_file_names_file_and_line(capsys, tmp_path):
   (tmp_path / "mine.gin").write_text("from __gin__ import dynamic_registration\n"
-                                     "from ia3_jax import loop\n\n"
+                                     "from ia3_jax.train import loop\n\n"
                                      "loop.TrainConfig.bogus = 1\n")
   rc, _, err = _run_main([*LAYERS, "--gin_file=mine.gin", f"--gin_search_paths={tmp_path}",
                           *REQUIRED, "--print_config"], capsys, action="train")
@@ -222,9 +222,9 @@ def _export_merge_convert(root: pathlib.Path, model_dir: pathlib.Path):
   assert (merged / "config.json").exists() and (merged / "model.safetensors").exists()
   orbax_dir = root / "base_orbax"
   assert cli.main(["convert", str(root / "base"), str(orbax_dir)]) == 0
-  from ia3_jax import checkpoints
-  _, want = checkpoints.load_hf_checkpoint(root / "base")
-  got = checkpoints.restore_params(orbax_dir)
+  from ia3_jax.interop import hf_checkpoints
+  _, want = hf_checkpoints.load_hf_checkpoint(root / "base")
+  got = hf_checkpoints.restore_params(orbax_dir)
   np.testing.assert_array_equal(np.asarray(got["encoder"]["layers_0"]["mlp"]["wo"]["kernel"]),
                                 want["encoder"]["layers_0"]["mlp"]["wo"]["kernel"])
 

@@ -6,7 +6,7 @@ import math
 import numpy as np
 import pytest
 
-from ia3_jax import metrics
+from ia3_jax.objectives import metrics
 
 
 def test_accuracy_counts_only_masked_in_rows():

@@ -11,8 +11,8 @@ import jax
 import numpy as np
 import pytest
 
-from ia3_jax import checkpointing
-from ia3_jax import params as P
+from ia3_jax.model import params as params_lib
+from ia3_jax.train import checkpointer
 from tests import trainer_utils as tu
 from tests import tolerances
 
@@ -22,18 +22,18 @@ STEPS = 4
 PROCESS = """
 import json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
-from ia3_jax import partitioning
+from ia3_jax.train import partitioning
 process_id, port, model_dir, steps = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 partitioning.initialize_distributed(f"127.0.0.1:{port}", 2, process_id, initialization_timeout=120)
 import jax
 from jax.experimental import multihost_utils
-from ia3_jax import params as P
+from ia3_jax.model import params as params_lib
 from tests import trainer_utils as tu
 config = partitioning.PartitionConfig(data_parallel=2, model_parallel=2)
 shard = partitioning.Partitioner(config).data_shard_info()
 res = tu.run_tiny(model_dir, steps=steps, checkpoint_period=2, eval_batches=2, partitioning=config)
 trainable = {k: multihost_utils.process_allgather(v, tiled=True).tolist()
-             for k, v in P.flatten(res["state"].trainable).items()}
+             for k, v in params_lib.flatten(res["state"].trainable).items()}
 last_eval = res["eval"][steps]
 out = {"process": jax.process_index(), "processes": jax.process_count(),
        "devices": jax.device_count(), "local_devices": jax.local_device_count(), "shard": shard,
@@ -86,7 +86,7 @@ def test_two_processes_train_together_and_match_single_process(tmp_path, single_
   results = [json.loads(out.split("RESULT", 1)[1].splitlines()[0]) for out in outputs]
 
   want_losses = [l for _, l in single_process["train_losses"]]
-  want = P.flatten(jax.device_get(single_process["state"].trainable))
+  want = params_lib.flatten(jax.device_get(single_process["state"].trainable))
   want_eval = single_process["eval"][STEPS]
   for i, r in enumerate(results):
     assert (r["process"], r["processes"], r["devices"], r["local_devices"]) == (i, 2, 4, 2)
@@ -98,7 +98,7 @@ def test_two_processes_train_together_and_match_single_process(tmp_path, single_
     assert r["eval"]["num_correct"] == want_eval["num_correct"]
 
   # One checkpoint directory written jointly, readable by a single process.
-  saved, meta = checkpointing.restore_trainable(model_dir)
+  saved, meta = checkpointer.restore_trainable(model_dir)
   assert meta["step"] == STEPS
   for name, value in want.items():
-    tolerances.assert_close(P.flatten(saved)[name], value, err_msg=name)
+    tolerances.assert_close(params_lib.flatten(saved)[name], value, err_msg=name)

@@ -9,8 +9,8 @@ import pytest
 import torch
 from transformers import T5ForConditionalGeneration
 
-from ia3_jax import layers, network
-from ia3_jax.config import PRESETS, get_config
+from ia3_jax.model import layers, network
+from ia3_jax.model.config import PRESETS, get_config
 from tests import hf_utils
 from tests import tolerances
 

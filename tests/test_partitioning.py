@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec
 
-from ia3_jax import config, ia3, network, partitioning
-from ia3_jax import params as P
+from ia3_jax.model import config, network
+from ia3_jax.model import params as params_lib
+from ia3_jax.peft import ia3
+from ia3_jax.train import partitioning
 from tests import trainer_utils as tu
 from tests import tolerances
 
@@ -23,7 +25,8 @@ EIGHT_DEVICES = """
 import json, os, sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax
-from ia3_jax import partitioning, params as P
+from ia3_jax.model import params as params_lib
+from ia3_jax.train import partitioning
 from tests import trainer_utils as tu
 res = tu.run_tiny(sys.argv[1], steps=int(sys.argv[2]), checkpoint_period=3,
                   partitioning=partitioning.PartitionConfig(data_parallel=2, model_parallel=4))
@@ -31,7 +34,7 @@ state = res["state"]
 shard = lambda x: {"spec": str(x.sharding.spec),
                    "shard_shape": list(x.addressable_shards[0].data.shape),
                    "num_devices": len(x.sharding.device_set)}
-frozen, trainable = P.flatten(state.frozen), P.flatten(state.trainable)
+frozen, trainable = params_lib.flatten(state.frozen), params_lib.flatten(state.trainable)
 out = {"devices": jax.device_count(), "losses": [l for _, l in res["train_losses"]],
        "mesh": res["mesh"],
        "sharding": {k: shard(v) for k, v in {**frozen, **trainable}.items()},
@@ -73,7 +76,7 @@ def test_logical_rules_and_undivisible_dims():
 def test_param_shardings_follow_logical_axes():
   model = network.Transformer(config.get_config("tiny"), ia3.ia3_blocks())
   p = partitioning.Partitioner()
-  shardings = P.flatten(p.shardings(network.abstract_params(model)))
+  shardings = params_lib.flatten(p.shardings(network.abstract_params(model)))
   assert shardings["encoder/layers_0/attention/query/kernel"].spec == PartitionSpec(None, "model")
   assert shardings["encoder/layers_0/mlp/wo/kernel"].spec == PartitionSpec("model", None)
   assert shardings["decoder/layers_1/mlp/ia3_ff"].spec == PartitionSpec(None, "model")
@@ -104,7 +107,7 @@ def test_eight_devices_2x4_mesh_match_one_device(tmp_path, one_device, compile_c
   want = [l for _, l in one_device["train_losses"]]
   print("max |loss diff| 8 vs 1 device:", np.max(np.abs(np.subtract(out["losses"], want))))
   tolerances.assert_close(out["losses"], want)
-  for name, value in P.flatten(jax.device_get(one_device["state"].trainable)).items():
+  for name, value in params_lib.flatten(jax.device_get(one_device["state"].trainable)).items():
     tolerances.assert_close(np.asarray(out["trainable"][name]), value, err_msg=name)
 
   sh = out["sharding"]

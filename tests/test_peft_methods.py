@@ -10,10 +10,10 @@ import numpy as np
 import optax
 import pytest
 
-from ia3_jax import network
-from ia3_jax import params as P
-from ia3_jax.config import get_config
-from ia3_jax.peft_methods import counts, registry
+from ia3_jax.model import network
+from ia3_jax.model import params as params_lib
+from ia3_jax.model.config import get_config
+from ia3_jax.peft import counts, registry
 from tests import tolerances
 
 # Small hyper-parameters for the tiny preset (defaults elsewhere are for T0).
@@ -51,8 +51,8 @@ def _method_params(name, config, base, **kw):
   with_task_id = kw.get("num_tasks", 1) > 1
   # Eager init: far cheaper on CPU than compiling an init (its ops are cached across tests).
   init = network.init_params(model, jax.random.key(1), with_task_id=with_task_id)
-  new = {p: v for p, v in P.flatten(init).items() if p not in P.flatten(base)}
-  return model, P.combine(base, P.unflatten(new))
+  new = {p: v for p, v in params_lib.flatten(init).items() if p not in params_lib.flatten(base)}
+  return model, params_lib.combine(base, params_lib.unflatten(new))
 
 
 def _loss(model, params, batch):
@@ -75,8 +75,7 @@ def test_registry_names_and_uniform_signature(tiny):
 
 
 def test_registry_reads_each_method_module():
-  from ia3_jax import ia3
-  from ia3_jax.peft_methods import lora
+  from ia3_jax.peft import ia3, lora
   assert registry.get_method("ia3").trainable_patterns == ia3.TRAINABLE_PATTERNS
   assert registry.trainable_patterns("lora") == list(lora.TRAINABLE_PATTERNS)
 
@@ -94,15 +93,15 @@ def test_starts_as_base_trains_only_its_params_and_lowers_loss(tiny, name):
   config, base, batch = tiny
   method = registry.get_method(name)
   model, params = _method_params(name, config, base)
-  trainable, frozen = P.select(params, method.trainable_patterns)
-  assert set(P.flatten(trainable)) == _expected_trainable(name, P.flatten(params),
-                                                          set(P.flatten(base)))
+  trainable, frozen = params_lib.select(params, method.trainable_patterns)
+  assert set(params_lib.flatten(trainable)) == _expected_trainable(name, params_lib.flatten(params),
+                                                          set(params_lib.flatten(base)))
   opt = optax.adam(3e-2 if name != "full" else 3e-3)
 
   @jax.jit
   def step(t, s):  # returns the loss and logits before the update
     (loss, logits), grads = jax.value_and_grad(
-        lambda t: _loss(model, P.combine(t, frozen), batch), has_aux=True)(t)
+        lambda t: _loss(model, params_lib.combine(t, frozen), batch), has_aux=True)(t)
     updates, s = opt.update(grads, s, t)
     return optax.apply_updates(t, updates), s, loss, logits
 
@@ -114,7 +113,7 @@ def test_starts_as_base_trains_only_its_params_and_lowers_loss(tiny, name):
     if i == 0 and name in IDENTITY_AT_INIT:  # initial logits are the base model's
       tolerances.assert_close(logits, batch["base_logits"])
   assert losses[-1] < losses[0] - 0.05, (name, losses)
-  before, after = P.flatten(trainable), P.flatten(t)
+  before, after = params_lib.flatten(trainable), params_lib.flatten(t)
   unchanged = [p for p in before if np.array_equal(before[p], after[p])]
   assert not unchanged, f"{name}: never trained: {unchanged}"
 
@@ -125,10 +124,10 @@ def test_mixed_task_batch_equals_per_task_runs(tiny, name):
   model, params = _method_params(name, config, base, num_tasks=3)
   # Make the tasks differ (init gives identical or random rows depending on the method).
   method = registry.get_method(name)
-  trainable, frozen = P.select(params, method.trainable_patterns)
+  trainable, frozen = params_lib.select(params, method.trainable_patterns)
   noise = jax.tree.map(
       lambda x: x + 0.3 * jax.random.normal(jax.random.key(x.size), x.shape), trainable)
-  params = P.combine(noise, frozen)
+  params = params_lib.combine(noise, frozen)
   run = jax.jit(lambda ids: model.apply({"params": params}, batch["enc"], batch["dec_in"],
                                         task_id=ids))
   task_id = jnp.array([2, 0, 1, 2])
@@ -169,7 +168,7 @@ def test_bank_without_task_id_is_an_error(tiny):
 
 def test_bad_hyper_parameters_are_named(tiny):
   config, _, _ = tiny
-  from ia3_jax.peft_methods import bitfit, lora, prefix_tuning, prompt_tuning
+  from ia3_jax.peft import bitfit, lora, prefix_tuning, prompt_tuning
   with pytest.raises(ValueError, match="lora targets: unknown target 'qq'"):
     lora.lora_blocks(targets=["qq"])
   with pytest.raises(ValueError, match="lora: rank must be a positive int"):
@@ -193,13 +192,13 @@ def test_bitfit_and_layernorm_params(tiny):
   config, base, _ = tiny
   params = _abstract_params(network.Transformer(config, blocks=registry.get_method(
       "bitfit").blocks(config)))
-  biases = {p: v.shape for p, v in P.flatten(params).items() if p.endswith("_bias")}
+  biases = {p: v.shape for p, v in params_lib.flatten(params).items() if p.endswith("_bias")}
   assert biases["encoder/layers_0/attention/query_bias"] == (config.joined_kv,)
   assert biases["decoder/layers_1/mlp/wi_1_bias"] == (config.mlp_dim,)
   assert biases["decoder/layers_1/encoder_decoder_attention/out_bias"] == (config.emb_dim,)
   layers_ = config.num_encoder_layers + config.num_decoder_layers
   assert len(biases) == 4 * layers_ + 4 * config.num_decoder_layers + 3 * layers_
-  norms = P.flatten(P.select(base, registry.get_method("layernorm").trainable_patterns)[0])
+  norms = params_lib.flatten(params_lib.select(base, registry.get_method("layernorm").trainable_patterns)[0])
   assert len(norms) == 2 * config.num_encoder_layers + 3 * config.num_decoder_layers + 2
 
 
@@ -241,7 +240,7 @@ def test_t0_3b_counts_match_hand_formulas():
 
 
 def test_counts_command_prints_table(capsys):
-  out = subprocess.run([sys.executable, "-m", "ia3_jax.peft_methods.counts", "--model", "tiny",
+  out = subprocess.run([sys.executable, "-m", "ia3_jax.peft.counts", "--model", "tiny",
                         "--methods", "lora,prompt_tuning"], capture_output=True, text=True,
                        check=True).stdout
   rows = [l for l in out.splitlines() if l.startswith("| lora") or l.startswith("| prompt")]
@@ -308,7 +307,8 @@ def test_gin_file_matches_registry(tiny, name):
 def test_gin_prompt_tuning_trains_with_the_trainer(tmp_path):
   """gin/peft/prompt_tuning.gin through loop.train: only the prompt trains, and the prompt
   starts from the rows of the given (not the random-init) embedding."""
-  from ia3_jax import checkpointing, loop, losses, optimizers
+  from ia3_jax.objectives import losses
+  from ia3_jax.train import checkpointer, loop, optimizers
   from tests import trainer_utils as tu
   config = get_config("tiny")
   blocks, trainable, _ = _parse_peft_gin("prompt_tuning", ["PROMPT_LENGTH = 4"])
@@ -321,11 +321,11 @@ def test_gin_prompt_tuning_trains_with_the_trainer(tmp_path):
       loss=losses.LossConfig(ul_weight=0.0),
       optimizer=optimizers.OptimizerConfig(learning_rate=0.3, warmup_steps=0,
                                            multiply_by_parameter_scale=False),
-      checkpoint=checkpointing.CheckpointConfig(period=0), dropout_rate=0.0,
+      checkpoint=checkpointer.CheckpointConfig(period=0), dropout_rate=0.0,
       initial_params=base)
   state = jax.device_get(res["state"])
-  assert set(P.flatten(state.trainable)) == {"encoder/prompt_delta"}
+  assert set(params_lib.flatten(state.trainable)) == {"encoder/prompt_delta"}
   delta = state.trainable["encoder"]["prompt_delta"]
   assert delta.shape == (1, 4, config.emb_dim) and np.abs(delta).max() > 0
-  for path, value in P.flatten(state.frozen).items():
-    np.testing.assert_array_equal(value, P.flatten(base)[path])
+  for path, value in params_lib.flatten(state.frozen).items():
+    np.testing.assert_array_equal(value, params_lib.flatten(base)[path])

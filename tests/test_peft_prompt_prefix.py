@@ -6,9 +6,10 @@ import numpy as np
 import pytest
 import torch
 
-from ia3_jax import checkpoints, network
-from ia3_jax import params as P
-from ia3_jax.peft_methods import prefix_tuning, prompt_tuning, registry
+from ia3_jax.interop import hf_checkpoints
+from ia3_jax.model import network
+from ia3_jax.model import params as params_lib
+from ia3_jax.peft import prefix_tuning, prompt_tuning, registry
 from tests import hf_utils
 from tests import tolerances
 
@@ -18,7 +19,7 @@ def hf(tmp_path_factory):
   """A tiny random HF T5 1.1, our params for it, and a padded batch (enc_len 25 > max_distance)."""
   directory = tmp_path_factory.mktemp("hf_t5")
   torch_model = hf_utils.make_hf_model(directory, "t5_1_1", "small")
-  config, params = checkpoints.load_hf_checkpoint(directory)
+  config, params = hf_checkpoints.load_hf_checkpoint(directory)
   batch = hf_utils.random_batch(np.random.default_rng(0), config.vocab_size, batch=3,
                                 enc_len=25, dec_len=6)
   return torch_model, config, params, batch
@@ -27,8 +28,8 @@ def hf(tmp_path_factory):
 def _with_new_params(model, base, rng=1, with_task_id=False):
   # Eager init: far cheaper on CPU than compiling an init (its ops are cached across tests).
   init = network.init_params(model, jax.random.key(rng), with_task_id=with_task_id)
-  new = {p: v for p, v in P.flatten(init).items() if p not in P.flatten(base)}
-  return P.combine(base, P.unflatten(new))
+  new = {p: v for p, v in params_lib.flatten(init).items() if p not in params_lib.flatten(base)}
+  return params_lib.combine(base, params_lib.unflatten(new))
 
 
 # --------------------------------------------------------------------------- prompt tuning
@@ -77,7 +78,7 @@ def test_prompt_tuning_arbitrary_prompts_match_hf(hf):
   model = network.Transformer(config, blocks=prompt_tuning.prompt_tuning_blocks(config, **kw))
   params = _with_new_params(model, base, with_task_id=True)
   delta = jax.random.normal(jax.random.key(3), (2, 3, config.emb_dim))
-  params = P.combine(P.select(params, ".*prompt_delta")[1], {"encoder": {"prompt_delta": delta}})
+  params = params_lib.combine(params_lib.select(params, ".*prompt_delta")[1], {"encoder": {"prompt_delta": delta}})
   bank = prompt_tuning.prompt_vectors(params, config, **kw)
   ids = prompt_tuning.prompt_init_ids(config.vocab_size, 3, 2, init_seed=7)
   tolerances.assert_close(bank, base["token_embedder"]["embedding"][ids] + delta, rtol=1e-6,

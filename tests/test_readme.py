@@ -13,8 +13,9 @@ import subprocess
 import sys
 
 
-from ia3_jax import checkpoints, data
+from ia3_jax import data
 from ia3_jax.demo import BUNDLED_MODEL_DIR
+from ia3_jax.interop import hf_checkpoints
 from tests import trainer_utils as tu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -66,7 +67,7 @@ def test_own_task_python_snippet_runs_offline(tmp_path, monkeypatch):
   scope: dict = {}
   exec(compile(readme_block("own-task-python"), "README.md", "exec"), scope)  # pylint: disable=exec-used
 
-  vocab = checkpoints.load_vocabulary(BUNDLED_MODEL_DIR)
+  vocab = hf_checkpoints.load_vocabulary(BUNDLED_MODEL_DIR)
   batch = next(iter(scope["train"]))
   assert batch["encoder_input_tokens"].shape == (8, 256)
   assert batch["choice_tokens"].shape == (8, 2, 32)

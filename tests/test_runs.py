@@ -10,7 +10,11 @@ import uuid
 import pytest
 import seqio
 
-from ia3_jax import batches, checks, config, errors, ia3, runs, trainer, writers
+from ia3_jax import errors, runs
+from ia3_jax.data import batches
+from ia3_jax.model import config
+from ia3_jax.peft import ia3
+from ia3_jax.train import checks, trainer, writers
 from tests import trainer_utils as tu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -115,7 +119,7 @@ def test_choices_identical_after_truncation_are_a_data_error(tmp_path, monkeypat
 
 
 def test_tensorboard_writes_no_step_twice_after_a_resume(tmp_path):
-  from ia3_jax.sources import import_tf
+  from ia3_jax.data.sources import import_tf
   tf = import_tf()
   first = writers.MetricWriter(str(tmp_path), True, lambda _: None)
   for step in (1, 2, 3, 4):
@@ -141,15 +145,17 @@ def test_eval_summary_has_every_templates_accuracy():
 def _hf_base_and_checkpoint(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.Path]:
   """A tiny random HF base (with the demo model's spiece.model) and an (IA)^3 training
   checkpoint of it, as `loop.train` writes one (nothing trained)."""
-  from ia3_jax import checkpointing, checkpoints, network, optimizers
+  from ia3_jax.interop import hf_checkpoints
+  from ia3_jax.model import network
+  from ia3_jax.train import checkpointer, optimizers
   from tests import hf_utils
   base = root / "base"
   hf_utils.make_hf_model(base, "t5_1_1", "small")
   shutil.copyfile(REPO / "ia3_jax" / "assets" / "demo" / "spiece.model", base / "spiece.model")
-  cfg, params = checkpoints.load_hf_checkpoint(base)
+  cfg, params = hf_checkpoints.load_hf_checkpoint(base)
   tr = trainer.Trainer(network.Transformer(cfg, ia3.ia3_blocks()), trainable=ia3.IA3_PATTERN,
                        optimizer=optimizers.OptimizerConfig(total_steps=10).build())
-  ckpt = checkpointing.Checkpointer(root / "model" / "checkpoints")
+  ckpt = checkpointer.Checkpointer(root / "model" / "checkpoints")
   ckpt.save(3, tr.init_state(params), {"seed": 0, "data_position": 3,
                                        "model_config": cfg.to_dict()})
   ckpt.close()

@@ -9,8 +9,10 @@ import numpy as np
 import pytest
 import torch
 
-from ia3_jax import checkpoints, layers, network, scoring
-from ia3_jax.config import get_config
+from ia3_jax.interop import hf_checkpoints
+from ia3_jax.model import layers, network
+from ia3_jax.model.config import get_config
+from ia3_jax.objectives import scoring
 from tests import hf_utils
 from tests import tolerances
 
@@ -107,7 +109,7 @@ def per_choice_reference(model, params, batch):
 @pytest.mark.parametrize("variant,shape", [("t5_1_1", "small"), ("t5_1_0", "odd")])
 def test_score_matches_pytorch_sum_of_log_probs(tmp_path, variant, shape):
   torch_model = hf_utils.make_hf_model(tmp_path, variant, shape)
-  config, params = checkpoints.load_hf_checkpoint(tmp_path)
+  config, params = hf_checkpoints.load_hf_checkpoint(tmp_path)
   batch = hf_utils.random_batch(np.random.default_rng(4), config.vocab_size, 4, 13, 9)
   targets = batch["decoder_target_tokens"]
   assert (targets == 0).any()  # padding must be excluded from the sum

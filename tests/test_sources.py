@@ -5,8 +5,8 @@ import os
 import pytest
 import tensorflow_datasets as tfds
 
-from ia3_jax import sources
-from ia3_jax.templates import DataError
+from ia3_jax.data import sources
+from ia3_jax.data.templates import DataError
 
 
 def test_jsonl_reads_in_order_and_skips_blank_lines(tmp_path):

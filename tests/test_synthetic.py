@@ -6,8 +6,8 @@ import os
 import numpy as np
 import pytest
 
-from ia3_jax import synthetic
-from ia3_jax.templates import load_templates
+from ia3_jax.data import synthetic
+from ia3_jax.data.templates import load_templates
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tasks", "demo", "templates")
 SIZES = {"validation": 150, "train": 300}

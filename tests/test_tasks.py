@@ -8,9 +8,10 @@ import numpy as np
 import pytest
 import tensorflow_datasets as tfds
 
-from ia3_jax import data, fewshot, tasks
+from ia3_jax import data, tasks
+from ia3_jax.data import fewshot
+from ia3_jax.data.templates import DataError
 from ia3_jax.tasks import pretrain, raft, t0
-from ia3_jax.templates import DataError
 from tests.data_fixtures import valid_mock_as_dataset, vocabulary
 
 N_POOL = 80  # examples in a few-shot pool split: >= the largest k (StoryCloze, 70)

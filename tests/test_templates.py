@@ -6,8 +6,8 @@ import textwrap
 
 import pytest
 
-from ia3_jax import templates as tpl
-from ia3_jax.templates import DataError
+from ia3_jax.data import templates as tpl
+from ia3_jax.data.templates import DataError
 
 # A promptsource templates.yaml as promptsource writes it (tags, uuid keys, Jinja choices).
 PROMPTSOURCE_YAML = textwrap.dedent("""\

@@ -9,9 +9,14 @@ import numpy as np
 import optax
 import pytest
 
-from ia3_jax import checkpoints, config, ia3, losses, network, optimizers, scoring
-from ia3_jax import params as P
-from ia3_jax import batches, errors, loop, train_state, trainer
+from ia3_jax import errors
+from ia3_jax.data import batches
+from ia3_jax.interop import hf_checkpoints
+from ia3_jax.model import config, network
+from ia3_jax.model import params as params_lib
+from ia3_jax.objectives import losses, scoring
+from ia3_jax.peft import ia3
+from ia3_jax.train import loop, optimizers, train_state, trainer
 from tests import trainer_utils as tu
 
 TINY = config.get_config("tiny")
@@ -50,18 +55,18 @@ def test_tfew_recipe_on_tiny(tmp_path):
   model = network.Transformer(TINY, ia3.ia3_blocks())
   base = tu.random_base_params(TINY)
   batches = [tu.SyntheticBatches(8, num_distinct=2).global_batch(i) for i in range(2)]
-  before = _loss_on(model, P.combine(ia3.init_ia3(TINY), base), batches)
+  before = _loss_on(model, params_lib.combine(ia3.init_ia3(TINY), base), batches)
   after = _loss_on(model, state.params, batches)
   assert after < before - 0.05, (before, after)
 
   # Frozen: every base param, bit for bit; trainable: the (IA)^3 vectors, which moved.
-  frozen = P.flatten(jax.device_get(state.frozen))
-  assert set(frozen) == set(P.flatten(base))
-  for name, value in P.flatten(base).items():
+  frozen = params_lib.flatten(jax.device_get(state.frozen))
+  assert set(frozen) == set(params_lib.flatten(base))
+  for name, value in params_lib.flatten(base).items():
     np.testing.assert_array_equal(frozen[name], value, err_msg=name)
-  trainable = P.flatten(jax.device_get(state.trainable))
+  trainable = params_lib.flatten(jax.device_get(state.trainable))
   assert len(trainable) == 16 and all(n.rsplit("/", 1)[-1].startswith("ia3_") for n in trainable)
-  assert P.count(state.trainable) == 640  # 2 encoder layers x 96 + 2 decoder layers x 224
+  assert params_lib.count(state.trainable) == 640  # 2 encoder layers x 96 + 2 decoder layers x 224
   assert all(not np.array_equal(v, np.ones_like(v)) for v in trainable.values())
 
   # Optimizer state: keyed by trainable param paths only; one second moment per vector
@@ -128,9 +133,9 @@ def test_full_finetune_trains_every_param(tmp_path):
                     optimizer=optimizers.OptimizerConfig(learning_rate=3e-4, warmup_steps=0))
   state = res["state"]
   np.testing.assert_allclose(state.trainable["decoder"]["decoder_norm"]["scale"], 2.0, atol=0.01)
-  assert P.flatten(state.frozen) == {}
-  base = P.flatten(tu.random_base_params(TINY))
-  final = P.flatten(jax.device_get(state.trainable))
+  assert params_lib.flatten(state.frozen) == {}
+  base = params_lib.flatten(tu.random_base_params(TINY))
+  final = params_lib.flatten(jax.device_get(state.trainable))
   assert set(final) == set(base)
   unchanged = [n for n in base if np.array_equal(final[n], base[n])]
   assert not unchanged, unchanged
@@ -155,8 +160,8 @@ def test_grad_accumulation_equals_full_batch(tmp_path):
     results.append((jax.device_get(state.trainable), float(metrics["loss"])))
   (p1, l1), (p2, l2) = results
   assert l1 == pytest.approx(l2, rel=1e-6)
-  for name, v in P.flatten(p1).items():
-    np.testing.assert_allclose(P.flatten(p2)[name], v, rtol=1e-6, atol=1e-7, err_msg=name)
+  for name, v in params_lib.flatten(p1).items():
+    np.testing.assert_allclose(params_lib.flatten(p2)[name], v, rtol=1e-6, atol=1e-7, err_msg=name)
 
 
 def test_nan_stops_with_step_and_last_good_checkpoint(tmp_path):
@@ -168,15 +173,15 @@ def test_nan_stops_with_step_and_last_good_checkpoint(tmp_path):
   good = tmp_path / "checkpoints" / "2"
   assert "at step 3 of 6" in msg and str(good) in msg and "param_norm" in msg
   assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]
-  from ia3_jax import checkpointing
-  saved, meta = checkpointing.restore_trainable(good)
+  from ia3_jax.train import checkpointer
+  saved, meta = checkpointer.restore_trainable(good)
   assert meta["step"] == 2 and meta["data_position"] == 2
   assert all(np.all(np.isfinite(v)) for v in jax.tree.leaves(saved))
 
 
 def test_initial_params_of_another_shape_name_the_param(tmp_path):
   wide = TINY.replace(mlp_dim=96)
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(hf_checkpoints.CheckpointError,
                      match=r"initial_params: param decoder/layers_0/mlp/wi_0/kernel has shape "
                            r"\(32, 96\); the model expects \(32, 64\)"):
     loop.train(model_dir=str(tmp_path), config=TINY, blocks=ia3.ia3_blocks(),
@@ -191,7 +196,7 @@ def test_initial_checkpoint_lacking_a_frozen_param(tmp_path):
   del base["decoder"]["decoder_norm"]
   tr = trainer.Trainer(network.Transformer(TINY, ia3.ia3_blocks()), trainable=ia3.IA3_PATTERN,
                        optimizer=optax.sgd(0.1))
-  with pytest.raises(checkpoints.CheckpointError, match="missing param decoder/decoder_norm/scale"):
+  with pytest.raises(hf_checkpoints.CheckpointError, match="missing param decoder/decoder_norm/scale"):
     tr.init_state(base, source="base.ckpt")
 
 
@@ -199,7 +204,7 @@ def test_hf_checkpoint_of_another_model_names_the_param(tmp_path):
   from tests import hf_utils
   hf_dir = tmp_path / "hf"
   hf_utils.make_hf_model(hf_dir, "t5_1_1", "odd")  # d_model 24, 3 decoder layers, vocab 96
-  with pytest.raises(checkpoints.CheckpointError,
+  with pytest.raises(hf_checkpoints.CheckpointError,
                      match=r"/hf: param decoder/decoder_norm/scale has shape \(24,\), model "
                            r"expects \(32,\)"):
     loop.train(model_dir=str(tmp_path / "run"), config=TINY, train_data=tu.SyntheticBatches(8),
@@ -263,7 +268,7 @@ def test_truncation_is_reported_for_training_and_eval(tmp_path, monkeypatch, cap
   monkeypatch.syspath_prepend(str(tu.REPO / "examples" / "toy"))
   lengths = {"inputs": 6, "targets": 4, "num_choices": 2}  # every toy input is longer
   source = lambda name: batches.SeqioBatches(name, lengths, task_modules=["toy_tasks"])
-  caplog.set_level(logging.INFO, logger="ia3_jax.writers")
+  caplog.set_level(logging.INFO, logger="ia3_jax.train.writers")
   loop.train(model_dir=str(tmp_path), config=TINY, blocks=ia3.ia3_blocks(),
                 trainable=ia3.IA3_PATTERN, train_data=source("toy_fewshot_seed0"),
                 eval_data=source("toy_eval"),

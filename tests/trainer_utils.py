@@ -122,7 +122,7 @@ class SyntheticEval:
 def random_base_params(config, seed: int = 0) -> dict:
   """Host (NumPy) params for the base network of `config`, drawn without compiling an init."""
   import flax
-  from ia3_jax import network
+  from ia3_jax.model import network
   abstract = flax.linen.unbox(network.abstract_params(network.Transformer(config)))
   rng = np.random.RandomState(seed)
 
@@ -141,8 +141,11 @@ def run_tiny(model_dir: str, *, steps: int, batch_size: int = 8, dropout: float 
            schedule_steps: int = SCHEDULE_STEPS, post_load=None):
   """`loop.train` on the tiny preset with the T-Few loss and optimizer (Adafactor, clip 1.0,
   warmup over 6% of `schedule_steps`, then linear decay to 0 at `schedule_steps`)."""
-  from ia3_jax import checkpointing, config, ia3, losses, optimizers, partitioning as part
-  from ia3_jax import loop
+  from ia3_jax.model import config
+  from ia3_jax.objectives import losses
+  from ia3_jax.peft import ia3
+  from ia3_jax.train import checkpointer, optimizers, partitioning as part
+  from ia3_jax.train import loop
   cfg = config.get_config("tiny")
   if trainable == "ia3":
     blocks, patterns = ia3.ia3_blocks(), ia3.IA3_PATTERN
@@ -159,5 +162,5 @@ def run_tiny(model_dir: str, *, steps: int, batch_size: int = 8, dropout: float 
       optimizer=optimizer or optimizers.OptimizerConfig(learning_rate=learning_rate,
                                                         total_steps=schedule_steps),
       partitioning=partitioning or part.PartitionConfig(),
-      checkpoint=checkpointing.CheckpointConfig(period=checkpoint_period, keep=keep),
+      checkpoint=checkpointer.CheckpointConfig(period=checkpoint_period, keep=keep),
       dropout_rate=dropout, initial_params=random_base_params(cfg), post_load=post_load)

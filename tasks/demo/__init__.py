@@ -1,4 +1,4 @@
-"""The synthetic demo suite (`ia3_jax.synthetic`) as seqio tasks.
+"""The synthetic demo suite (`ia3_jax.data.synthetic`) as seqio tasks.
 
     from ia3_jax.tasks import demo
     demo.register()            # the bundled demo vocabulary (ia3_jax/assets/demo/spiece.model)
@@ -23,8 +23,8 @@ from __future__ import annotations
 import os
 from typing import Mapping, Sequence
 
-from ia3_jax import synthetic
-from ia3_jax.sources import Record, Source
+from ia3_jax.data import synthetic
+from ia3_jax.data.sources import Record, Source
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "templates")
 VOCAB_PATH = os.path.join(os.path.dirname(synthetic.__file__), "assets", "demo", "spiece.model")

@@ -1,0 +1,1 @@
+"""Files of other projects: HF model directories, orbax params, peft and T-Few adapters."""

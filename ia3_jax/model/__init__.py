@@ -1,0 +1,1 @@
+"""The T5X-compatible T5 network, its config, param-tree utilities and decoding."""

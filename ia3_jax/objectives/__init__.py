@@ -1,0 +1,1 @@
+"""What training minimises and evaluation reports: T-Few losses, rank classification, metrics."""

@@ -1,0 +1,78 @@
+"""BitFit (Ben Zaken et al. 2021) for T5: zero-initialised biases, trained alone.
+
+T5 has no biases, so, as the T-Few repo does, a bias is added after the
+projections named in `targets` (default: every projection, q k v o and the MLP
+kernels) and only those biases are trained. Each is `<block>/<proj>_bias`
+`[out]` (e.g. `encoder/layers_0/mlp/wi_0_bias`), zero at the start, so the
+model starts as the base model. (The T-Few config's layer regex `w_o` never
+matches T5's `wo`, and it also trains the layer norms; here every projection
+gets a bias and only biases train -- add `layernorm.TRAINABLE_PATTERNS` to
+reproduce "BitFit + LayerNorm".) Shared by all examples: no mixed-task batches.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+
+from ia3_jax.model import layers, network
+from ia3_jax.model.config import T5Config
+from ia3_jax.peft import projection_targets
+
+Array = jax.Array
+
+SUFFIX = "_bias"
+TRAINABLE_PATTERNS = (r".*/(query|key|value|out|wi|wi_0|wi_1|wo)_bias",)
+
+
+def _add_bias(module: nn.Module, y: Array, name: str, features: int,
+              kernel_axes: tuple[str, str]) -> Array:
+  if name not in module.targets:
+    return y
+  bias = module.param(name + SUFFIX, layers.logical(nn.initializers.zeros, (kernel_axes[1],)),
+                      (features,), jax.numpy.float32)
+  return y + bias.astype(y.dtype)
+
+
+class BitFitAttention(layers.MultiHeadDotProductAttention):
+  """Attention with a trainable bias after each projection in `targets`."""
+
+  targets: tuple[str, ...] = projection_targets.ATTENTION_PROJECTIONS
+
+  def project(self, x, name, features, kernel_axes, task_id, kernel_init=None):
+    y = super().project(x, name, features, kernel_axes, task_id, kernel_init)
+    return _add_bias(self, y, name, features, kernel_axes)
+
+
+class BitFitMlp(layers.MlpBlock):
+  """MLP with a trainable bias after each projection in `targets`."""
+
+  targets: tuple[str, ...] = projection_targets.MLP_PROJECTIONS
+
+  required: tuple[str, ...] = ()  # named explicitly: must exist in this model
+
+  def project(self, x, name, features, kernel_axes, task_id, kernel_init=None):
+    projection_targets.check_mlp_targets(self.config, self.required, "bitfit targets")
+    y = super().project(x, name, features, kernel_axes, task_id, kernel_init)
+    return _add_bias(self, y, name, features, kernel_axes)
+
+
+def bitfit_blocks(config: Optional[T5Config] = None, *,
+                  targets: Sequence[str] | str = ("all",), num_tasks: int = 1,
+                  base: Optional[network.Blocks] = None) -> network.Blocks:
+  """Network blocks with zero-initialised biases after the `targets` projections."""
+  projection_targets.require_single_task("bitfit", num_tasks)
+  names = projection_targets.normalize_targets(targets, what="bitfit targets")
+  required = projection_targets.explicit_mlp_targets(targets)
+  if config is not None:
+    projection_targets.check_mlp_targets(config, required, "bitfit targets")
+  base = base or network.Blocks()
+  attn = tuple(n for n in names if n in projection_targets.ATTENTION_PROJECTIONS)
+  mlp = tuple(n for n in names if n in projection_targets.MLP_PROJECTIONS)
+  return base.replace(
+      attention=functools.partial(BitFitAttention, targets=attn) if attn else base.attention,
+      mlp=(functools.partial(BitFitMlp, targets=mlp, required=required) if mlp
+           else base.mlp))

@@ -1,0 +1,90 @@
+"""Prefix tuning (Li & Liang 2021): learned key/value prefixes in every attention layer.
+
+Each attention in `sites` holds `prefix_key` and `prefix_value`
+`[num_tasks, P, heads, head_dim]`; the P prefix keys/values are placed before
+the layer's own keys/values (`extend_kv`), per example by `task_id`, so one
+batch may mix tasks. Sites: "encoder" (encoder self-attention),
+"decoder" (decoder self-attention), "cross" (encoder-decoder attention);
+default all three, as Li & Liang do for encoder-decoders.
+
+Relative position bias: prefix keys get a zero additive bias from every query
+(no position, never masked). They are "memory slots" rather than virtual
+tokens at positions before the input; this keeps them independent of the
+sequence length and works unchanged with the autoregressive cache. (The
+T-Few repo instead places prefix keys at positions 0..P-1 and shifts the real
+tokens; results differ only in this bias.) Note T5 cross-attention has no
+position bias anyway.
+
+Direct parameterisation (no MLP reparameterisation), initialised
+N(0, init_scale^2): a prefix cannot start as the identity (attention mass moves
+to it), so its first output is checked against an explicit reference instead.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from ia3_jax.model import layers, network
+from ia3_jax.model.config import T5Config
+from ia3_jax.peft import banks, projection_targets
+
+Array = jax.Array
+
+SITES = {"encoder": "attention", "decoder": "self_attention", "cross": "encoder_decoder_attention"}
+KEY, VALUE = "prefix_key", "prefix_value"
+TRAINABLE_PATTERNS = (r".*/prefix_(key|value)",)
+
+
+class PrefixAttention(layers.MultiHeadDotProductAttention):
+  """Attention that prepends learned per-task keys/values when its name is in `scopes`."""
+
+  length: int = 10
+  num_tasks: int = 1
+  init_scale: float = 1.0
+  scopes: tuple[str, ...] = tuple(SITES.values())
+
+  def extend_kv(self, k: Array, v: Array, bias: Array,
+                task_id: Optional[Array]) -> tuple[Array, Array, Array]:
+    k, v, bias = super().extend_kv(k, v, bias, task_id)
+    if self.name not in self.scopes:
+      return k, v, bias
+    cfg = self.config
+    shape = (self.num_tasks, self.length, cfg.num_heads, cfg.head_dim)
+    init = layers.logical(nn.initializers.normal(self.init_scale), (banks.TASKS_AXIS, None, "heads", "kv"))
+    batch = k.shape[0]
+    pk = banks.task_rows(self.param(KEY, init, shape, jnp.float32), task_id, batch,
+                           "prefix_tuning")
+    pv = banks.task_rows(self.param(VALUE, init, shape, jnp.float32), task_id, batch,
+                           "prefix_tuning")
+    k = jnp.concatenate([pk.astype(k.dtype), k], axis=1)
+    v = jnp.concatenate([pv.astype(v.dtype), v], axis=1)
+    if bias.shape[-1] != k.shape[1] - self.length:
+      raise ValueError(f"prefix_tuning: attention bias has {bias.shape[-1]} keys; expected "
+                       f"{k.shape[1] - self.length}")
+    bias = jnp.pad(bias, [(0, 0)] * (bias.ndim - 1) + [(self.length, 0)])
+    return k, v, bias
+
+
+def prefix_tuning_blocks(config: Optional[T5Config] = None, *, length: int = 10,
+                         num_tasks: int = 1, sites: Sequence[str] = tuple(SITES),
+                         init_scale: float = 1.0,
+                         base: Optional[network.Blocks] = None) -> network.Blocks:
+  """Network blocks with `length` learned key/value prefixes in each attention of `sites`."""
+  del config
+  projection_targets.check_num_tasks(num_tasks, "prefix_tuning")
+  if not isinstance(length, int) or length < 1:
+    raise ValueError(f"prefix_tuning: length must be a positive int, got {length!r}")
+  sites = (sites,) if isinstance(sites, str) else tuple(sites)
+  unknown = [s for s in sites if s not in SITES]
+  if unknown or not sites:
+    raise ValueError(f"prefix_tuning: unknown sites {unknown or sites!r}; known: "
+                     f"{', '.join(SITES)}")
+  base = base or network.Blocks()
+  return base.replace(attention=functools.partial(
+      PrefixAttention, length=length, num_tasks=num_tasks, init_scale=float(init_scale),
+      scopes=tuple(SITES[s] for s in sites)))

@@ -1,0 +1,136 @@
+"""Prompt tuning (Lester et al. 2021): a learned soft prompt before the encoder input.
+
+Each task has P prompt vectors; each example prepends the vectors of its task
+(`task_id`), so one batch may mix tasks. The encoder sees `[prompt; tokens]`
+(prompt positions always valid, so the decoder also attends to them), with
+relative positions counted from the first prompt vector -- exactly as if the
+prompt were P ordinary tokens.
+
+Initialisation (as in Lester et al. and the T-Few repo): prompt vectors start
+as copies of vocabulary embedding rows, drawn uniformly from ids `[3, 5003)`
+(the 5,000 most frequent SentencePiece pieces; clipped to the vocabulary) by a
+NumPy generator seeded with `init_seed`, or given by `init_token_ids`.
+
+Parameterisation: the trainable param is `encoder/prompt_delta
+[num_tasks, P, E]`, zero at init, and the prompt is `embedding[init_ids] +
+prompt_delta`. So the prompt starts from the rows of whatever embedding the
+model runs with -- in particular the *loaded* pretrained one, however the
+trainer initialises new params (no post-load step) -- and the first output
+equals the base model fed `[t_1..t_P; tokens]`. With the embedding frozen this
+is prompt tuning exactly (same gradients; use an optimizer without
+parameter-scaled updates, as T-Few's `scale_parameter: false` does, for the
+same updates). `prompt_vectors` gives the effective prompts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any, Optional, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ia3_jax.model import layers, network
+from ia3_jax.model.config import T5Config
+from ia3_jax.peft import banks, projection_targets
+
+Array = jax.Array
+Params = Any
+
+PARAM = "prompt_delta"
+TRAINABLE_PATTERNS = (r"encoder/prompt_delta",)
+INIT_VOCAB_RANGE = (3, 5003)
+
+
+def prompt_init_ids(vocab_size: int, length: int, num_tasks: int = 1, *, init_seed: int = 0,
+                    init_token_ids: Optional[Sequence] = None) -> np.ndarray:
+  """Token ids `[num_tasks, length]` whose embedding rows initialise the prompts.
+
+  `init_token_ids` may be `[length]` (same for every task) or `[num_tasks, length]`.
+  """
+  if init_token_ids is not None:
+    ids = np.asarray(init_token_ids, np.int64)
+    if ids.ndim == 1:
+      ids = np.broadcast_to(ids, (num_tasks, ids.shape[0]))
+    if ids.shape != (num_tasks, length):
+      raise ValueError(f"prompt_tuning: init_token_ids has shape {ids.shape}; expected "
+                       f"({length},) or ({num_tasks}, {length})")
+    if ids.min() < 1 or ids.max() >= vocab_size:
+      raise ValueError(f"prompt_tuning: init_token_ids must lie in [1, {vocab_size}) "
+                       "(0 is padding)")
+    return np.array(ids)
+  low, high = INIT_VOCAB_RANGE
+  high = min(high, vocab_size)
+  if high <= low:
+    raise ValueError(f"prompt_tuning: vocabulary of {vocab_size} is too small to sample "
+                     f"init rows from [{low}, {INIT_VOCAB_RANGE[1]})")
+  return np.random.default_rng(init_seed).integers(low, high, size=(num_tasks, length))
+
+
+class PromptEncoder(network.Encoder):
+  """Encoder that prepends a per-task soft prompt to the token embeddings."""
+
+  length: int = 100
+  num_tasks: int = 1
+  init_seed: int = 0
+  init_token_ids: Optional[tuple] = None
+
+  def embed_inputs(self, tokens: Array, task_id: Optional[Array]) -> tuple[Array, Array]:
+    shape = (self.num_tasks, self.length, self.config.emb_dim)
+    delta = self.param(PARAM, layers.logical(nn.initializers.zeros, (banks.TASKS_AXIS, None, "embed")),
+                       shape, jnp.float32)
+    ids = prompt_init_ids(self.config.vocab_size, self.length, self.num_tasks,
+                          init_seed=self.init_seed, init_token_ids=self.init_token_ids)
+    bank = jnp.take(self.shared_embedding.embedding, jnp.asarray(ids, jnp.int32), axis=0) + delta
+    x, valid = super().embed_inputs(tokens, task_id)
+    prompt = banks.task_rows(bank, task_id, tokens.shape[0], "prompt_tuning")
+    x = jnp.concatenate([prompt.astype(x.dtype), x], axis=1)
+    valid = jnp.concatenate([jnp.ones((tokens.shape[0], self.length), bool), valid], axis=1)
+    return x, valid
+
+
+def _as_tuple(ids: Optional[Sequence]) -> Optional[tuple]:
+  if ids is None:
+    return None
+  ids = np.asarray(ids)
+  return tuple(int(i) for i in ids) if ids.ndim == 1 else tuple(tuple(int(i) for i in r) for r in ids)
+
+
+def prompt_tuning_blocks(config: Optional[T5Config] = None, *, length: int = 100,
+                         num_tasks: int = 1, init_seed: int = 0,
+                         init_token_ids: Optional[Sequence] = None,
+                         base: Optional[network.Blocks] = None) -> network.Blocks:
+  """Network blocks whose encoder prepends `length` soft-prompt vectors per task.
+
+  With `config` given, the init ids are validated now (else at model init).
+  """
+  projection_targets.check_num_tasks(num_tasks, "prompt_tuning")
+  if not isinstance(length, int) or length < 1:
+    raise ValueError(f"prompt_tuning: length must be a positive int, got {length!r}")
+  if config is not None:
+    prompt_init_ids(config.vocab_size, length, num_tasks, init_seed=init_seed,
+                    init_token_ids=init_token_ids)
+  base = base or network.Blocks()
+  return base.replace(encoder=functools.partial(
+      PromptEncoder, length=length, num_tasks=int(num_tasks), init_seed=int(init_seed),
+      init_token_ids=_as_tuple(init_token_ids)))
+
+
+def prompt_vectors(params: Params, config: T5Config, *, length: int = 100, num_tasks: int = 1,
+                   init_seed: int = 0, init_token_ids: Optional[Sequence] = None,
+                   **unused) -> Array:
+  """The effective prompts `[num_tasks, P, E]`: init rows of the embedding plus the delta.
+
+  Takes the keyword arguments given to `prompt_tuning_blocks`.
+  """
+  del unused
+  ids = prompt_init_ids(config.vocab_size, length, num_tasks, init_seed=init_seed,
+                        init_token_ids=init_token_ids)
+  delta = params["encoder"][PARAM]
+  if delta.shape != ids.shape + (config.emb_dim,):
+    raise ValueError(f"prompt_vectors: encoder/{PARAM} has shape {delta.shape}; expected "
+                     f"{ids.shape + (config.emb_dim,)} (same length/num_tasks as the model?)")
+  embedding = jnp.asarray(params["token_embedder"]["embedding"])
+  return jnp.take(embedding, jnp.asarray(ids, jnp.int32), axis=0) + delta
