@@ -50,6 +50,7 @@ setup(
         "tensorflow-datasets>=4.9",
         "gin-config>=0.5",
         "safetensors>=0.4",
+        "qwix>=0.1.8",
         "sentencepiece>=0.2",
         "numpy",
         "jinja2>=3.1",

@@ -33,6 +33,7 @@ from ia3_jax.interop import hf_checkpoints
 from ia3_jax.model import network
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config
+from ia3_jax.model.storage import FrozenStorage
 from ia3_jax.train import checkpointer
 from ia3_jax.train.checks import check_eval_result, check_vocabulary
 from ia3_jax.train.loop import ALL_PARAMS, build_model
@@ -48,9 +49,10 @@ def load_for_inference(*, config: T5Config, blocks: Optional[network.Blocks] = N
                        initial_checkpoint_path: Optional[str] = None,
                        checkpoint_path: Optional[str] = None,
                        partitioning: PartitionConfig = PartitionConfig(), seed: int = 42,
-                       use_task_id: bool = False, max_choices_per_step: Optional[int] = None
-                       ) -> tuple[Trainer, Any, dict]:
-  """(trainer, params on the mesh, checkpoint meta) for eval / score / infer."""
+                       use_task_id: bool = False, max_choices_per_step: Optional[int] = None,
+                       frozen_dtype: str = "float32") -> tuple[Trainer, Any, dict]:
+  """(trainer, params on the mesh, checkpoint meta) for eval / score / infer; `frozen_dtype`
+  [FROZEN_DTYPE]: storage of the base params (`model.storage.FrozenStorage`)."""
   meta: dict = {}
   if checkpoint_path:
     _, meta = checkpointer.read_checkpoint_meta(checkpoint_path)
@@ -59,13 +61,15 @@ def load_for_inference(*, config: T5Config, blocks: Optional[network.Blocks] = N
                   "(INITIAL_CHECKPOINT_PATH=None)", checkpoint_path,
                   meta["initial_checkpoint_path"])
     seed = int(meta.get("seed", seed))  # the random base (if any) of the training run
-  base, hf_config = hf_checkpoints.load_initial_params(initial_checkpoint_path)
-  if base is not None and hf_config is not None:
-    hf_checkpoints.check_params_match(base, config, source=str(initial_checkpoint_path))
   model = build_model(config, blocks, dropout_rate=0.0)
   tr = Trainer(model, trainable=trainable, optimizer=optax.identity(),
                partitioner=Partitioner(partitioning), seed=seed, enable_dropout=False,
-               use_task_id=use_task_id, max_choices_per_step=max_choices_per_step)
+               use_task_id=use_task_id, max_choices_per_step=max_choices_per_step,
+               frozen_storage=FrozenStorage(frozen_dtype))
+  base, hf_config = hf_checkpoints.load_initial_params(initial_checkpoint_path,
+                                                       convert=tr.store_base_tensor)
+  if base is not None and hf_config is not None:
+    hf_checkpoints.check_params_match(base, config, source=str(initial_checkpoint_path))
   state = tr.init_state(base, source=str(initial_checkpoint_path))
   if checkpoint_path:
     restored, meta = checkpointer.restore_trainable(checkpoint_path,
@@ -100,13 +104,14 @@ def evaluate(*, output_dir: str, config: T5Config, data: BatchSource, batch_size
              initial_checkpoint_path: Optional[str] = None, checkpoint_path: Optional[str] = None,
              partitioning: PartitionConfig = PartitionConfig(), seed: int = 42,
              use_task_id: bool = False, length_normalize: bool = True,
-             max_choices_per_step: Optional[int] = None, progress: bool = True) -> dict:
+             max_choices_per_step: Optional[int] = None, progress: bool = True,
+             frozen_dtype: str = "float32") -> dict:
   """Rank-classification accuracy of a checkpoint; writes `eval_results.json`."""
   tr, params, meta = load_for_inference(
       config=config, blocks=blocks, trainable=trainable,
       initial_checkpoint_path=initial_checkpoint_path, checkpoint_path=checkpoint_path,
       partitioning=partitioning, seed=seed, use_task_id=use_task_id,
-      max_choices_per_step=max_choices_per_step)
+      max_choices_per_step=max_choices_per_step, frozen_dtype=frozen_dtype)
   check_vocabulary(data, config)
   batches = _batches(data, tr, batch_size)
   result = tr.evaluate(params, batches, batch_size, length_normalize=length_normalize,

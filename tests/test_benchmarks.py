@@ -56,3 +56,13 @@ def test_gpu_variant_defaults():
   a = bench_gpu.build_parser().parse_args([])
   assert (a.preset, a.dtypes, a.batch_size, a.peak_reference) == (
       "t0_3b", "bfloat16", 8, "xla_bf16")
+
+
+def test_real_size_memory_script_on_the_tiny_preset():
+  """benchmarks/memory_real_size.py's compile-only measurement: int8 storage shrinks the
+  step's arguments (the frozen params) and, with them, the whole buffer assignment."""
+  from benchmarks import memory_real_size
+  f32 = memory_real_size.step_memory("tiny", "float32", batch=2, inputs=16, targets=4)
+  int8 = memory_real_size.step_memory("tiny", "int8", batch=2, inputs=16, targets=4)
+  assert 0 < int8["frozen_gib"] < 0.35 * f32["frozen_gib"]
+  assert int8["argument_gib"] < f32["argument_gib"] and int8["temp_gib"] > 0

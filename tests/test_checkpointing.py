@@ -1,6 +1,7 @@
 """Checkpoints: kill mid-run and resume == uninterrupted; trainable-only content; keep last K;
 a checkpoint of another model shape names the param."""
 
+import functools
 import json
 import os
 import pathlib
@@ -186,3 +187,23 @@ def test_stop_on_signal_restores_the_previous_handlers():
     time.sleep(0.01)
     assert stop.requested == signal.SIGTERM and stop.signal_name == "SIGTERM"
   assert signal.getsignal(signal.SIGTERM) is previous
+
+
+def test_preemption_sync_point_saves_and_stops_every_host_at_the_same_step(tmp_path,
+                                                                         monkeypatch):
+  """Multi-host runs stop where the coordination service's sync point says (here: step 3)."""
+  from jax.experimental import multihost_utils
+  from ia3_jax.errors import TrainingInterrupted
+  from ia3_jax.train import preemption
+  asked = []
+  monkeypatch.setattr(multihost_utils, "reached_preemption_sync_point",
+                      lambda step: asked.append(step) or step == 3)
+  monkeypatch.setattr(preemption.StopOnSignal, "__init__",
+                      functools.partialmethod(preemption.StopOnSignal.__init__,
+                                              preemption_sync=True))
+  with pytest.raises(TrainingInterrupted) as err:
+    tu.run_tiny(str(tmp_path), steps=6, dropout=0.0)
+  assert err.value.step == 3 and asked[:3] == [1, 2, 3]  # (orbax asks too, when it saves)
+  assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["3"]
+  stop = preemption.StopOnSignal(preemption_sync=True)
+  assert signal.SIGTERM not in stop.signals  # left to JAX's preemption notifier

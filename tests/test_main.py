@@ -196,6 +196,11 @@ def _eval_infer_score(root: pathlib.Path, model_dir: pathlib.Path, trained_eval:
   evaluated = json.loads((out_dir / "eval_results.json").read_text())
   assert evaluated["step"] == 6 and evaluated["num_examples"] == 48
   assert evaluated["num_correct"] == trained_eval["num_correct"]  # same checkpoint, same data
+  # The same checkpoint over an int8 base (FROZEN_DTYPE): every example, close accuracy.
+  assert cli.main(["eval", *common, "--gin.FROZEN_DTYPE='int8'",
+                   f"--gin.EVAL_OUTPUT_DIR='{root / 'eval_int8'}'"]) == 0
+  int8 = json.loads((root / "eval_int8" / "eval_results.json").read_text())
+  assert int8["num_examples"] == 48 and abs(int8["num_correct"] - evaluated["num_correct"]) <= 6
 
   infer_dir = root / "infer_out"
   assert cli.main(["infer", *common, f"--gin.INFER_OUTPUT_DIR='{infer_dir}'"]) == 0

@@ -102,3 +102,18 @@ def test_toy_train_command_from_the_repo_root(tmp_path):
   results = json.loads((model_dir / "results.json").read_text())
   assert results["step"] == 2 and sorted(results["eval"]) == ["1", "2"]
   assert results["eval"]["2"]["num_examples"] == 48  # 24 validation examples x 2 templates
+
+
+def test_frozen_int8_snippet_stores_the_bundled_model_quantised(capsys):
+  import jax
+  import numpy as np
+  from ia3_jax.model import storage
+  scope: dict = {}
+  exec(compile(readme_block("frozen-int8"), "README.md", "exec"), scope)  # pylint: disable=exec-used
+  counts = scope["tr"].num_params()
+  assert str(counts) in capsys.readouterr().out
+  float_bytes = 4 * (counts["total"] - counts["trainable"])
+  assert 0.2 * float_bytes < counts["frozen_bytes"] < 0.3 * float_bytes
+  kernels = [x for x in jax.tree.leaves(scope["state"].frozen, is_leaf=lambda x: isinstance(
+      x, storage.QArray)) if isinstance(x, storage.QArray)]
+  assert kernels and all(np.dtype(k.qvalue.dtype) == np.int8 for k in kernels)

@@ -138,7 +138,7 @@ def run_tiny(model_dir: str, *, steps: int, batch_size: int = 8, dropout: float 
            learning_rate: float = 3e-3, partitioning=None, checkpoint_period: int = 0,
            keep: int = 3, delay: float = 0.0, grad_accum_steps: int = 1, num_distinct: int = 0,
            trainable: str = "ia3", optimizer=None, eval_batches: int = 0, seed: int = 0,
-           schedule_steps: int = SCHEDULE_STEPS, post_load=None):
+           schedule_steps: int = SCHEDULE_STEPS, post_load=None, frozen_dtype: str = "float32"):
   """`loop.train` on the tiny preset with the T-Few loss and optimizer (Adafactor, clip 1.0,
   warmup over 6% of `schedule_steps`, then linear decay to 0 at `schedule_steps`)."""
   from ia3_jax.model import config
@@ -163,4 +163,5 @@ def run_tiny(model_dir: str, *, steps: int, batch_size: int = 8, dropout: float 
                                                         total_steps=schedule_steps),
       partitioning=partitioning or part.PartitionConfig(),
       checkpoint=checkpointer.CheckpointConfig(period=checkpoint_period, keep=keep),
-      dropout_rate=dropout, initial_params=random_base_params(cfg), post_load=post_load)
+      dropout_rate=dropout, initial_params=random_base_params(cfg), post_load=post_load,
+      frozen_dtype=frozen_dtype)

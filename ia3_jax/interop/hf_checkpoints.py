@@ -12,7 +12,7 @@ from ia3_jax.errors import CheckpointError  # re-exported: ia3_jax.errors is its
 import json
 import os
 import pathlib
-from typing import Any, Iterator, Mapping, Optional
+from typing import Any, Callable, Iterator, Mapping, Optional
 
 import flax
 import jax
@@ -235,12 +235,19 @@ def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
 
 
 def load_hf_checkpoint(path: PathLike, *, dtype: Any = jnp.float32,
-                       activation_dtype: Any = "float32") -> tuple[T5Config, Params]:
+                       activation_dtype: Any = "float32",
+                       convert: Optional[Callable[[str, np.ndarray], Any]] = None
+                       ) -> tuple[T5Config, Params]:
   """Reads an HF T5/T0/mT5 directory into (config, params in the T5X tree).
 
-  Params come back as host NumPy arrays cast to `dtype`; place them on devices
-  (e.g. with `partitioning`) afterwards.
+  Tensors are read one at a time. Each comes back as a host NumPy array cast
+  to `dtype`, or as `convert(path, float32 array)` gives it (e.g.
+  `FrozenStorage.store`: bfloat16 or quantised as it is read, so no float32
+  copy of the whole model ever exists); place them on devices (e.g. with
+  `partitioning`) afterwards.
   """
+  if convert is None:
+    convert = lambda _, value: value.astype(dtype)  # noqa: E731
   path = pathlib.Path(path)
   config = load_hf_config(path, dtype=activation_dtype)
   by_hf = {hf: (ours, transposed) for ours, (hf, transposed) in hf_name_map(config).items()}
@@ -250,6 +257,7 @@ def load_hf_checkpoint(path: PathLike, *, dtype: Any = jnp.float32,
   alias: Optional[np.ndarray] = None
   tied_head: Optional[np.ndarray] = None
   lm_head_expected = "lm_head.weight" in by_hf
+  shared: Optional[np.ndarray] = None  # float32, for an lm_head tied to it (one tensor)
   unexpected = []
   for name, array in iter_hf_tensors(path):
     if name in _HF_ALIASES:
@@ -262,28 +270,32 @@ def load_hf_checkpoint(path: PathLike, *, dtype: Any = jnp.float32,
       unexpected.append(name)
       continue
     ours, transposed = by_hf[name]
-    value = np.asarray(array.T if transposed else array).astype(dtype)
+    value = np.ascontiguousarray(np.asarray(array.T if transposed else array, np.float32))
     want = expected[ours]
     if value.shape != want:
       raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(array.shape)}; "
                             f"expected {want[::-1] if transposed else want} for {'/'.join(ours)}")
-    _set(params, ours, np.ascontiguousarray(value))
+    if name == "shared.weight" and lm_head_expected:
+      shared = value
+    _set(params, ours, convert("/".join(ours), value))
     seen.add(name)
   if unexpected:
     raise CheckpointError(f"{path}: unexpected tensors (not part of a T5 model): "
                           f"{', '.join(sorted(unexpected)[:10])}")
   if "shared.weight" not in seen and alias is not None:  # embeddings stored only per stack
-    _set(params, ("token_embedder", "embedding"), np.asarray(alias).astype(dtype))
+    shared = np.asarray(alias, np.float32)
+    _set(params, ("token_embedder", "embedding"), convert("token_embedder/embedding", shared))
     seen.add("shared.weight")
   if tied_head is not None and not np.array_equal(
-      np.asarray(tied_head).astype(dtype), params.get("token_embedder", {}).get("embedding")):
+      np.asarray(convert("token_embedder/embedding", np.asarray(tied_head, np.float32))),
+      np.asarray(params.get("token_embedder", {}).get("embedding"))):
     raise CheckpointError(
         f"{path}: has a separate lm_head.weight but its config scales decoder outputs "
         "(T5 1.0 style, tied embeddings); ia3-jax cannot represent that combination.")
   if lm_head_expected and "lm_head.weight" not in seen and "shared.weight" in seen:
     # transformers 5 ties lm_head to the embedding and saves only the latter.
     _set(params, ("decoder", "logits_dense", "kernel"),
-         np.ascontiguousarray(params["token_embedder"]["embedding"].T))
+         convert("decoder/logits_dense/kernel", np.ascontiguousarray(shared.T)))
     seen.add("lm_head.weight")
   missing = sorted(set(by_hf) - seen)
   if missing:
@@ -411,13 +423,22 @@ def load_vocabulary(path: PathLike, extra_ids: Optional[int] = None):
   return seqio.SentencePieceVocabulary(str(model_file), extra_ids=extra_ids or 0)
 
 
-def load_initial_params(path: Optional[str | os.PathLike]
+def load_initial_params(path: Optional[str | os.PathLike],
+                        convert: Optional[Callable[[str, np.ndarray], Any]] = None
                         ) -> tuple[Optional[dict[str, Any]], Optional[T5Config]]:
-  """A run's initial params: an HF directory (config.json; with its config) or orbax params."""
+  """A run's initial params: an HF directory (config.json; with its config) or orbax params.
+
+  `convert(path, float32 array)`: each tensor's stored form (see `load_hf_checkpoint`).
+  """
   if not path:
     return None, None
   p = pathlib.Path(path)
   if (p / "config.json").exists():
-    config, params = load_hf_checkpoint(p)
+    config, params = load_hf_checkpoint(p, convert=convert)
     return params, config
-  return restore_params(p), None
+  params = restore_params(p)
+  if convert is not None:
+    flat = flax.traverse_util.flatten_dict(params, sep="/")
+    params = flax.traverse_util.unflatten_dict(
+        {k: convert(k, np.asarray(v, np.float32)) for k, v in flat.items()}, sep="/")
+  return params, None

@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ia3_jax.model import storage
 from ia3_jax.model.config import T5Config
 
 Array = jax.Array
@@ -131,6 +132,7 @@ class Dense(nn.Module):
   def __call__(self, x: Array) -> Array:
     kernel = self.param("kernel", logical(self.kernel_init, self.kernel_axes),
                         (x.shape[-1], self.features), jnp.float32)
+    kernel = storage.materialize(kernel, self.dtype, after=x)  # cast or dequantised, per layer
     return matmul(x, kernel, self.dtype, self.output_dtype or self.dtype)
 
 

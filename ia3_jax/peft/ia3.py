@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ia3_jax.model import layers, network
+from ia3_jax.model import layers, network, storage
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config
 from ia3_jax.peft import banks
@@ -215,6 +215,10 @@ def merge(params: Mapping[str, Any], task: int = 0) -> tuple[Params, Params]:
   `network.Transformer(config)`, export it with `checkpoints.export_hf_checkpoint`).
   `originals = {"kernels": original kernels that changed, "ia3": the (IA)^3 subtree}`
   lets `unmerge` restore `params` bit for bit (no division by the vectors).
+
+  A kernel stored quantised (`model.storage`, FROZEN_DTYPE int8 / int4) is dequantised,
+  scaled and quantised again with its own scheme; `originals["requantization_error"]`
+  then gives, per kernel, the largest |merged - exact fold| that the re-quantisation adds.
   """
   ia3, base = extract_ia3(params)
   if not params_lib.flatten(ia3):
@@ -224,6 +228,7 @@ def merge(params: Mapping[str, Any], task: int = 0) -> tuple[Params, Params]:
     raise ValueError(f"merge: task {task} out of range: the bank holds {n} tasks")
   flat = params_lib.flatten(base)
   originals: dict[str, Any] = {}
+  errors: dict[str, float] = {}
   for path, bank in sorted(params_lib.flatten(ia3).items()):
     block, leaf = path.rsplit("/", 1)
     proj, side = SITE_TARGETS[SITE_OF_PARAM[leaf]]
@@ -231,10 +236,21 @@ def merge(params: Mapping[str, Any], task: int = 0) -> tuple[Params, Params]:
     if kpath not in flat:
       raise ValueError(f"merge: {path} scales {kpath}, which the params lack")
     originals.setdefault(kpath, flat[kpath])
-    kernel = jnp.asarray(flat[kpath])
+    quantized = isinstance(flat[kpath], storage.QArray)
+    kernel = storage.materialize(flat[kpath], jnp.float32) if quantized else jnp.asarray(
+        flat[kpath])
     vec = jnp.asarray(bank)[task].astype(kernel.dtype)
-    flat[kpath] = kernel * (vec[None, :] if side == "out" else vec[:, None])
-  return params_lib.unflatten(flat), {"kernels": params_lib.unflatten(originals), "ia3": ia3}
+    folded = kernel * (vec[None, :] if side == "out" else vec[:, None])
+    if quantized:
+      flat[kpath] = storage.requantize_like(folded, flat[kpath])
+      errors[kpath] = float(jnp.max(jnp.abs(storage.materialize(flat[kpath], jnp.float32)
+                                            - folded)))
+    else:
+      flat[kpath] = folded
+  out = {"kernels": params_lib.unflatten(originals), "ia3": ia3}
+  if errors:
+    out["requantization_error"] = errors
+  return params_lib.unflatten(flat), out
 
 
 def unmerge(merged: Mapping[str, Any], originals: Mapping[str, Any]) -> Params:

@@ -31,6 +31,7 @@ from ia3_jax.interop import hf_checkpoints
 from ia3_jax.model import network
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config
+from ia3_jax.model.storage import FrozenStorage
 from ia3_jax.objectives import losses
 from ia3_jax.train.checkpointer import CheckpointConfig, Checkpointer
 from ia3_jax.train.checks import check_eval_result, check_vocabulary, source_name, warn_train_batch
@@ -244,7 +245,8 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
           dropout_rate: Optional[float] = None,
           results_file: Optional[str] = "results.json",
           initial_params: Optional[Params] = None,
-          post_load: Optional[Callable[[Params, T5Config], Params]] = None) -> dict[str, Any]:
+          post_load: Optional[Callable[[Params, T5Config], Params]] = None,
+          frozen_dtype: str = "float32") -> dict[str, Any]:
   """Trains (or resumes training in) `model_dir`; returns the results dict.
 
   Resumes from the newest checkpoint in `<model_dir>/checkpoints` if there is
@@ -253,7 +255,9 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
   it lacks must be trainable and are initialised with the seed), or from
   `initial_params` (a host param tree), or from a random init. `post_load(params,
   config) -> params` runs once on a fresh start (e.g. prompt tuning copies embedding
-  rows into its prompt; a PEFT gin file binds `loop.train.post_load`).
+  rows into its prompt; a PEFT gin file binds `loop.train.post_load`). `frozen_dtype`
+  [FROZEN_DTYPE]: storage of the frozen params, "float32", "bfloat16", "int8" or "int4"
+  (`model.storage.FrozenStorage`).
 
   Raises:
     TrainingDivergedError: a NaN/inf loss, grad or param norm (the diverged update is not saved).
@@ -268,21 +272,23 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
   os.makedirs(model_dir, exist_ok=True)
   t_start = time.time()
 
-  base, hf_config = hf_checkpoints.load_initial_params(initial_checkpoint_path)
-  if initial_params is not None:
-    if base is not None:
-      raise ValueError("pass initial_checkpoint_path or initial_params, not both")
-    base = initial_params
-  if base is not None and hf_config is not None:
-    # The HF directory must hold the configured model: names the first differing param.
-    hf_checkpoints.check_params_match(base, config, source=str(initial_checkpoint_path))
+  if initial_params is not None and initial_checkpoint_path:
+    raise ValueError("pass initial_checkpoint_path or initial_params, not both")
   model = build_model(config, blocks, dropout_rate)
   partitioner = Partitioner(partitioning)
   trainer = Trainer(model, trainable=trainable, optimizer=transform, loss=loss,
                     partitioner=partitioner, grad_accum_steps=tc.grad_accum_steps, seed=tc.seed,
                     enable_dropout=tc.enable_dropout, use_task_id=tc.use_task_id,
                     max_choices_per_step=tc.max_choices_per_step,
-                    learning_rate_fn=lr_fn)
+                    learning_rate_fn=lr_fn, frozen_storage=FrozenStorage(frozen_dtype))
+  # Each tensor is stored as the trainer keeps it as it is read (no float32 copy of the model).
+  base, hf_config = hf_checkpoints.load_initial_params(initial_checkpoint_path,
+                                                       convert=trainer.store_base_tensor)
+  if initial_params is not None:
+    base = initial_params
+  if base is not None and hf_config is not None:
+    # The HF directory must hold the configured model: names the first differing param.
+    hf_checkpoints.check_params_match(base, config, source=str(initial_checkpoint_path))
   if partitioner.replicated_dims:
     log.info("replicated (not divisible): %s", "; ".join(partitioner.replicated_dims))
   if tc.batch_size % (tc.grad_accum_steps * partitioner.data_size):
@@ -434,7 +440,7 @@ class _TrainRun:
     self.writer.write(step, scalars, prefix="train/")
 
   def _stop_if_signalled(self, info: StepInfo) -> None:
-    if self.stop.requested is None or info.is_last:
+    if not self.stop.should_stop(info.step) or info.is_last:
       return
     self.save(info.step)
     self.ckpt.wait()

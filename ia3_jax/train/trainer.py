@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ia3_jax.data import features
 from ia3_jax.errors import CheckpointError
-from ia3_jax.model import network
+from ia3_jax.model import network, storage
 from ia3_jax.model import params as params_lib
 from ia3_jax.objectives import losses, scoring
 from ia3_jax.train.checks import check_token_ids
@@ -61,6 +61,9 @@ class Trainer:
     loss: T-Few loss weights.
     partitioner: mesh and rules.
     learning_rate_fn: schedule, only for logging the learning rate.
+    frozen_storage: how the frozen params are stored (float32, bfloat16, int8, int4);
+      every way of placing params (`init_state`, `state_from_params`, `place_params`)
+      stores them so, and `param_shardings` are those of the stored tree.
   """
 
   def __init__(self, model: network.Transformer, *, trainable: params_lib.Patterns,
@@ -69,8 +72,10 @@ class Trainer:
                partitioner: Optional[Partitioner] = None, grad_accum_steps: int = 1,
                seed: int = 42, enable_dropout: bool = True, use_task_id: bool = False,
                max_choices_per_step: Optional[int] = None,
-               learning_rate_fn: Optional[Callable] = None):
+               learning_rate_fn: Optional[Callable] = None,
+               frozen_storage: storage.FrozenStorage = storage.FrozenStorage()):
     self.model = model
+    self.storage = frozen_storage
     self.optimizer = optimizer
     self.loss = loss
     self.partitioner = partitioner or Partitioner()
@@ -86,12 +91,16 @@ class Trainer:
     self.abstract_boxed = network.abstract_params(model, with_task_id=use_task_id)
     self.abstract = nn.unbox(self.abstract_boxed)
     self.mask = params_lib.trainable_mask(self.abstract, trainable)
-    self.abstract_trainable, self.abstract_frozen = params_lib.partition(self.abstract, self.mask)
+    self.abstract_trainable, float_frozen = params_lib.partition(self.abstract, self.mask)
     if not params_lib.flatten(self.abstract_trainable):
       raise ValueError(f"trainable params {trainable!r} select nothing")
-    self.param_shardings = p.shardings(self.abstract_boxed)
-    self.trainable_shardings, self.frozen_shardings = params_lib.partition(
-        self.param_shardings, self.mask)
+    self.abstract_frozen = frozen_storage.abstract_tree(float_frozen)  # as stored
+    self._frozen_paths = frozenset(params_lib.flatten(float_frozen))
+    self.float_param_shardings = p.shardings(self.abstract_boxed)
+    self.trainable_shardings, float_frozen_shardings = params_lib.partition(
+        self.float_param_shardings, self.mask)
+    self.frozen_shardings = frozen_storage.shardings(self.abstract_frozen, float_frozen_shardings)
+    self.param_shardings = params_lib.combine(self.trainable_shardings, self.frozen_shardings)
     opt_shapes = jax.eval_shape(optimizer.init, self.abstract_trainable)
     self.opt_shardings = opt_state_shardings(opt_shapes, self.trainable_shardings,
                                              self.abstract_trainable, p.replicated)
@@ -112,7 +121,8 @@ class Trainer:
   def num_params(self) -> dict[str, int]:
     return {"total": params_lib.count(self.abstract),
             "trainable": params_lib.count(self.abstract_trainable),
-            "trainable_bytes": params_lib.nbytes(self.abstract_trainable)}
+            "trainable_bytes": params_lib.nbytes(self.abstract_trainable),
+            "frozen_bytes": storage.nbytes(self.abstract_frozen)}
 
   # ---- init
   def abstract_state(self) -> TrainState:
@@ -152,11 +162,27 @@ class Trainer:
                             f"would stay at its random init ({len(frozen_missing)} missing)")
     return missing
 
+  def _place(self, flat: Mapping[str, Any]) -> dict[str, Any]:
+    """Params by path (host or device arrays, any placement) as this trainer keeps them:
+    frozen ones in their storage (`self.storage`), all on `param_shardings`."""
+    shardings = params_lib.flatten(self.param_shardings)
+    frozen = self._frozen_paths
+    with self.partitioner.context():
+      return {k: self.partitioner.place(self.storage.store(k, v) if k in frozen else v,
+                                        shardings[k]) for k, v in flat.items()}
+
+  def store_base_tensor(self, path: str, value: np.ndarray) -> Any:
+    """A base tensor as this trainer keeps it (frozen: stored; trainable: float32): the
+    `convert` of `hf_checkpoints.load_initial_params`, applied as each tensor is read."""
+    if path in self._frozen_paths:
+      return self.storage.store(path, value)
+    return np.asarray(value, np.float32)
+
   def _init_subset(self, paths: Sequence[str]) -> Params:
     """Random init of only `paths` (XLA drops the rest of the init computation)."""
     if not paths:
       return {}
-    shardings = params_lib.flatten(self.param_shardings)
+    shardings = params_lib.flatten(self.float_param_shardings)
     out_shardings = params_lib.unflatten({k: shardings[k] for k in paths})
 
     def init(rng):
@@ -164,7 +190,8 @@ class Trainer:
                                                     with_task_id=self.use_task_id))
       return params_lib.unflatten({k: flat[k] for k in paths})
     with self.partitioner.context():
-      return jax.jit(init, out_shardings=out_shardings)(jax.random.key(self.seed))
+      fresh = jax.jit(init, out_shardings=out_shardings)(jax.random.key(self.seed))
+    return params_lib.unflatten(self._place(params_lib.flatten(fresh)))
 
   def init_state(self, base: Optional[Params] = None, *, source: str = "initial checkpoint"
                  ) -> TrainState:
@@ -174,10 +201,7 @@ class Trainer:
       missing, placed = sorted(params_lib.flatten(self.abstract)), {}
     else:
       missing = self.check_base_params(base, source)
-      base = nn.unbox(base)
-      shardings = params_lib.flatten(self.param_shardings)
-      flat = params_lib.flatten(base)
-      placed = self.partitioner.place(flat, {k: shardings[k] for k in flat})
+      placed = self._place(params_lib.flatten(nn.unbox(base)))
     full = params_lib.combine(params_lib.unflatten(placed), self._init_subset(missing))
     return self.state_from_params(full)
 
@@ -191,17 +215,15 @@ class Trainer:
       return self._init_subset(frozen_paths)
     self.check_base_params(base, source)
     flat = params_lib.flatten(nn.unbox(base))
-    shardings = params_lib.flatten(self.param_shardings)
-    return params_lib.unflatten(self.partitioner.place(
-        {k: flat[k] for k in frozen_paths}, {k: shardings[k] for k in frozen_paths}))
+    return params_lib.unflatten(self._place({k: flat[k] for k in frozen_paths}))
 
   def place_params(self, full: Params) -> Params:
-    """A full param tree (any placement) resharded onto this trainer's param shardings."""
-    with self.partitioner.context():
-      return jax.jit(lambda p: p, out_shardings=self.param_shardings)(full)
+    """A full param tree (any placement, float or stored) as this trainer keeps it."""
+    return params_lib.unflatten(self._place(params_lib.flatten(full)))
 
   def state_from_params(self, full: Params, step: int = 0) -> TrainState:
-    trainable, frozen = params_lib.partition(full, self.mask)
+    """A state at `step` with a new optimizer state; `full` is placed as `place_params` does."""
+    trainable, frozen = params_lib.partition(self.place_params(full), self.mask)
     with self.partitioner.context():
       opt_state = jax.jit(self.optimizer.init, out_shardings=self.opt_shardings)(trainable)
     step_arr = self.partitioner.place(np.asarray(step, np.int32), self.partitioner.replicated)

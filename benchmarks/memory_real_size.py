@@ -1,0 +1,142 @@
+"""Memory of T-Few on real-size models, without weights: compile from abstract shapes.
+
+  python benchmarks/memory_real_size.py --presets t0_3b,t0_11b \
+      --frozen-dtypes float32,bfloat16,int8,int4          # the README's memory table
+  python benchmarks/memory_real_size.py --loader          # the HF loader's peak memory
+
+Step memory: the (IA)^3 train step (T-Few loss, Adafactor, bf16 activations,
+`Blocks(remat="full")`, batch 8 x 256 input tokens, 4 choices x 16 tokens) is
+lowered from ShapeDtypeStructs and compiled for one device; XLA's buffer
+assignment (`memory_analysis()`) gives the argument bytes (params, optimizer
+state, batch) and the temporaries. Nothing is allocated. (XLA stores int4
+packed, two per byte, on CPU too.)
+
+Loader: a random HF T5 directory (transformers `save_pretrained`, safetensors)
+is read with `FROZEN_DTYPE` storage in a fresh process; its peak RSS above the
+imports-only baseline is compared with the file size and the stored size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+
+if __package__ in (None, ""):
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+GIB = 2 ** 30
+
+
+def step_memory(preset: str, frozen_dtype: str, batch: int = 8, inputs: int = 256,
+                choices: int = 4, targets: int = 16) -> dict:
+  import jax
+  import jax.numpy as jnp
+  from ia3_jax.model import config as config_lib, network, storage
+  from ia3_jax.objectives import losses
+  from ia3_jax.peft import ia3
+  from ia3_jax.train import optimizers, trainer
+  from benchmarks import harness
+  cfg = config_lib.get_config(preset, dtype="bfloat16")
+  model = network.Transformer(cfg, blocks=ia3.ia3_blocks(base=network.Blocks(remat="full")))
+  tr = trainer.Trainer(model, trainable=ia3.IA3_PATTERN,
+                       optimizer=optimizers.OptimizerConfig(total_steps=1000).build(),
+                       loss=losses.LossConfig(), enable_dropout=False,
+                       frozen_storage=storage.FrozenStorage(frozen_dtype))
+  sh = tr.partitioner.batch_sharding()
+  sds = lambda *shape: jax.ShapeDtypeStruct((batch, *shape), jnp.int32, sharding=sh)  # noqa: E731
+  abstract_batch = {"encoder_input_tokens": sds(inputs), "choice_tokens": sds(choices, targets),
+                    "choice_mask": sds(choices), "label": sds(), "example_mask": sds()}
+  t0 = time.time()
+  compiled = tr.lower_step(tr.abstract_state(), abstract_batch).compile()
+  stats = harness.memory_stats(compiled)
+  frozen = tr.abstract_frozen
+  return {"preset": preset, "frozen_dtype": frozen_dtype, "compile_s": round(time.time() - t0, 1),
+          "argument_gib": stats["argument"] / GIB, "temp_gib": stats["temp"] / GIB,
+          "peak_gib": stats["peak_bytes"] / GIB,
+          "frozen_gib": storage.nbytes(frozen) / GIB, "num_params": tr.num_params()}
+
+
+def loader_memory(frozen_dtype: str, directory: str) -> dict:
+  """Peak RSS of reading `directory` into `frozen_dtype` storage (run in a fresh process)."""
+  from benchmarks import harness
+  baseline = harness.peak_rss_bytes()
+  import jax
+  import numpy as np
+  from ia3_jax.interop import hf_checkpoints
+  from ia3_jax.model import network, storage
+  from ia3_jax.peft import ia3
+  from ia3_jax.train import trainer
+  import optax
+  cfg = hf_checkpoints.load_hf_config(directory)
+  tr = trainer.Trainer(network.Transformer(cfg, blocks=ia3.ia3_blocks()),
+                       trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(0.1),
+                       frozen_storage=storage.FrozenStorage(frozen_dtype))
+  before = harness.peak_rss_bytes()
+  _, params = hf_checkpoints.load_hf_checkpoint(directory, convert=tr.store_base_tensor)
+  jax.block_until_ready(params)
+  stored = sum(int(np.asarray(x).nbytes) for x in jax.tree.leaves(params))
+  files = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)
+              if f.endswith(".safetensors"))
+  return {"frozen_dtype": frozen_dtype, "file_bytes": files, "stored_bytes": stored,
+          "load_peak_above_start": harness.peak_rss_bytes() - before,
+          "baseline_rss": baseline}
+
+
+def make_random_t5(directory: str, shape: str) -> None:
+  from tests import hf_utils
+  sizes = {"base": dict(d_model=768, d_ff=2048, num_layers=12, num_decoder_layers=12,
+                        num_heads=12, d_kv=64, vocab_size=32128)}
+  hf_utils.make_hf_model(directory, "t5_1_1", "small", **sizes[shape])
+
+
+def main(argv=None) -> int:
+  p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+  p.add_argument("--presets", default="t0_3b,t0_11b")
+  p.add_argument("--frozen-dtypes", default="float32,bfloat16,int8,int4")
+  p.add_argument("--loader", action="store_true", help="measure the HF loader instead")
+  p.add_argument("--loader-shape", default="base")
+  p.add_argument("--one", nargs=2, metavar=("PRESET", "DTYPE"), help=argparse.SUPPRESS)
+  p.add_argument("--load-one", nargs=2, metavar=("DTYPE", "DIR"), help=argparse.SUPPRESS)
+  args = p.parse_args(argv)
+  if args.one:
+    print(json.dumps(step_memory(*args.one)), flush=True)
+    return 0
+  if args.load_one:
+    print(json.dumps(loader_memory(*args.load_one)), flush=True)
+    return 0
+  rows = []
+  me = [sys.executable, os.path.abspath(__file__)]
+  if args.loader:
+    with tempfile.TemporaryDirectory() as d:
+      make_random_t5(d, args.loader_shape)
+      for dtype in args.frozen_dtypes.split(","):
+        out = subprocess.run(me + ["--load-one", dtype, d], capture_output=True, text=True,
+                             check=True).stdout.strip().splitlines()[-1]
+        r = json.loads(out)
+        rows.append(r)
+        print(f"{dtype:>9}: file {r['file_bytes'] / GIB:.2f} GiB, stored "
+              f"{r['stored_bytes'] / GIB:.2f} GiB, loader peak above start "
+              f"{r['load_peak_above_start'] / GIB:.2f} GiB "
+              f"({r['load_peak_above_start'] / r['stored_bytes']:.2f}x stored)", flush=True)
+    return 0
+  print("| model | FROZEN_DTYPE | arguments GiB | temporaries GiB | total GiB | frozen GiB "
+        "| compile s |\n|---|---|---|---|---|---|---|", flush=True)
+  for preset in args.presets.split(","):
+    for dtype in args.frozen_dtypes.split(","):
+      out = subprocess.run(me + ["--one", preset, dtype], capture_output=True, text=True,
+                           check=True).stdout.strip().splitlines()[-1]
+      r = json.loads(out)
+      rows.append(r)
+      print(f"| {preset} | {dtype} | {r['argument_gib']:.1f} | {r['temp_gib']:.1f} | "
+            f"{r['argument_gib'] + r['temp_gib']:.1f} | "
+            f"{r['frozen_gib']:.1f} | {r['compile_s']:.0f} |", flush=True)
+  return 0
+
+
+if __name__ == "__main__":
+  sys.exit(main())
