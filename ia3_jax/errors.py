@@ -37,13 +37,21 @@ class TrainingDivergedError(Ia3JaxError, RuntimeError):
 
 
 class TrainingInterrupted(Ia3JaxError):
-  """Training stopped on SIGINT/SIGTERM after saving a checkpoint at `step`.
+  """Training stopped on SIGINT/SIGTERM (or a multi-host preemption) after saving a
+  checkpoint at `step`.
 
-  Entry points print one line ("interrupted at step N; the same command
-  resumes") and exit 130.
+  Entry points print one line and exit 130 for SIGINT ("interrupted at step N; the same
+  command resumes"), 0 for a preemption, SIGTERM (`preempted`: the run did what a
+  preemptible job should, and a scheduler must not count it as failed).
   """
 
-  def __init__(self, step: int, model_dir: str | None = None, message: str | None = None):
+  def __init__(self, step: int, model_dir: str | None = None, message: str | None = None,
+               signal_name: str | None = None):
     self.step = int(step)
     self.model_dir = model_dir
+    self.signal_name = signal_name
     super().__init__(message or f"interrupted at step {self.step}; the same command resumes")
+
+  @property
+  def preempted(self) -> bool:
+    return self.signal_name in ("SIGTERM", "preemption")

@@ -73,8 +73,9 @@ def report_errors(fn: Callable[[], int], verbose: bool = False) -> int:
   """Runs an entry point; expected failures become one line on stderr and an exit status.
 
   `Ia3JaxError`: "error: <message>", status 1 (gin configuration errors: 2).
-  `TrainingInterrupted` / Ctrl-C: one line, status 130. Anything else is a bug
-  and keeps its traceback. `verbose` prints the traceback of expected failures too.
+  `TrainingInterrupted` / Ctrl-C: one line, status 130; a preemption (SIGTERM) that
+  saved its checkpoint: one line, status 0. Anything else is a bug and keeps its
+  traceback. `verbose` prints the traceback of expected failures too.
   """
   try:
     return fn()
@@ -82,6 +83,10 @@ def report_errors(fn: Callable[[], int], verbose: bool = False) -> int:
     if verbose:
       traceback.print_exc()
     step = getattr(e, "step", None)
+    if getattr(e, "preempted", False):
+      print(f"preempted ({e.signal_name}) at step {step}: checkpoint saved; the same command "
+            "resumes", file=sys.stderr)
+      return 0
     print(f"interrupted at step {step}; the same command resumes" if step is not None
           else "interrupted", file=sys.stderr)
     return 130

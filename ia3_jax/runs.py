@@ -50,7 +50,8 @@ def load_for_inference(*, config: T5Config, blocks: Optional[network.Blocks] = N
                        checkpoint_path: Optional[str] = None,
                        partitioning: PartitionConfig = PartitionConfig(), seed: int = 42,
                        use_task_id: bool = False, max_choices_per_step: Optional[int] = None,
-                       frozen_dtype: str = "float32") -> tuple[Trainer, Any, dict]:
+                       frozen_dtype: str = "float32", scan_layers: Optional[bool] = None
+                       ) -> tuple[Trainer, Any, dict]:
   """(trainer, params on the mesh, checkpoint meta) for eval / score / infer; `frozen_dtype`
   [FROZEN_DTYPE]: storage of the base params (`model.storage.FrozenStorage`)."""
   meta: dict = {}
@@ -61,7 +62,7 @@ def load_for_inference(*, config: T5Config, blocks: Optional[network.Blocks] = N
                   "(INITIAL_CHECKPOINT_PATH=None)", checkpoint_path,
                   meta["initial_checkpoint_path"])
     seed = int(meta.get("seed", seed))  # the random base (if any) of the training run
-  model = build_model(config, blocks, dropout_rate=0.0)
+  model = build_model(config, blocks, dropout_rate=0.0, scan_layers=scan_layers)
   tr = Trainer(model, trainable=trainable, optimizer=optax.identity(),
                partitioner=Partitioner(partitioning), seed=seed, enable_dropout=False,
                use_task_id=use_task_id, max_choices_per_step=max_choices_per_step,
@@ -72,9 +73,12 @@ def load_for_inference(*, config: T5Config, blocks: Optional[network.Blocks] = N
     hf_checkpoints.check_params_match(base, config, source=str(initial_checkpoint_path))
   state = tr.init_state(base, source=str(initial_checkpoint_path))
   if checkpoint_path:
-    restored, meta = checkpointer.restore_trainable(checkpoint_path,
-                                                     tr.abstract_state().trainable)
-    state = state.replace(trainable=restored)
+    # Either layer layout (a run with or without SCAN_LAYERS): restored, then converted.
+    restored, meta = checkpointer.restore_trainable(checkpoint_path)
+    restored = tr.in_layout(restored)
+    checkpointer.check_tree_matches(restored, tr.abstract_state().trainable,
+                                    where=f"{checkpoint_path} (trainable)")
+    state = state.replace(trainable=tr.place_params(restored))
   return tr, state.params, meta
 
 
@@ -105,13 +109,14 @@ def evaluate(*, output_dir: str, config: T5Config, data: BatchSource, batch_size
              partitioning: PartitionConfig = PartitionConfig(), seed: int = 42,
              use_task_id: bool = False, length_normalize: bool = True,
              max_choices_per_step: Optional[int] = None, progress: bool = True,
-             frozen_dtype: str = "float32") -> dict:
+             frozen_dtype: str = "float32", scan_layers: Optional[bool] = None) -> dict:
   """Rank-classification accuracy of a checkpoint; writes `eval_results.json`."""
   tr, params, meta = load_for_inference(
       config=config, blocks=blocks, trainable=trainable,
       initial_checkpoint_path=initial_checkpoint_path, checkpoint_path=checkpoint_path,
       partitioning=partitioning, seed=seed, use_task_id=use_task_id,
-      max_choices_per_step=max_choices_per_step, frozen_dtype=frozen_dtype)
+      max_choices_per_step=max_choices_per_step, frozen_dtype=frozen_dtype,
+      scan_layers=scan_layers)
   check_vocabulary(data, config)
   batches = _batches(data, tr, batch_size)
   result = tr.evaluate(params, batches, batch_size, length_normalize=length_normalize,

@@ -63,6 +63,9 @@ def test_real_size_memory_script_on_the_tiny_preset():
   step's arguments (the frozen params) and, with them, the whole buffer assignment."""
   from benchmarks import memory_real_size
   f32 = memory_real_size.step_memory("tiny", "float32", batch=2, inputs=16, targets=4)
+  scanned = memory_real_size.step_memory("tiny", "int8", batch=2, inputs=16, targets=4,
+                                         scan_layers=True)
   int8 = memory_real_size.step_memory("tiny", "int8", batch=2, inputs=16, targets=4)
   assert 0 < int8["frozen_gib"] < 0.35 * f32["frozen_gib"]
   assert int8["argument_gib"] < f32["argument_gib"] and int8["temp_gib"] > 0
+  assert scanned["frozen_gib"] == pytest.approx(int8["frozen_gib"], rel=0.05)

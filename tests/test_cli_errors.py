@@ -11,6 +11,8 @@ import sys
 import textwrap
 import time
 
+import jax
+import numpy as np
 import pytest
 
 from ia3_jax import cli, main
@@ -147,6 +149,59 @@ def test_sigint_prints_one_line_and_exits_130(tmp_path, compile_cache):
   last = err.strip().splitlines()[-1]
   assert last == "interrupted" or (last.startswith("interrupted at step ")
                                    and last.endswith("; the same command resumes")), last
+
+
+def test_sigterm_saves_exits_0_and_the_same_command_resumes_exactly(tmp_path, compile_cache):
+  """A preemption notice (SIGTERM) mid-run: a checkpoint, one line, exit 0; the same command
+  finishes the run with the params of an uninterrupted one, bit for bit."""
+  from ia3_jax.train import checkpointer
+  task = _task_dir(tmp_path)
+  (task / "slow_steps.py").write_text(textwrap.dedent("""\
+      import time
+      from ia3_jax.train import trainer
+      _step = trainer.Trainer.step
+      def _slow(self, state, batch):  # time to send the signal mid-run
+        time.sleep(0.3)
+        return _step(self, state, batch)
+      trainer.Trainer.step = _slow
+      """))
+  env = _user_env(compile_cache, task)
+  steps = 12
+
+  def command(model_dir):
+    return _console_script() + _train_args(model_dir, "mine_fewshot_seed0", steps=steps) + [
+        "--gin.MIXTURE_OR_TASK_MODULES=['mine_tasks', 'slow_steps']"]
+  whole = subprocess.run(command(tmp_path / "whole"), env=env, cwd=tmp_path, capture_output=True,
+                         text=True, timeout=400)
+  assert whole.returncode == 0, whole.stderr[-3000:]
+  args = command(tmp_path / "run")
+  proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True)
+  seen = ""
+  try:
+    while "it/s" not in seen:  # training has started (the progress bar moves)
+      chunk = proc.stderr.read(64)
+      assert chunk, seen[-3000:]
+      seen += chunk
+    proc.send_signal(signal.SIGTERM)
+    err = seen + proc.communicate(timeout=120)[1]
+  finally:
+    if proc.poll() is None:
+      proc.kill()
+  assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+  last = err.strip().splitlines()[-1]
+  assert last.startswith("preempted (SIGTERM) at step ") and last.endswith(
+      ": checkpoint saved; the same command resumes"), last
+  stopped = int(last.split("at step ")[1].split(":")[0])
+  assert 0 < stopped < steps, last
+  resumed = subprocess.run(args, env=env, cwd=tmp_path, capture_output=True, text=True,
+                           timeout=400)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "resumed from" in resumed.stderr + resumed.stdout
+  want, _ = checkpointer.restore_trainable(tmp_path / "whole")
+  got, _ = checkpointer.restore_trainable(tmp_path / "run")
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 # --------------------------------------------------------------------------- gin flags

@@ -196,6 +196,11 @@ def _eval_infer_score(root: pathlib.Path, model_dir: pathlib.Path, trained_eval:
   evaluated = json.loads((out_dir / "eval_results.json").read_text())
   assert evaluated["step"] == 6 and evaluated["num_examples"] == 48
   assert evaluated["num_correct"] == trained_eval["num_correct"]  # same checkpoint, same data
+  # The same checkpoint in the scanned layout (SCAN_LAYERS): the same predictions.
+  assert cli.main(["eval", *common, "--gin.SCAN_LAYERS=True",
+                   f"--gin.EVAL_OUTPUT_DIR='{root / 'eval_scan'}'"]) == 0
+  scanned = json.loads((root / "eval_scan" / "eval_results.json").read_text())
+  assert scanned["num_correct"] == evaluated["num_correct"]
   # The same checkpoint over an int8 base (FROZEN_DTYPE): every example, close accuracy.
   assert cli.main(["eval", *common, "--gin.FROZEN_DTYPE='int8'",
                    f"--gin.EVAL_OUTPUT_DIR='{root / 'eval_int8'}'"]) == 0

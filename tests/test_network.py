@@ -359,3 +359,34 @@ def test_query_init_std_is_t5x_and_hf():
   assert query.std() == pytest.approx((config.emb_dim * config.head_dim) ** -0.5, rel=0.02)
   assert key.std() == pytest.approx(config.emb_dim ** -0.5, rel=0.02)
   assert key.std() / query.std() == pytest.approx(config.head_dim ** 0.5, rel=0.03)
+
+
+@pytest.mark.parametrize("remat", ["none", "full"])
+def test_scanned_layers_equal_the_unrolled_network_with_stacked_params(tmp_path, remat):
+  """`Blocks(scan_layers=True)`: the params of an HF checkpoint stacked by `scan_params` give
+  PyTorch's logits; `unscan_params` restores the unrolled tree exactly; "layers" is the
+  stacked params' logical axis."""
+  torch_model = hf_utils.make_hf_model(tmp_path, "t5_1_1", "small")
+  from ia3_jax.interop import hf_checkpoints
+  config, params = hf_checkpoints.load_hf_checkpoint(tmp_path)
+  scanned = network.Transformer(config, blocks=network.Blocks(scan_layers=True, remat=remat))
+  stacked = network.scan_params(params)
+  assert "layers" in stacked["encoder"] and "layers_0" not in stacked["encoder"]
+  assert jax.tree.structure(stacked) == jax.tree.structure(network.init_params(
+      scanned, jax.random.key(0)))
+  batch = hf_utils.random_batch(np.random.default_rng(0), config.vocab_size, enc_len=20)
+  logits = np.asarray(scanned.apply({"params": stacked}, batch["encoder_input_tokens"],
+                                    batch["decoder_input_tokens"],
+                                    batch["decoder_target_tokens"]))
+  valid = batch["decoder_target_tokens"] > 0
+  tolerances.assert_close_to_torch(logits[valid],
+                                   hf_utils.torch_logits(torch_model, batch)[valid])
+  back = network.unscan_params(stacked)
+  assert jax.tree.structure(back) == jax.tree.structure(params)
+  for a, b in zip(jax.tree.leaves(back), jax.tree.leaves(params)):
+    np.testing.assert_array_equal(np.asarray(a), b)
+  specs = nn.get_partition_spec(network.abstract_params(scanned))
+  assert tuple(specs["encoder"]["layers"]["mlp"]["wo"]["kernel"]) == ("layers", "mlp", "embed")
+  with pytest.raises(ValueError, match="decoding with Blocks"):
+    scanned.apply({"params": stacked}, batch["encoder_input_tokens"],
+                  batch["decoder_input_tokens"][:, :1], decode=True, mutable=["cache"])

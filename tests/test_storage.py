@@ -202,3 +202,93 @@ def test_merge_into_an_int8_base_requantises_and_reports_the_error_it_adds():
     got = params_lib.flatten(restored)[k]
     for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(v)):
       np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+
+
+@pytest.mark.parametrize("frozen_dtype", ["float32", "int8"])
+def test_scanned_training_equals_unrolled_training(frozen_dtype):
+  """Blocks(scan_layers=True, remat="full") trains exactly as the unrolled network from the
+  same (unrolled) base, over a float32 or an int8 base (each layer quantised alike)."""
+  base = tu.random_base_params(TINY)
+  runs = {}
+  for scan in (False, True):
+    blocks = ia3.ia3_blocks(base=network.Blocks(scan_layers=scan, remat="full"))
+    tr = trainer.Trainer(network.Transformer(TINY, blocks=blocks), trainable=ia3.IA3_PATTERN,
+                         optimizer=optax.adam(1e-2), enable_dropout=False,
+                         frozen_storage=storage.FrozenStorage(frozen_dtype))
+    state = tr.init_state(base)
+    losses = []
+    for _ in range(3):
+      state, m = tr.step(state, tr.partitioner.shard_batch(tr.model_batch(_batch()), 8))
+      losses.append(float(m["loss"]))
+    runs[scan] = (losses, network.unscan_params(jax.device_get(state.trainable)), tr, state)
+  assert runs[True][0] == pytest.approx(runs[False][0], rel=1e-5)
+  flat = params_lib.flatten(runs[False][1])
+  assert set(params_lib.flatten(runs[True][1])) == set(flat)
+  for k, v in params_lib.flatten(runs[True][1]).items():
+    tolerances.assert_close(v, flat[k])
+  tr, state = runs[True][2], runs[True][3]
+  kernel = params_lib.flatten(state.frozen)["encoder/layers/attention/query/kernel"]
+  if frozen_dtype == "int8":
+    assert isinstance(kernel, storage.QArray) and kernel.qvalue.shape[0] == TINY.num_encoder_layers
+  # The scanned run's (IA)^3 vectors merge and export as the unrolled tree's do.
+  merged, _ = ia3.merge(jax.device_get(state.params))
+  assert "layers_1" in merged["encoder"] and "layers" not in merged["encoder"]
+
+
+@pytest.mark.parametrize("dtype,bits", [("int8", 8), ("int4", 4)])
+def test_quantised_dense_equals_numpy_dequantise_then_matmul(dtype, bits):
+  from ia3_jax.model import layers
+  rng = np.random.default_rng(1)
+  w = rng.normal(size=(256, 24)).astype(np.float32)
+  x = rng.normal(size=(3, 5, 256)).astype(np.float32)
+  stored = storage.FrozenStorage(dtype, tile=64).store("a/kernel", w)
+  got = layers.Dense(24, ("embed", "mlp")).apply({"params": {"kernel": stored}}, x)
+  want = x.astype(np.float64) @ numpy_absmax(w, bits, 64 if dtype == "int4" else None)[0]
+  # float32 products of 256 terms; a rounding tie may land on the other level (see above).
+  step = np.abs(w).max() / (2 ** (bits - 1) - 0.5)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5,
+                             atol=1e-5 * np.abs(want).max() + step * np.abs(x).max())
+
+
+def test_bfloat16_base_logits_track_the_float32_model():
+  """bf16 storage rounds each weight by at most 2^-9 relative; through 2+2 layers the logits
+  move by a few 1e-3 of their scale: 2e-2 of the largest logit bounds it with room."""
+  base = tu.random_base_params(TINY)
+  f32, bf16 = _trainer("float32"), _trainer("bfloat16")
+  batch = f32.model_batch(_batch())
+  a = f32.classifier(8)(f32.init_state(base).params, batch)["scores"]
+  b = bf16.classifier(8)(bf16.init_state(base).params, batch)["scores"]
+  tolerances.assert_close(b, a, rtol=0, scale_tol=2e-2)
+  assert np.max(np.abs(a - b)) > 0  # it is the rounded model
+
+
+def test_scanned_forward_and_vector_gradients_equal_unrolled_in_float32():
+  base = tu.random_base_params(TINY)
+  out = {}
+  for scan in (False, True):
+    model = network.Transformer(TINY, blocks=ia3.ia3_blocks(
+        base=network.Blocks(scan_layers=scan, remat="full")))
+    tr = trainer.Trainer(model, trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(0.1),
+                         enable_dropout=False)
+    state = tr.init_state(base)
+    if not scan:  # distinct vectors, the same in both layouts
+      unrolled = jax.tree.map(lambda v: v * jnp.linspace(0.8, 1.2, v.size).reshape(v.shape),
+                              jax.device_get(state.trainable))
+    ones = tr.in_layout(unrolled)
+    batch = {k: jnp.asarray(v) for k, v in tr.model_batch(_batch()).items()}
+
+    def logits(vectors):
+      params = params_lib.combine(vectors, state.frozen)
+      return model.apply({"params": params}, batch["encoder_input_tokens"],
+                         batch["choice_tokens"][:, 0], batch["choice_tokens"][:, 0])
+    value, grads = jax.value_and_grad(lambda v: jnp.sum(logits(v) ** 2) * 1e-3)(ones)
+    out[scan] = (np.asarray(logits(ones)), float(value),
+                 params_lib.flatten(jax.device_get(network.unscan_params(grads))))
+  # The scan body and the unrolled layers fuse differently in XLA, so sums differ in order:
+  # a few float32 ulps of the largest value per layer (measured: 1.4e-6 of the largest logit).
+  tol = dict(rtol=1e-6, scale_tol=4e-6)
+  tolerances.assert_close(out[True][0], out[False][0], **tol)
+  assert out[True][1] == pytest.approx(out[False][1], rel=1e-6)
+  assert set(out[True][2]) == set(out[False][2])
+  for k, g in out[False][2].items():
+    tolerances.assert_close(out[True][2][k], g, **tol, err_msg=k)

@@ -246,8 +246,8 @@ def load_hf_checkpoint(path: PathLike, *, dtype: Any = jnp.float32,
   copy of the whole model ever exists); place them on devices (e.g. with
   `partitioning`) afterwards.
   """
-  if convert is None:
-    convert = lambda _, value: value.astype(dtype)  # noqa: E731
+  if convert is None:  # a C-ordered host copy in `dtype` (the one copy of the tensor)
+    convert = lambda _, value: np.array(value, dtype=dtype, order="C")  # noqa: E731
   path = pathlib.Path(path)
   config = load_hf_config(path, dtype=activation_dtype)
   by_hf = {hf: (ours, transposed) for ours, (hf, transposed) in hf_name_map(config).items()}
@@ -270,14 +270,17 @@ def load_hf_checkpoint(path: PathLike, *, dtype: Any = jnp.float32,
       unexpected.append(name)
       continue
     ours, transposed = by_hf[name]
-    value = np.ascontiguousarray(np.asarray(array.T if transposed else array, np.float32))
+    value = np.asarray(array.T if transposed else array, np.float32)  # a view when float32
     want = expected[ours]
     if value.shape != want:
       raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(array.shape)}; "
                             f"expected {want[::-1] if transposed else want} for {'/'.join(ours)}")
-    if name == "shared.weight" and lm_head_expected:
-      shared = value
+    if name == "shared.weight" and lm_head_expected and "lm_head.weight" not in seen:
+      shared = value  # until lm_head.weight arrives (or does not: tied, see below)
+    if name == "lm_head.weight":
+      shared = None
     _set(params, ours, convert("/".join(ours), value))
+    del value, array  # one tensor at a time
     seen.add(name)
   if unexpected:
     raise CheckpointError(f"{path}: unexpected tensors (not part of a T5 model): "
@@ -295,7 +298,7 @@ def load_hf_checkpoint(path: PathLike, *, dtype: Any = jnp.float32,
   if lm_head_expected and "lm_head.weight" not in seen and "shared.weight" in seen:
     # transformers 5 ties lm_head to the embedding and saves only the latter.
     _set(params, ("decoder", "logits_dense", "kernel"),
-         convert("decoder/logits_dense/kernel", np.ascontiguousarray(shared.T)))
+         convert("decoder/logits_dense/kernel", shared.T))
     seen.add("lm_head.weight")
   missing = sorted(set(by_hf) - seen)
   if missing:

@@ -34,6 +34,7 @@ from ia3_jax.interop.adapter_files import load_state_dict
 from ia3_jax.interop.adapter_files import read_adapter_dir
 from ia3_jax.interop.adapter_files import strip_prefix
 from ia3_jax.interop.adapter_files import write_adapter_dir
+from ia3_jax.model import network
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config
 from ia3_jax.peft import ia3
@@ -161,11 +162,11 @@ def export_peft_adapter(ia3_params: Mapping[str, Any], config: T5Config, out_dir
   `convention`: "t5" puts l_ff on `wo` as a feedforward module (peft's T5
   default); "mt5" (= "tfew") puts it on the output of the linear `wi_1` branch
   (peft's mT5 default, T-Few), which needs a gated MLP. `ia3_params` may be
-  a full param tree; only its (IA)^3 part is written.
+  a full param tree, in either layer layout (scanned or not); only its (IA)^3 part is written.
   """
   if convention not in ("t5", "mt5", "tfew"):
     raise AdapterError(f"convention must be 't5', 'mt5' or 'tfew', got {convention!r}")
-  bank, _ = ia3.extract_ia3(ia3_params)
+  bank, _ = ia3.extract_ia3(network.unscan_params(ia3_params))
   if not params_lib.flatten(bank):
     raise AdapterError("export_peft_adapter: no (IA)^3 params (ia3_*) given")
   vectors = params_lib.flatten(ia3.select_task(bank, task))
@@ -300,7 +301,7 @@ def merge_checkpoint(base: Any, adapter: Any, out_dir: str | os.PathLike, *, tas
       adapter = import_tfew_state_dict(adapter, config)
     else:
       adapter = hf_checkpoints.restore_params(adapter)
-  vectors, _ = ia3.extract_ia3(adapter)
+  vectors, _ = ia3.extract_ia3(network.unscan_params(adapter))  # either layer layout
   merged, _ = ia3.merge(ia3.insert_ia3(base, vectors), task)
   if output_format == "hf":
     return str(hf_checkpoints.export_hf_checkpoint(merged, config, out_dir, model_type=model_type))

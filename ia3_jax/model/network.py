@@ -8,6 +8,7 @@ parameter tree of the base network stays exactly T5X's.
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import Any, Callable, Optional
 
 import flax.linen as nn
@@ -36,6 +37,11 @@ class Blocks:
   # (keep matmul outputs, recompute elementwise ops), one layer's backward
   # step at a time (see `_call_layer`). Same params, same math.
   remat: str = "none"
+  # Run each stack's layers with `nn.scan` over stacked params (T5X `scan_layers`):
+  # one layer is compiled instead of all of them, params are `encoder/layers/...`
+  # with a leading "layers" axis (`scan_params` / `unscan_params` convert), and
+  # `remat` applies per layer. Decoding (the KV cache) needs the unrolled layers.
+  scan_layers: bool = False
 
   def __post_init__(self):
     defaults = dict(encoder_layer=EncoderLayer, decoder_layer=DecoderLayer,
@@ -99,6 +105,64 @@ def _after(x: Any, *deps: Array) -> Any:
     return x
   zero = sum(0 * d[(0,) * d.ndim] for d in deps)
   return x + zero.astype(x.dtype)
+
+
+def _scan_layers(blocks: "Blocks", layer_cls: Callable[..., nn.Module], cfg: T5Config, n: int,
+                 x: Array, args: tuple, task_id: Optional[Array], deterministic: bool) -> Array:
+  """`n` layers of `layer_cls` as one `nn.scan` named "layers" (params stacked on axis 0,
+  logical axis "layers"); `args` and `task_id` are the same for every layer."""
+
+  class Step(layer_cls):  # (carry, *broadcast) -> (carry, None), as nn.scan wants
+    deterministic_: bool = True
+
+    def __call__(self, carry, *broadcast):
+      *rest, tid = broadcast
+      return super().__call__(carry, *rest, task_id=tid, deterministic=self.deterministic_), None
+
+  step = Step
+  if blocks.remat != "none":
+    step = nn.remat(step, prevent_cse=False, policy=REMAT_POLICIES[blocks.remat])
+  scanned = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+                    in_axes=(nn.broadcast,) * (len(args) + 1), length=n,
+                    metadata_params={nn.PARTITION_NAME: "layers"})
+  x, _ = scanned(cfg, blocks, deterministic_=deterministic, name="layers")(x, *args, task_id)
+  return x
+
+
+SCANNED = "layers"  # the scanned stack's name under encoder/ and decoder/
+SCANNED_PATH = re.compile(r"/layers_\d+/")  # an unrolled layer in a "/"-joined param path
+
+
+def scan_params(params: Any) -> Any:
+  """An unrolled param tree (`encoder/layers_0/...`) in the scanned layout
+  (`encoder/layers/...`, leaves stacked on a leading axis); scanned trees pass unchanged."""
+  out = dict(params)
+  for stack in ("encoder", "decoder"):
+    if stack not in params or SCANNED in params[stack]:
+      continue
+    tree = dict(params[stack])
+    names = sorted((k for k in tree if k.startswith("layers_")), key=lambda k: int(k[7:]))
+    if names:
+      per_layer = [tree.pop(k) for k in names]
+      tree[SCANNED] = jax.tree.map(lambda *xs: jnp.stack([jnp.asarray(x) for x in xs]),
+                                   *per_layer)
+    out[stack] = tree
+  return out
+
+
+def unscan_params(params: Any) -> Any:
+  """Inverse of `scan_params` (unrolled trees pass unchanged)."""
+  out = dict(params)
+  for stack in ("encoder", "decoder"):
+    if stack not in params or SCANNED not in params[stack]:
+      continue
+    tree = dict(params[stack])
+    stacked = tree.pop(SCANNED)
+    n = jax.tree.leaves(stacked)[0].shape[0]
+    for i in range(n):
+      tree[f"layers_{i}"] = jax.tree.map(lambda x, i=i: x[i], stacked)
+    out[stack] = tree
+  return out
 
 
 def _dropout(x: Array, cfg: T5Config, deterministic: bool) -> Array:
@@ -176,7 +240,10 @@ class Encoder(nn.Module):
     positions = jnp.arange(x.shape[1])
     bias = _relpos(cfg)(positions, positions, bidirectional=True)
     bias = bias + layers.mask_to_bias(layers.padding_mask(valid, valid), cfg.activation_dtype)
-    for i in range(cfg.num_encoder_layers):
+    if self.blocks.scan_layers:
+      x = _scan_layers(self.blocks, self.blocks.encoder_layer, cfg, cfg.num_encoder_layers,
+                       x, (bias,), task_id, deterministic)
+    for i in range(0 if self.blocks.scan_layers else cfg.num_encoder_layers):
       layer = self.blocks.encoder_layer(cfg, self.blocks, name=f"layers_{i}")
       x = _call_layer(self.blocks, layer, (x, bias), task_id, deterministic=deterministic)
     x = self.blocks.layer_norm(cfg.layer_norm_epsilon, cfg.activation_dtype, name="encoder_norm")(x)
@@ -233,7 +300,13 @@ class Decoder(nn.Module):
       self_bias = relpos(position[None], keys, bidirectional=False)
     self_bias = self_bias + layers.mask_to_bias(self_mask, dtype)
     cross_bias = layers.mask_to_bias(cross_mask, dtype)
-    for i in range(cfg.num_decoder_layers):
+    if self.blocks.scan_layers:
+      if decode:
+        raise ValueError("decoding with Blocks(scan_layers=True): decode with the unrolled "
+                         "model (Blocks(scan_layers=False), params through unscan_params)")
+      x = _scan_layers(self.blocks, self.blocks.decoder_layer, cfg, cfg.num_decoder_layers,
+                       x, (encoded, self_bias, cross_bias), task_id, deterministic)
+    for i in range(0 if self.blocks.scan_layers else cfg.num_decoder_layers):
       layer = self.blocks.decoder_layer(cfg, self.blocks, name=f"layers_{i}")
       if decode:
         x = layer(x, encoded, self_bias, cross_bias, task_id=task_id,

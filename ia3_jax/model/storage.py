@@ -3,8 +3,8 @@
 A PEFT run reads the frozen params and never updates them, so they can live in
 less memory than the float32 that the trainable params and the optimizer state
 keep. `FrozenStorage("bfloat16")` stores every frozen param in bfloat16;
-`"int8"` and `"int4"` quantise the projection kernels (every 2-D `.../kernel`)
-weight-only with Qwix (`qwix.quantize`, symmetric absmax: int8 with one scale
+`"int8"` and `"int4"` quantise the projection kernels (every `.../kernel`, [in, out]
+or, scanned, [layers, in, out]) weight-only with Qwix (`qwix.quantize`, symmetric absmax: int8 with one scale
 per output channel, int4 with one scale per output channel and per `tile`
 input rows) and store the other frozen params (embeddings, norms, position
 biases) in bfloat16.
@@ -18,6 +18,7 @@ params never pass through `store`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Mapping, Optional
 
 import jax
@@ -27,6 +28,7 @@ import qwix
 from jax.sharding import NamedSharding, PartitionSpec
 
 from ia3_jax.errors import ConfigError
+from ia3_jax.model import params as params_lib
 
 FROZEN_DTYPES = ("float32", "bfloat16", "int8", "int4")
 QTYPES = {"int8": jnp.int8, "int4": jnp.int4}
@@ -39,6 +41,7 @@ class FrozenStorage:
 
   dtype: str = "float32"
   tile: int = 128
+  block_elements: int = 1 << 22  # a host tensor is quantised this many elements at a time
 
   def __post_init__(self):
     if self.dtype not in FROZEN_DTYPES:
@@ -51,8 +54,10 @@ class FrozenStorage:
     return self.dtype in QTYPES
 
   def quantizes(self, path: str, shape: tuple[int, ...]) -> bool:
-    """Whether frozen param `path` (of `shape`) is stored quantised."""
-    return self.quantized and path.rsplit("/", 1)[-1] == "kernel" and len(shape) == 2
+    """Whether frozen param `path` (of `shape`) is stored quantised: a kernel [in, out], or
+    [layers, in, out] in the scanned layout (`network.Blocks(scan_layers=True)`)."""
+    return (self.quantized and path.rsplit("/", 1)[-1] == "kernel"
+            and len(shape) == (3 if "/layers/" in f"/{path}" else 2))
 
   def store(self, path: str, value: Any) -> Any:
     """The stored form of frozen param `path` (a host or device float array)."""
@@ -63,15 +68,26 @@ class FrozenStorage:
       if np.dtype(getattr(value, "dtype", None) or np.float32) == dtype:
         return value
       return value.astype(dtype) if _is_jax(value) else np.asarray(value).astype(dtype)
-    rows = np.shape(value)[0]
-    tiled = ({0: self.tile} if self.dtype == "int4" and rows > self.tile and rows % self.tile == 0
-             else None)
-    return qwix.quantize(jnp.asarray(value, jnp.float32), QTYPES[self.dtype],
-                         channelwise_axes=(1,), tiled_axes=tiled)
+    shape = np.shape(value)
+    rows, lead = shape[-2], tuple(range(len(shape) - 2))  # lead: the scanned layers axis
+    tiled = ({len(shape) - 2: self.tile}
+             if self.dtype == "int4" and rows > self.tile and rows % self.tile == 0 else None)
+    how = (QTYPES[self.dtype], (*lead, len(shape) - 1), tuple(sorted((tiled or {}).items())))
+    if _is_jax(value):
+      return _quantize(jnp.asarray(value, jnp.float32), *how)
+    # A host tensor goes to the device a block of output columns at a time (each column has
+    # its own scales, so the blocks quantise independently): no device copy of the whole
+    # float tensor while an HF checkpoint is read.
+    cols = _block_columns(shape[-1], self.block_elements // max(1, int(np.prod(shape[:-1]))))
+    parts = [_quantize(jnp.asarray(value[..., i:i + cols], jnp.float32), *how)
+             for i in range(0, shape[-1], cols)]
+    if len(parts) == 1:
+      return parts[0]
+    return dataclasses.replace(parts[0], qvalue=jnp.concatenate([q.qvalue for q in parts], -1),
+                               scale=jnp.concatenate([q.scale for q in parts], -1))
 
   def store_tree(self, frozen: Mapping[str, Any]) -> dict[str, Any]:
     """`store` on every leaf of a frozen param tree."""
-    from ia3_jax.model import params as params_lib  # pylint: disable=g-import-not-at-top
     return params_lib.unflatten({k: self.store(k, v)
                                  for k, v in params_lib.flatten(frozen).items()})
 
@@ -83,14 +99,13 @@ class FrozenStorage:
                 ) -> dict[str, Any]:
     """Shardings of the stored tree: a quantised kernel's values like the kernel, its
     scales along the output dim only (as the kernel's output dim)."""
-    from ia3_jax.model import params as params_lib  # pylint: disable=g-import-not-at-top
     flat_sh = params_lib.flatten(param_shardings)
     out = {}
     for k, v in params_lib.flatten(stored).items():
       sh = flat_sh[k]
-      if isinstance(v, QArray):
-        spec = tuple(sh.spec) + (None,) * (2 - len(sh.spec))
-        scale = NamedSharding(sh.mesh, PartitionSpec(None, spec[1]))
+      if isinstance(v, QArray):  # scales: [(layers,) in / tile, out]; shard the out dim only
+        spec = tuple(sh.spec) + (None,) * (len(v.shape) - len(sh.spec))
+        scale = NamedSharding(sh.mesh, PartitionSpec(*spec[:-2], None, spec[-1]))
         out[k] = dataclasses.replace(v, qvalue=sh, scale=scale)
       else:
         out[k] = sh
@@ -99,10 +114,11 @@ class FrozenStorage:
 
 def requantize_like(value: jax.Array, like: QArray) -> QArray:
   """`value` (float) quantised as `like` is: its qtype, one scale per column and per tile."""
-  rows = like.shape[0] // like.scale.shape[0]
-  tiled = {0: rows} if like.scale.shape[0] > 1 else None
-  return qwix.quantize(jnp.asarray(value, jnp.float32), like.qtype, channelwise_axes=(1,),
-                       tiled_axes=tiled)
+  n = len(like.shape)
+  rows = like.shape[-2] // like.scale.shape[-2]
+  tiled = {n - 2: rows} if like.scale.shape[-2] > 1 else None
+  return _quantize(jnp.asarray(value, jnp.float32), like.qtype, (*range(n - 2), n - 1),
+                   tuple(sorted((tiled or {}).items())))
 
 
 def materialize(kernel: Any, dtype: Any, after: Optional[jax.Array] = None) -> jax.Array:
@@ -135,6 +151,25 @@ def nbytes(tree: Any) -> int:
     dtype = np.dtype(leaf.dtype)
     total += int(np.prod(leaf.shape)) * (0.5 if dtype.name == "int4" else dtype.itemsize)
   return int(total)
+
+
+def _block_columns(n: int, at_most: int) -> int:
+  """The largest divisor of `n` that is at most `at_most` (>= 1): equal blocks, one compile."""
+  best = 1
+  for d in range(1, int(n ** 0.5) + 1):
+    if n % d == 0:
+      for c in (d, n // d):
+        if best < c <= at_most:
+          best = c
+  return best
+
+
+@functools.partial(jax.jit, static_argnums=(1, 2, 3))
+def _quantize(value: jax.Array, qtype: Any, channelwise_axes: tuple[int, ...],
+              tiled_axes: tuple[tuple[int, int], ...]) -> QArray:
+  """`qwix.quantize`, compiled: one fused pass per tensor, no float intermediates kept."""
+  return qwix.quantize(value, qtype, channelwise_axes=channelwise_axes,
+                       tiled_axes=dict(tiled_axes) or None)
 
 
 def _is_jax(x: Any) -> bool:

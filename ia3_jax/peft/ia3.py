@@ -220,7 +220,7 @@ def merge(params: Mapping[str, Any], task: int = 0) -> tuple[Params, Params]:
   scaled and quantised again with its own scheme; `originals["requantization_error"]`
   then gives, per kernel, the largest |merged - exact fold| that the re-quantisation adds.
   """
-  ia3, base = extract_ia3(params)
+  ia3, base = extract_ia3(network.unscan_params(params))  # either layer layout
   if not params_lib.flatten(ia3):
     raise ValueError("merge: params hold no (IA)^3 vectors (names ia3_*)")
   n = num_tasks_of(ia3)

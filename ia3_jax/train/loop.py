@@ -216,11 +216,16 @@ class TrainConfig:
 
 
 def build_model(config: T5Config, blocks: Optional[network.Blocks] = None,
-                dropout_rate: Optional[float] = None) -> network.Transformer:
-  """The network with `blocks` (PEFT overrides), dropout overridden when given."""
+                dropout_rate: Optional[float] = None,
+                scan_layers: Optional[bool] = None) -> network.Transformer:
+  """The network with `blocks` (PEFT overrides); dropout and layer scanning overridden
+  when given."""
   if dropout_rate is not None:
     config = config.replace(dropout_rate=float(dropout_rate))
-  return network.Transformer(config, blocks=blocks or network.Blocks())
+  blocks = blocks or network.Blocks()
+  if scan_layers is not None:
+    blocks = blocks.replace(scan_layers=bool(scan_layers))
+  return network.Transformer(config, blocks=blocks)
 
 
 def build_optimizer(optimizer: OptimizerConfig | optax.GradientTransformation,
@@ -246,7 +251,7 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
           results_file: Optional[str] = "results.json",
           initial_params: Optional[Params] = None,
           post_load: Optional[Callable[[Params, T5Config], Params]] = None,
-          frozen_dtype: str = "float32") -> dict[str, Any]:
+          frozen_dtype: str = "float32", scan_layers: Optional[bool] = None) -> dict[str, Any]:
   """Trains (or resumes training in) `model_dir`; returns the results dict.
 
   Resumes from the newest checkpoint in `<model_dir>/checkpoints` if there is
@@ -257,7 +262,9 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
   config) -> params` runs once on a fresh start (e.g. prompt tuning copies embedding
   rows into its prompt; a PEFT gin file binds `loop.train.post_load`). `frozen_dtype`
   [FROZEN_DTYPE]: storage of the frozen params, "float32", "bfloat16", "int8" or "int4"
-  (`model.storage.FrozenStorage`).
+  (`model.storage.FrozenStorage`). `scan_layers` [SCAN_LAYERS]: run the layers with
+  `nn.scan` (`network.Blocks.scan_layers`; checkpoints then hold the scanned layout, which
+  `network.unscan_params` converts, and every tool that reads them accepts).
 
   Raises:
     TrainingDivergedError: a NaN/inf loss, grad or param norm (the diverged update is not saved).
@@ -274,7 +281,7 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
 
   if initial_params is not None and initial_checkpoint_path:
     raise ValueError("pass initial_checkpoint_path or initial_params, not both")
-  model = build_model(config, blocks, dropout_rate)
+  model = build_model(config, blocks, dropout_rate, scan_layers)
   partitioner = Partitioner(partitioning)
   trainer = Trainer(model, trainable=trainable, optimizer=transform, loss=loss,
                     partitioner=partitioner, grad_accum_steps=tc.grad_accum_steps, seed=tc.seed,
@@ -445,7 +452,8 @@ class _TrainRun:
     self.save(info.step)
     self.ckpt.wait()
     self.show(f"{self.stop.signal_name}: saved {self.ckpt.path(info.step)}")
-    raise TrainingInterrupted(step=info.step, model_dir=self.model_dir)
+    raise TrainingInterrupted(step=info.step, model_dir=self.model_dir,
+                              signal_name=self.stop.signal_name)
 
   def evaluate(self, step: int) -> None:
     """Rank-classification eval of the current params, written and kept for the results."""

@@ -39,6 +39,7 @@ Rules = tuple[tuple[str, Optional[str]], ...]
 DEFAULT_RULES: Rules = (
     ("batch", DATA), ("vocab", MODEL), ("mlp", MODEL), ("heads", MODEL), ("joined_kv", MODEL),
     ("embed", None), ("kv", None), ("length", None), ("relpos_buckets", None), ("tasks", None),
+    ("layers", None),  # the stacked axis of scanned layers (Blocks(scan_layers=True))
 )
 
 

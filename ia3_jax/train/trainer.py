@@ -75,6 +75,7 @@ class Trainer:
                learning_rate_fn: Optional[Callable] = None,
                frozen_storage: storage.FrozenStorage = storage.FrozenStorage()):
     self.model = model
+    self.scanned = model.blocks.scan_layers
     self.storage = frozen_storage
     self.optimizer = optimizer
     self.loss = loss
@@ -136,15 +137,20 @@ class Trainer:
         opt_state=sds(self.abstract_opt_state, self.opt_shardings),
         frozen=sds(self.abstract_frozen, self.frozen_shardings))
 
+  def in_layout(self, tree: Params) -> Params:
+    """`tree` (unrolled `layers_i` or scanned `layers`) in this model's layer layout."""
+    tree = nn.unbox(tree)
+    return network.scan_params(tree) if self.scanned else network.unscan_params(tree)
+
   def check_base_params(self, base: Params, source: str) -> list[str]:
     """Checks an initial checkpoint against the model; returns the paths it lacks.
 
     Every param it has must exist with the same shape, and every param it
     lacks must be trainable (e.g. new (IA)^3 vectors): a frozen param left at
-    its random init would be a silent bug.
+    its random init would be a silent bug. Either layer layout is accepted.
     """
     flat_abs = params_lib.flatten(self.abstract)
-    flat_base = params_lib.flatten(nn.unbox(base))
+    flat_base = params_lib.flatten(self.in_layout(base))
     for name, value in sorted(flat_base.items()):
       if name not in flat_abs:
         raise CheckpointError(f"{source}: param {name} (shape {tuple(np.shape(value))}) is not "
@@ -174,7 +180,8 @@ class Trainer:
   def store_base_tensor(self, path: str, value: np.ndarray) -> Any:
     """A base tensor as this trainer keeps it (frozen: stored; trainable: float32): the
     `convert` of `hf_checkpoints.load_initial_params`, applied as each tensor is read."""
-    if path in self._frozen_paths:
+    layout_path = network.SCANNED_PATH.sub("/layers/", path) if self.scanned else path
+    if layout_path in self._frozen_paths:
       return self.storage.store(path, value)
     return np.asarray(value, np.float32)
 
@@ -200,8 +207,9 @@ class Trainer:
     if base is None:
       missing, placed = sorted(params_lib.flatten(self.abstract)), {}
     else:
+      base = self.in_layout(base)
       missing = self.check_base_params(base, source)
-      placed = self._place(params_lib.flatten(nn.unbox(base)))
+      placed = self._place(params_lib.flatten(base))
     full = params_lib.combine(params_lib.unflatten(placed), self._init_subset(missing))
     return self.state_from_params(full)
 
@@ -213,13 +221,15 @@ class Trainer:
       return {}
     if base is None:
       return self._init_subset(frozen_paths)
+    base = self.in_layout(base)
     self.check_base_params(base, source)
-    flat = params_lib.flatten(nn.unbox(base))
+    flat = params_lib.flatten(base)
     return params_lib.unflatten(self._place({k: flat[k] for k in frozen_paths}))
 
   def place_params(self, full: Params) -> Params:
-    """A full param tree (any placement, float or stored) as this trainer keeps it."""
-    return params_lib.unflatten(self._place(params_lib.flatten(full)))
+    """A full param tree (any placement and layer layout, float or stored) as this trainer
+    keeps it."""
+    return params_lib.unflatten(self._place(params_lib.flatten(self.in_layout(full))))
 
   def state_from_params(self, full: Params, step: int = 0) -> TrainState:
     """A state at `step` with a new optimizer state; `full` is placed as `place_params` does."""
