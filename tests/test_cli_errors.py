@@ -126,25 +126,31 @@ def test_train_and_export_print_no_start_up_noise(tmp_path, compile_cache):
   assert (tmp_path / "adapter" / "adapter_config.json").exists()
 
 
-def test_sigint_prints_one_line_and_exits_130(tmp_path, compile_cache):
-  task = _task_dir(tmp_path)
-  proc = subprocess.Popen(
-      _console_script() + _train_args(tmp_path / "run", "mine_fewshot_seed0", steps=100000),
-      env=_user_env(compile_cache, task), cwd=tmp_path, stdout=subprocess.DEVNULL,
-      stderr=subprocess.PIPE, text=True,
-      preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+def _signal_mid_run(args, env, cwd, sig) -> tuple[int, str]:
+  """Starts a training command, sends `sig` once its progress bar moves; (status, stderr)."""
+  proc = subprocess.Popen(args, env=env, cwd=cwd, stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE, text=True,
+                          preexec_fn=lambda: signal.signal(sig, signal.SIG_DFL))
   seen = ""
   try:
     while "it/s" not in seen:  # training has started (the progress bar moves)
       chunk = proc.stderr.read(64)
       assert chunk, seen[-3000:]
       seen += chunk
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     err = seen + proc.communicate(timeout=120)[1]
   finally:
     if proc.poll() is None:
       proc.kill()
-  assert proc.returncode == 130, err[-3000:]
+  return proc.returncode, err
+
+
+def test_sigint_prints_one_line_and_exits_130(tmp_path, compile_cache):
+  task = _task_dir(tmp_path)
+  returncode, err = _signal_mid_run(
+      _console_script() + _train_args(tmp_path / "run", "mine_fewshot_seed0", steps=100000),
+      _user_env(compile_cache, task), tmp_path, signal.SIGINT)
+  assert returncode == 130, err[-3000:]
   assert "Traceback" not in err, err[-3000:]
   last = err.strip().splitlines()[-1]
   assert last == "interrupted" or (last.startswith("interrupted at step ")
@@ -175,20 +181,8 @@ def test_sigterm_saves_exits_0_and_the_same_command_resumes_exactly(tmp_path, co
                          text=True, timeout=400)
   assert whole.returncode == 0, whole.stderr[-3000:]
   args = command(tmp_path / "run")
-  proc = subprocess.Popen(args, env=env, cwd=tmp_path, stdout=subprocess.DEVNULL,
-                          stderr=subprocess.PIPE, text=True)
-  seen = ""
-  try:
-    while "it/s" not in seen:  # training has started (the progress bar moves)
-      chunk = proc.stderr.read(64)
-      assert chunk, seen[-3000:]
-      seen += chunk
-    proc.send_signal(signal.SIGTERM)
-    err = seen + proc.communicate(timeout=120)[1]
-  finally:
-    if proc.poll() is None:
-      proc.kill()
-  assert proc.returncode == 0 and "Traceback" not in err, err[-3000:]
+  returncode, err = _signal_mid_run(args, env, tmp_path, signal.SIGTERM)
+  assert returncode == 0 and "Traceback" not in err, err[-3000:]
   last = err.strip().splitlines()[-1]
   assert last.startswith("preempted (SIGTERM) at step ") and last.endswith(
       ": checkpoint saved; the same command resumes"), last
