@@ -125,14 +125,16 @@ class FewShotRunner:
     train_steps, batch_size: per fit.
     dropout_rate: dropout during training (0 keeps the pre-training setting).
     seed: init of new params and dropout.
+    frozen_dtype: storage of the frozen base ("float32", "bfloat16", "int8", "int4").
   """
 
   def __init__(self, config: T5Config, base_params: Mapping[str, Any], *, method: str = "ia3",
                method_kwargs: Optional[Mapping[str, Any]] = None, loss=None, optimizer=None,
                train_steps: int = DEMO_RECIPE["train_steps"],
                batch_size: int = DEMO_RECIPE["batch_size"], dropout_rate: float = 0.0,
-               eval_batch_size: int = EVAL_BATCH_SIZE, seed: int = 0):
-    from ia3_jax.model import network
+               eval_batch_size: int = EVAL_BATCH_SIZE, seed: int = 0,
+               frozen_dtype: str = "float32"):
+    from ia3_jax.model import network, storage
     from ia3_jax.objectives import losses
     from ia3_jax.train import optimizers, trainer  # pylint: disable=g-import-not-at-top
     from ia3_jax.peft import registry  # pylint: disable=g-import-not-at-top
@@ -150,7 +152,8 @@ class FewShotRunner:
     self.trainer = trainer.Trainer(
         self.model, trainable=self.method.trainable_patterns, optimizer=self.optimizer.build(),
         loss=self.loss, seed=seed, enable_dropout=dropout_rate > 0,
-        learning_rate_fn=self.optimizer.learning_rate_fn())
+        learning_rate_fn=self.optimizer.learning_rate_fn(),
+        frozen_storage=storage.FrozenStorage(frozen_dtype))
     self.base_params = base_params
     self._initial = None
 
@@ -364,7 +367,7 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
              sites: Sequence[str] = DEMO_RECIPE["sites"],
              dropout_rate: float = DEMO_RECIPE["dropout_rate"],
              eval_size: Optional[int] = None, tensorboard: bool = True, make_plot: bool = True,
-             verbose: bool = True) -> dict[str, Any]:
+             verbose: bool = True, frozen_dtype: str = "float32") -> dict[str, Any]:
   """Zero-shot vs T-Few on the held-out demo tasks; returns (and writes) the results.
 
   Args:
@@ -376,6 +379,7 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
     lm_weight, ul_weight, ln_weight: T-Few loss weights.
     sites: (IA)^3 sites.
     eval_size: evaluation examples per task (default: `ia3_jax.tasks.demo`'s).
+    frozen_dtype: storage of the frozen base (zero-shot and T-Few both use it).
   """
   t_start = time.time()
   from ia3_jax.interop import ia3_adapters
@@ -396,12 +400,14 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
                  eval_size=eval_size)
   runner = FewShotRunner(
       config, base, method="ia3", method_kwargs={"sites": tuple(sites)},
+      frozen_dtype=frozen_dtype,
       loss=losses.LossConfig(lm_weight=lm_weight, ul_weight=ul_weight, ln_weight=ln_weight),
       optimizer=optimizers.OptimizerConfig(learning_rate=learning_rate, warmup_ratio=warmup_ratio),
       train_steps=train_steps, batch_size=batch_size, dropout_rate=dropout_rate)
   say(f"ia3-jax demo: model {model_path} ({runner.num_total - runner.num_trainable:,} params), "
       f"(IA)^3 on {', '.join(sites)}: {runner.num_trainable:,} trainable; held-out tasks "
-      f"{', '.join(families)}; {num_shots}-shot, seeds {list(seeds)}, {train_steps} steps")
+      f"{', '.join(families)}; {num_shots}-shot, seeds {list(seeds)}, {train_steps} steps"
+      + (f"; frozen base in {frozen_dtype}" if frozen_dtype != "float32" else ""))
 
   zero_shot = {}
   initial = runner.initial_params()
@@ -499,10 +505,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--eval_size", type=int, default=None)
   p.add_argument("--no_plot", action="store_true")
   p.add_argument("--no_tensorboard", action="store_true")
+  p.add_argument("--frozen_dtype", default="float32",
+                 help="storage of the frozen base: float32, bfloat16, int8, int4")
   a = p.parse_args(argv)
   run_demo(a.model_dir, model_path=a.model_path, families=a.families, seeds=a.seeds,
            num_shots=a.num_shots, train_steps=a.train_steps, learning_rate=a.learning_rate,
-           eval_size=a.eval_size, make_plot=not a.no_plot, tensorboard=not a.no_tensorboard)
+           eval_size=a.eval_size, make_plot=not a.no_plot, tensorboard=not a.no_tensorboard,
+           frozen_dtype=a.frozen_dtype)
   return 0
 
 

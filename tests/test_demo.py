@@ -155,3 +155,16 @@ def test_regeneration_script_makes_a_loadable_model(tmp_path):
   assert record["num_params"] == sum(np.size(x) for x in jax.tree.leaves(params))
   assert np.isfinite(record["first_loss"]) and np.isfinite(record["last_loss"])
   assert set(record["zero_shot_accuracy"]) == set(synthetic.FAMILIES)
+
+
+def test_runner_over_an_int8_base_stores_it_so_and_evaluates(bundled):
+  from ia3_jax.model import storage
+  config, params, vocabulary = bundled
+  demo.register_tasks(vocabulary, families=("edible",), seeds=(0,), num_shots=4, eval_size=24)
+  runner = demo.FewShotRunner(config, params, method="ia3", train_steps=1, frozen_dtype="int8")
+  initial = runner.initial_params()
+  kernels = [x for x in jax.tree.leaves(initial, is_leaf=lambda x: isinstance(x, storage.QArray))
+             if isinstance(x, storage.QArray)]
+  assert kernels and runner.trainer.num_params()["frozen_bytes"] < 0.3 * 4 * runner.num_total
+  accuracies = runner.evaluate(initial, "edible")
+  assert len(accuracies) == 4 and all(0 <= a <= 1 for a in accuracies.values())
