@@ -22,9 +22,9 @@ vectors move), dropout off (the model was pre-trained without it), shorter
 sequences. Everything else is the recipe.
 
 `FewShotRunner` is the reusable piece (the notebooks build their ablations on
-it): one jit-compiled `trainer.Trainer` for a method and loss, fitted by
-the train loop (`loop.TrainLoop`), fitted on any
-few-shot task and evaluated on any evaluation task of `ia3_jax.tasks.demo`.
+it): one jit-compiled `trainer.Trainer` for a method and loss, fitted by the
+train loop (`loop.TrainLoop`) on any few-shot task and evaluated on any
+evaluation task of `ia3_jax.tasks.demo`.
 """
 
 from __future__ import annotations

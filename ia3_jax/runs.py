@@ -29,14 +29,13 @@ import optax
 from ia3_jax import files
 from ia3_jax.data import features
 from ia3_jax.data.batches import BatchSource
-from ia3_jax.interop import hf_checkpoints
 from ia3_jax.model import network
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config
 from ia3_jax.model.storage import FrozenStorage
 from ia3_jax.train import checkpointer
 from ia3_jax.train.checks import check_eval_result, check_vocabulary
-from ia3_jax.train.loop import ALL_PARAMS, build_model
+from ia3_jax.train.loop import ALL_PARAMS, build_model, load_base_params
 from ia3_jax.train.partitioning import PartitionConfig, Partitioner
 from ia3_jax.train.trainer import Trainer
 from ia3_jax.train.writers import eval_result_json
@@ -67,11 +66,8 @@ def load_for_inference(*, config: T5Config, blocks: Optional[network.Blocks] = N
                partitioner=Partitioner(partitioning), seed=seed, enable_dropout=False,
                use_task_id=use_task_id, max_choices_per_step=max_choices_per_step,
                frozen_storage=FrozenStorage(frozen_dtype))
-  base, hf_config = hf_checkpoints.load_initial_params(initial_checkpoint_path,
-                                                       convert=tr.store_base_tensor)
-  if base is not None and hf_config is not None:
-    hf_checkpoints.check_params_match(base, config, source=str(initial_checkpoint_path))
-  state = tr.init_state(base, source=str(initial_checkpoint_path))
+  state = tr.init_state(load_base_params(tr, initial_checkpoint_path),
+                        source=str(initial_checkpoint_path))
   if checkpoint_path:
     # Either layer layout (a run with or without SCAN_LAYERS): restored, then converted.
     restored, meta = checkpointer.restore_trainable(checkpoint_path)

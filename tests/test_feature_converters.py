@@ -4,9 +4,8 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from ia3_jax.data.feature_converters import EOS_ID
-from ia3_jax.data.feature_converters import RankClassificationFeatureConverter
-from ia3_jax.data.feature_converters import TruncationStats
+from ia3_jax.data.feature_converters import (EOS_ID, RankClassificationFeatureConverter,
+                                             TruncationStats)
 
 # (inputs, choices, label); every sequence ends in EOS like the tasks' tokens.
 EXAMPLES = [

@@ -243,11 +243,12 @@ def test_quantised_dense_equals_numpy_dequantise_then_matmul(dtype, bits):
   x = rng.normal(size=(3, 5, 256)).astype(np.float32)
   stored = storage.FrozenStorage(dtype, tile=64).store("a/kernel", w)
   got = layers.Dense(24, ("embed", "mlp")).apply({"params": {"kernel": stored}}, x)
-  want = x.astype(np.float64) @ numpy_absmax(w, bits, 64 if dtype == "int4" else None)[0]
-  # float32 products of 256 terms; a rounding tie may land on the other level (see above).
-  step = np.abs(w).max() / (2 ** (bits - 1) - 0.5)
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-5,
-                             atol=1e-5 * np.abs(want).max() + step * np.abs(x).max())
+  kernel, _, tie = numpy_absmax(w, bits, 64 if dtype == "int4" else None)
+  # At a rounding tie either level is right (checked above): take the one Qwix chose.
+  kernel = np.where(tie, np.asarray(storage.materialize(stored, jnp.float32)), kernel)
+  want = x.astype(np.float64) @ kernel
+  # float32 products summed over 256 terms: a few ulps of the largest output.
+  tolerances.assert_close(got, want, rtol=1e-5, scale_tol=1e-5)
 
 
 def test_bfloat16_base_logits_track_the_float32_model():

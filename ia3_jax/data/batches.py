@@ -22,17 +22,11 @@ import numpy as np
 import seqio
 
 from ia3_jax.data import features
-from ia3_jax.data.feature_converters import EOS_ID
-from ia3_jax.data.feature_converters import RankClassificationFeatureConverter
-from ia3_jax.data.feature_converters import TruncationStats
-from ia3_jax.data.registration import RenderedSource
-from ia3_jax.data.registration import get_task_info
-from ia3_jax.data.registration import lookup
-from ia3_jax.data.registration import output_features
-from ia3_jax.data.registration import rows_dataset
-from ia3_jax.data.registration import select_first_template
-from ia3_jax.data.registration import task_ids
-from ia3_jax.data.registration import tokenize_prompted
+from ia3_jax.data.feature_converters import (EOS_ID, RankClassificationFeatureConverter,
+                                             TruncationStats)
+from ia3_jax.data.registration import (RenderedSource, get_task_info, lookup, output_features,
+                                       rows_dataset, select_first_template, task_ids,
+                                       tokenize_prompted)
 from ia3_jax.data.sources import import_tf
 from ia3_jax.errors import DataError
 

@@ -27,13 +27,9 @@ import numpy as np
 
 from ia3_jax.errors import AdapterError
 from ia3_jax.interop import hf_checkpoints
-from ia3_jax.interop.adapter_files import ADAPTER_CONFIG
-from ia3_jax.interop.adapter_files import PEFT_PREFIX
-from ia3_jax.interop.adapter_files import hf_module_map
-from ia3_jax.interop.adapter_files import load_state_dict
-from ia3_jax.interop.adapter_files import read_adapter_dir
-from ia3_jax.interop.adapter_files import strip_prefix
-from ia3_jax.interop.adapter_files import write_adapter_dir
+from ia3_jax.interop.adapter_files import (ADAPTER_CONFIG, PEFT_PREFIX, hf_module_map,
+                                           load_state_dict, read_adapter_dir, strip_prefix,
+                                           write_adapter_dir)
 from ia3_jax.model import network
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config

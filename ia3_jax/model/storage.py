@@ -65,7 +65,7 @@ class FrozenStorage:
       return value
     if self.dtype == "float32" or not self.quantizes(path, np.shape(value)):
       dtype = jnp.float32 if self.dtype == "float32" else jnp.bfloat16
-      if np.dtype(getattr(value, "dtype", None) or np.float32) == dtype:
+      if np.dtype(getattr(value, "dtype", np.float32)) == dtype:
         return value
       return value.astype(dtype) if _is_jax(value) else np.asarray(value).astype(dtype)
     shape = np.shape(value)

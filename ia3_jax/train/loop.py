@@ -40,11 +40,8 @@ from ia3_jax.train.partitioning import PartitionConfig, Partitioner
 from ia3_jax.train.preemption import StopOnSignal
 from ia3_jax.train.train_state import TrainState
 from ia3_jax.train.trainer import Trainer
-from ia3_jax.train.writers import MetricWriter
-from ia3_jax.train.writers import average_metrics
-from ia3_jax.train.writers import eval_result_json
-from ia3_jax.train.writers import eval_summary
-from ia3_jax.train.writers import printer
+from ia3_jax.train.writers import (MetricWriter, average_metrics, eval_result_json, eval_summary,
+                                   printer)
 
 log = logging.getLogger(__name__)
 
@@ -103,8 +100,9 @@ class TrainLoop:
            host_batch: Optional[Batch] = None) -> StepInfo:
     """One update on a sharded batch, then the hooks."""
     state, metrics = self.trainer.step(state, batch)
-    scalars = {k: float(v) for k, v in jax.device_get(metrics).items()}
-    info = StepInfo(int(jax.device_get(state.step)), self.num_steps, state, scalars, host_batch)
+    metrics, step = jax.device_get((metrics, state.step))  # one transfer per step
+    scalars = {k: float(v) for k, v in metrics.items()}
+    info = StepInfo(int(step), self.num_steps, state, scalars, host_batch)
     for every, hook in self._hooks:
       if info.step % every == 0:
         hook(info)
@@ -228,6 +226,16 @@ def build_model(config: T5Config, blocks: Optional[network.Blocks] = None,
   return network.Transformer(config, blocks=blocks)
 
 
+def load_base_params(trainer: Trainer, path: Optional[str]) -> Optional[Params]:
+  """The base params at `path` (HF directory or orbax params; None: none), each tensor
+  stored as `trainer` keeps it as it is read (no float32 copy of the model); an HF
+  directory must hold the trainer's model (the error names the first differing param)."""
+  base, hf_config = hf_checkpoints.load_initial_params(path, convert=trainer.store_base_tensor)
+  if base is not None and hf_config is not None:
+    hf_checkpoints.check_params_match(base, trainer.model.config, source=str(path))
+  return base
+
+
 def build_optimizer(optimizer: OptimizerConfig | optax.GradientTransformation,
                     train_steps: int) -> tuple[optax.GradientTransformation, Optional[Callable]]:
   """The optax transformation and its schedule (for logging), the schedule over `train_steps`."""
@@ -288,14 +296,8 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
                     enable_dropout=tc.enable_dropout, use_task_id=tc.use_task_id,
                     max_choices_per_step=tc.max_choices_per_step,
                     learning_rate_fn=lr_fn, frozen_storage=FrozenStorage(frozen_dtype))
-  # Each tensor is stored as the trainer keeps it as it is read (no float32 copy of the model).
-  base, hf_config = hf_checkpoints.load_initial_params(initial_checkpoint_path,
-                                                       convert=trainer.store_base_tensor)
-  if initial_params is not None:
-    base = initial_params
-  if base is not None and hf_config is not None:
-    # The HF directory must hold the configured model: names the first differing param.
-    hf_checkpoints.check_params_match(base, config, source=str(initial_checkpoint_path))
+  base = (initial_params if initial_params is not None
+          else load_base_params(trainer, initial_checkpoint_path))
   if partitioner.replicated_dims:
     log.info("replicated (not divisible): %s", "; ".join(partitioner.replicated_dims))
   if tc.batch_size % (tc.grad_accum_steps * partitioner.data_size):

@@ -197,21 +197,18 @@ class Trainer:
                                                     with_task_id=self.use_task_id))
       return params_lib.unflatten({k: flat[k] for k in paths})
     with self.partitioner.context():
-      fresh = jax.jit(init, out_shardings=out_shardings)(jax.random.key(self.seed))
-    return params_lib.unflatten(self._place(params_lib.flatten(fresh)))
+      return jax.jit(init, out_shardings=out_shardings)(jax.random.key(self.seed))
 
   def init_state(self, base: Optional[Params] = None, *, source: str = "initial checkpoint"
                  ) -> TrainState:
     """A fresh state: `base` params (host arrays, e.g. an HF checkpoint) where given,
     random init (seed) elsewhere; step 0 and a new optimizer state."""
     if base is None:
-      missing, placed = sorted(params_lib.flatten(self.abstract)), {}
+      base, missing = {}, sorted(params_lib.flatten(self.abstract))
     else:
       base = self.in_layout(base)
       missing = self.check_base_params(base, source)
-      placed = self._place(params_lib.flatten(base))
-    full = params_lib.combine(params_lib.unflatten(placed), self._init_subset(missing))
-    return self.state_from_params(full)
+    return self.state_from_params(params_lib.combine(base, self._init_subset(missing)))
 
   def init_frozen(self, base: Optional[Params] = None, *,
                   source: str = "initial checkpoint") -> Params:
@@ -220,11 +217,13 @@ class Trainer:
     if not frozen_paths:
       return {}
     if base is None:
-      return self._init_subset(frozen_paths)
-    base = self.in_layout(base)
-    self.check_base_params(base, source)
-    flat = params_lib.flatten(base)
-    return params_lib.unflatten(self._place({k: flat[k] for k in frozen_paths}))
+      frozen = params_lib.flatten(self._init_subset(frozen_paths))
+    else:
+      base = self.in_layout(base)
+      self.check_base_params(base, source)
+      flat = params_lib.flatten(base)
+      frozen = {k: flat[k] for k in frozen_paths}
+    return params_lib.unflatten(self._place(frozen))
 
   def place_params(self, full: Params) -> Params:
     """A full param tree (any placement and layer layout, float or stored) as this trainer
