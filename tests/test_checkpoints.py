@@ -114,6 +114,33 @@ def test_load_does_not_hold_two_copies(tmp_path):
   assert peak < 1.5 * size, (peak, size)
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_host_tensor_reads_blocks_of_the_file_as_numpy_slices_them(tmp_path, dtype):
+  """`HostTensor` (what the safetensors reader yields): slices, the transposed view and the
+  blockwise `astype` equal NumPy on the tensor read whole; bfloat16 files read as float32."""
+  import ml_dtypes
+  from safetensors.numpy import save_file as save_numpy
+  w = np.random.default_rng(0).normal(size=(7, 5)).astype(np.float32)
+  if dtype == "bfloat16":
+    w = w.astype(ml_dtypes.bfloat16)
+  save_numpy({"w": w, "b": w[0]}, str(tmp_path / "t.safetensors"))
+  tensors = dict(hf_checkpoints.iter_safetensors(tmp_path / "t.safetensors"))
+  t, ref = tensors["w"], w.astype(np.float32)
+  assert isinstance(t, hf_checkpoints.HostTensor) and t.shape == (7, 5) and t.dtype == np.float32
+  for index in [(slice(2, 4),), (Ellipsis, slice(1, 3)), (slice(None), slice(3, 99)), ()]:
+    np.testing.assert_array_equal(t[index], ref[index])
+    np.testing.assert_array_equal(t.T[index], ref.T[index])
+  t.block_elements = 6  # blocks of one row (of the file) at a time
+  for view, want in ((t, ref), (t.T, ref.T)):
+    got = view.astype(ml_dtypes.bfloat16)
+    assert got.dtype == ml_dtypes.bfloat16 and got.flags.c_contiguous
+    np.testing.assert_array_equal(got, want.astype(ml_dtypes.bfloat16))
+    np.testing.assert_array_equal(np.asarray(view), want)
+  np.testing.assert_array_equal(np.asarray(tensors["b"]), ref[0])
+  with pytest.raises(TypeError, match="only slices"):
+    t[0]
+
+
 # ---------------------------------------------------------------- errors
 
 

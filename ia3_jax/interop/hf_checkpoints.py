@@ -183,16 +183,70 @@ def _weight_files(path: pathlib.Path) -> list[pathlib.Path]:
                         "or a sharded *.index.json)")
 
 
-def iter_safetensors(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
-  from safetensors import safe_open
+class HostTensor:
+  """A checkpoint tensor read on demand, as float32: `t[index]` reads only that block of the
+  file, `t.T` is the transposed view (HF [out, in] kernels as T5X's [in, out]), and
+  `t.astype(dtype)` / `np.asarray(t)` read the whole tensor a block of the file's leading
+  rows at a time into one array of `dtype` (never a float32 copy next to a cast one)."""
+
+  def __init__(self, shape: tuple[int, ...], read: Callable[[tuple[slice, ...]], np.ndarray],
+               *, transposed: bool = False, block_elements: int = 1 << 20):
+    self.shape, self._read, self._transposed = tuple(shape), read, transposed
+    self.block_elements = block_elements
+    self.dtype = np.dtype(np.float32)
+
+  @property
+  def ndim(self) -> int:
+    return len(self.shape)
+
+  @property
+  def T(self) -> "HostTensor":  # noqa: N802 (numpy's name)
+    return HostTensor(self.shape[::-1], self._read, transposed=not self._transposed,
+                      block_elements=self.block_elements)
+
+  def __getitem__(self, index: Any) -> np.ndarray:
+    index = index if isinstance(index, tuple) else (index,)
+    if Ellipsis in index:
+      at = index.index(Ellipsis)
+      index = index[:at] + (slice(None),) * (self.ndim - len(index) + 1) + index[at + 1:]
+    index = index + (slice(None),) * (self.ndim - len(index))
+    if not all(isinstance(i, slice) for i in index):
+      raise TypeError(f"HostTensor: only slices index a checkpoint tensor, got {index!r}")
+    index = tuple(slice(*i.indices(n)) for i, n in zip(index, self.shape))  # clipped
+    block = self._read(index[::-1] if self._transposed else index)
+    return np.asarray(block.T if self._transposed else block, np.float32)
+
+  def astype(self, dtype: Any, copy: bool = True) -> np.ndarray:
+    del copy  # always a new array: the tensor lives in the file
+    out = np.empty(self.shape, dtype)
+    if self.ndim == 0:
+      out[()] = self._read(())
+      return out
+    axis = self.ndim - 1 if self._transposed else 0  # the file's leading axis: contiguous reads
+    rows = max(1, self.block_elements * self.shape[axis] // max(1, int(np.prod(self.shape))))
+    for i in range(0, self.shape[axis], rows):
+      at = (slice(None),) * axis + (slice(i, i + rows),)
+      out[at] = self[at]
+    return out
+
+  def __array__(self, dtype: Any = None, copy: Any = None) -> np.ndarray:
+    return self.astype(dtype or np.float32)
+
+
+def iter_safetensors(file: pathlib.Path) -> Iterator[tuple[str, HostTensor]]:
+  """(name, HostTensor) for every tensor of a safetensors file, read block by block: the file
+  is opened per block, so its pages are mapped only while a block is read."""
+  from safetensors import safe_open  # bfloat16 tensors: NumPy knows the dtype once JAX is imported
+
+  def reader(name: str) -> Callable[[tuple[slice, ...]], np.ndarray]:
+    def read(index: tuple[slice, ...]) -> np.ndarray:
+      with safe_open(str(file), framework="numpy") as f:
+        return f.get_slice(name)[index]
+    return read
   with safe_open(str(file), framework="numpy") as f:
-    for name in f.keys():
-      if f.get_slice(name).get_dtype() == "BF16":  # NumPy has no bfloat16: go through JAX on CPU
-        with jax.default_device(jax.devices("cpu")[0]), \
-            safe_open(str(file), framework="flax") as fj:
-          yield name, np.asarray(fj.get_tensor(name))
-      else:
-        yield name, f.get_tensor(name)
+    shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
+  for name, shape in shapes.items():
+    yield name, HostTensor(shape, reader(name))
 
 
 def iter_torch_bin(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -221,8 +275,9 @@ def iter_torch_bin(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
       yield name, tensor.numpy()
 
 
-def iter_hf_tensors(path: PathLike) -> Iterator[tuple[str, np.ndarray]]:
-  """Yields (name, array) for every tensor of an HF directory, one at a time."""
+def iter_hf_tensors(path: PathLike) -> Iterator[tuple[str, np.ndarray | HostTensor]]:
+  """Yields (name, tensor) for every tensor of an HF directory, one at a time (safetensors:
+  a `HostTensor`, read when used; `.bin`: an array mapped from the file)."""
   for file in _weight_files(pathlib.Path(path)):
     reader = iter_safetensors if file.suffix == ".safetensors" else iter_torch_bin
     yield from reader(file)
@@ -241,13 +296,14 @@ def load_hf_checkpoint(path: PathLike, *, dtype: Any = jnp.float32,
   """Reads an HF T5/T0/mT5 directory into (config, params in the T5X tree).
 
   Tensors are read one at a time. Each comes back as a host NumPy array cast
-  to `dtype`, or as `convert(path, float32 array)` gives it (e.g.
-  `FrozenStorage.store`: bfloat16 or quantised as it is read, so no float32
-  copy of the whole model ever exists); place them on devices (e.g. with
-  `partitioning`) afterwards.
+  to `dtype`, or as `convert(path, tensor)` gives it, where `tensor` is float32 and
+  array-like in the T5X layout (a `HostTensor` for safetensors files: `.shape`, slicing,
+  `.astype`, read from the file block by block; e.g. `FrozenStorage.store` casts or
+  quantises it as it is read, so no float32 copy of the whole model, nor of one large
+  tensor, ever exists); place them on devices (e.g. with `partitioning`) afterwards.
   """
   if convert is None:  # a C-ordered host copy in `dtype` (the one copy of the tensor)
-    convert = lambda _, value: np.array(value, dtype=dtype, order="C")  # noqa: E731
+    convert = lambda _, value: _host_copy(value, dtype)  # noqa: E731
   path = pathlib.Path(path)
   config = load_hf_config(path, dtype=activation_dtype)
   by_hf = {hf: (ours, transposed) for ours, (hf, transposed) in hf_name_map(config).items()}
@@ -270,7 +326,7 @@ def load_hf_checkpoint(path: PathLike, *, dtype: Any = jnp.float32,
       unexpected.append(name)
       continue
     ours, transposed = by_hf[name]
-    value = np.asarray(array.T if transposed else array, np.float32)  # a view when float32
+    value = _float32(array.T if transposed else array)  # a view or a HostTensor: no copy
     want = expected[ours]
     if value.shape != want:
       raise CheckpointError(f"{path}: tensor {name!r} has shape {tuple(array.shape)}; "
@@ -286,7 +342,7 @@ def load_hf_checkpoint(path: PathLike, *, dtype: Any = jnp.float32,
     raise CheckpointError(f"{path}: unexpected tensors (not part of a T5 model): "
                           f"{', '.join(sorted(unexpected)[:10])}")
   if "shared.weight" not in seen and alias is not None:  # embeddings stored only per stack
-    shared = np.asarray(alias, np.float32)
+    shared = _float32(alias)
     _set(params, ("token_embedder", "embedding"), convert("token_embedder/embedding", shared))
     seen.add("shared.weight")
   if tied_head is not None and not np.array_equal(
@@ -305,6 +361,19 @@ def load_hf_checkpoint(path: PathLike, *, dtype: Any = jnp.float32,
     raise CheckpointError(f"{path}: missing tensors: {', '.join(missing[:10])}"
                           + (f" (and {len(missing) - 10} more)" if len(missing) > 10 else ""))
   return config, params
+
+
+def _float32(tensor: np.ndarray | HostTensor) -> np.ndarray | HostTensor:
+  """`tensor` as float32 without reading it: a HostTensor as is, an array as a float32 view
+  (a copy only for another dtype)."""
+  return tensor if isinstance(tensor, HostTensor) else np.asarray(tensor, np.float32)
+
+
+def _host_copy(tensor: np.ndarray | HostTensor, dtype: Any) -> np.ndarray:
+  """A C-ordered host array of `tensor` in `dtype` (its one copy)."""
+  if isinstance(tensor, HostTensor):
+    return tensor.astype(dtype)
+  return np.array(tensor, dtype=dtype, order="C")
 
 
 def _expected_shapes(config: T5Config) -> dict[tuple[str, ...], tuple[int, ...]]:
@@ -431,7 +500,7 @@ def load_initial_params(path: Optional[str | os.PathLike],
                         ) -> tuple[Optional[dict[str, Any]], Optional[T5Config]]:
   """A run's initial params: an HF directory (config.json; with its config) or orbax params.
 
-  `convert(path, float32 array)`: each tensor's stored form (see `load_hf_checkpoint`).
+  `convert(path, float32 tensor)`: each tensor's stored form (see `load_hf_checkpoint`).
   """
   if not path:
     return None, None

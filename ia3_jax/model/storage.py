@@ -41,7 +41,7 @@ class FrozenStorage:
 
   dtype: str = "float32"
   tile: int = 128
-  block_elements: int = 1 << 22  # a host tensor is quantised this many elements at a time
+  block_elements: int = 1 << 20  # a host tensor is quantised this many elements at a time
 
   def __post_init__(self):
     if self.dtype not in FROZEN_DTYPES:
@@ -60,14 +60,18 @@ class FrozenStorage:
             and len(shape) == (3 if "/layers/" in f"/{path}" else 2))
 
   def store(self, path: str, value: Any) -> Any:
-    """The stored form of frozen param `path` (a host or device float array)."""
+    """The stored form of frozen param `path`: a device array, a host array, or a host
+    array-like read on demand (`.shape`, slicing, `.astype`, as a checkpoint loader's
+    `hf_checkpoints.HostTensor`; quantised a block of columns at a time)."""
     if isinstance(value, QArray):
       return value
     if self.dtype == "float32" or not self.quantizes(path, np.shape(value)):
       dtype = jnp.float32 if self.dtype == "float32" else jnp.bfloat16
-      if np.dtype(getattr(value, "dtype", np.float32)) == dtype:
-        return value
-      return value.astype(dtype) if _is_jax(value) else np.asarray(value).astype(dtype)
+      if _is_jax(value):
+        return value if value.dtype == dtype else value.astype(dtype)
+      if isinstance(value, np.ndarray) or not hasattr(value, "astype"):
+        return np.asarray(value).astype(dtype, copy=False)
+      return value.astype(dtype)  # read on demand: straight into `dtype`
     shape = np.shape(value)
     rows, lead = shape[-2], tuple(range(len(shape) - 2))  # lead: the scanned layers axis
     tiled = ({len(shape) - 2: self.tile}
@@ -76,10 +80,11 @@ class FrozenStorage:
     if _is_jax(value):
       return _quantize(jnp.asarray(value, jnp.float32), *how)
     # A host tensor goes to the device a block of output columns at a time (each column has
-    # its own scales, so the blocks quantise independently): no device copy of the whole
-    # float tensor while an HF checkpoint is read.
+    # its own scales, so the blocks quantise independently), each block done before the next
+    # is read: no float copy of the whole tensor while an HF checkpoint is read.
     cols = _block_columns(shape[-1], self.block_elements // max(1, int(np.prod(shape[:-1]))))
-    parts = [_quantize(jnp.asarray(value[..., i:i + cols], jnp.float32), *how)
+    parts = [jax.block_until_ready(_quantize(jnp.asarray(value[..., i:i + cols], jnp.float32),
+                                             *how))
              for i in range(0, shape[-1], cols)]
     if len(parts) == 1:
       return parts[0]

@@ -177,7 +177,7 @@ class Trainer:
       return {k: self.partitioner.place(self.storage.store(k, v) if k in frozen else v,
                                         shardings[k]) for k, v in flat.items()}
 
-  def store_base_tensor(self, path: str, value: np.ndarray) -> Any:
+  def store_base_tensor(self, path: str, value: Any) -> Any:
     """A base tensor as this trainer keeps it (frozen: stored; trainable: float32): the
     `convert` of `hf_checkpoints.load_initial_params`, applied as each tensor is read."""
     layout_path = network.SCANNED_PATH.sub("/layers/", path) if self.scanned else path
