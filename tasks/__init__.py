@@ -11,6 +11,7 @@ is read when a task's dataset is first requested. Names (see ia3_jax.data):
   {key}_fewshot_seed{S}  for S in 0, 1, 32, 42, 1024 (T-Few few-shot training)
   {key}_eval_{template}, {key}_eval          (evaluation, per template / all)
   t0_heldout_fewshot_seed{S}, raft_fewshot_seed{S}   (multitask few-shot mixtures)
+  raft_eval   (the 11 RAFT test sets: `ia3-jax infer`, then `ia3-jax raft-submission`)
   {key}_train for the pre-training datasets, and their mixture t0_pretrain_multitask
 
 with key in T0_HELDOUT_KEYS (rte, cb, anli_r1..3, copa, hellaswag, story_cloze,
@@ -28,6 +29,7 @@ RAFT_KEYS = tuple(f"raft_{t}" for t in (
     "ade_corpus_v2", "banking_77", "neurips_impact_statement_risks", "one_stop_english",
     "overruling", "semiconductor_org_types", "systematic_review_inclusion", "tai_safety_research",
     "terms_of_service", "tweet_eval_hate", "twitter_complaints"))
+RAFT_EVAL_MIXTURE = "raft_eval"  # the 11 RAFT test sets (unlabelled), for a leaderboard submission
 PRETRAIN_KEYS = ("mrpc", "paws", "imdb", "ag_news", "cosmos_qa", "gigaword")
 
 # Stable task ids (the `task_id` field of every batch): never renumber, only append.
@@ -96,6 +98,9 @@ def _register_group(group, vocabulary, data_dir, manual_dir, raft_dir, promptsou
       tasks = [f"{spec.key}_fewshot_seed{seed}" for spec in specs]
       names.append(data.add_mixture(f"{prefix}_fewshot_seed{seed}", tasks, kind="train",
                                     default_split="train"))
+    if group == "raft":  # one infer run over every test set -> raft.write_submission
+      names.append(data.add_mixture(RAFT_EVAL_MIXTURE, [n for r in registered for n in r.eval],
+                                    kind="eval", default_split="test"))
   else:
     names.append(data.add_mixture(pretrain.MIXTURE, [f"{s.key}_train" for s in specs],
                                   kind="train", default_split="train"))
