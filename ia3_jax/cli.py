@@ -8,8 +8,10 @@
   ia3-jax convert SRC DST                               HF directory <-> orbax params
   ia3-jax merge --base HF_DIR --ia3 CKPT --out DIR      fold (IA)^3 vectors into the kernels
   ia3-jax export-peft --checkpoint CKPT --out DIR       (IA)^3 vectors as an HF peft adapter
+  ia3-jax combine --method M --adapters A B .. --out DIR  several (IA)^3 adapters -> one peft adapter
   ia3-jax costs [...]                                   the paper's FLOPs / storage table
   ia3-jax peft-counts [--model PRESET] [--methods M,..]  trainable params per PEFT method
+  ia3-jax raft-submission --predictions F --out DIR     RAFT leaderboard files (ID,Label CSVs)
 
 train/eval/score/infer take the flags of `python -m ia3_jax.main` and add
 their run file when none is given; `ia3-jax COMMAND --help` lists a command's
@@ -29,8 +31,8 @@ from typing import Optional, Sequence
 from ia3_jax import main as main_lib
 from ia3_jax.errors import ConfigError
 
-COMMANDS = ("demo", "train", "eval", "score", "infer", "convert", "merge", "export-peft", "costs",
-            "peft-counts")
+COMMANDS = ("demo", "train", "eval", "score", "infer", "convert", "merge", "export-peft", "combine",
+            "costs", "peft-counts", "raft-submission")
 
 
 def _usage() -> str:
@@ -190,6 +192,67 @@ def export_peft(argv: Sequence[str]) -> int:
   return 0
 
 
+# The optional flags of `combine` that each --method reads.
+COMBINE_FLAGS = {"linear": ("weights",), "multiplicative": (),
+                 "task_arithmetic": ("weights", "lambda_"), "ties": ("k", "lambda_")}
+
+
+def combine(argv: Sequence[str]) -> int:
+  p = argparse.ArgumentParser(prog="ia3-jax combine", description=(
+      "Combine one-task (IA)^3 adapters (peft IA3 directories, T-Few state dicts) into one "
+      "peft IA3 adapter (ia3_jax.peft.combine): linear sum_i w_i l_i (peft's "
+      "add_weighted_adapter), multiplicative prod_i l_i, task_arithmetic "
+      "1 + lambda sum_i w_i (l_i - 1), ties 1 + lambda TIES-merge of the l_i - 1."))
+  p.add_argument("--method", required=True, choices=tuple(COMBINE_FLAGS),
+                 help="how to combine (formulas above)")
+  p.add_argument("--adapters", required=True, nargs="+", metavar="ADAPTER",
+                 help="peft IA3 adapter directories and/or T-Few state dict files")
+  p.add_argument("--weights", type=float, nargs="+", default=None,
+                 help="one weight per adapter (linear: required; task_arithmetic: default 1)")
+  p.add_argument("--lambda", dest="lambda_", metavar="LAMBDA", type=float, default=None,
+                 help="scale of the merged task vector (task_arithmetic, ties; default 1)")
+  p.add_argument("--k", type=float, default=None,
+                 help="ties: percentage of each adapter's entries kept, in (0, 100] (default 20)")
+  p.add_argument("--base", default=None, help="HF model directory (for the model shape)")
+  p.add_argument("--model", default=None, help="model preset (for the model shape)")
+  p.add_argument("--out", required=True, help="output directory of the peft adapter")
+  p.add_argument("--convention", choices=("t5", "mt5", "tfew"), default="t5",
+                 help="where the MLP vector goes in the written adapter (as export-peft)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out adapter")
+  _add_verbose_flag(p)
+  args = p.parse_args(argv)
+  from ia3_jax.interop import ia3_adapters
+  from ia3_jax.peft import combine as combine_lib
+  unused = [f for f in ("weights", "lambda_", "k") if getattr(args, f) is not None
+            and f not in COMBINE_FLAGS[args.method]]
+  if unused:
+    flag = "--" + unused[0].rstrip("_")
+    raise ConfigError(f"{flag}: not used by --method {args.method}")
+  if args.method == "linear" and args.weights is None:
+    raise ConfigError("--weights: --method linear needs one weight per adapter")
+  twice = sorted({a for a in args.adapters if args.adapters.count(a) > 1})
+  if twice:
+    raise ConfigError(f"--adapters: {twice[0]} given twice (give it once, with the summed weight)")
+  out_dir = pathlib.Path(args.out)
+  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not args.overwrite:
+    raise ConfigError(f"--out {args.out}: already exists; pass --overwrite to replace it")
+  config = _config_for(args.model, args.base, None)
+  adapters = {a: ia3_adapters.import_adapter(a, config) for a in args.adapters}
+  lam = 1.0 if args.lambda_ is None else args.lambda_
+  if args.method == "linear":
+    combined = combine_lib.linear(adapters, args.weights)
+  elif args.method == "multiplicative":
+    combined = combine_lib.multiplicative(adapters)
+  elif args.method == "task_arithmetic":
+    combined = combine_lib.task_arithmetic(adapters, lam, args.weights)
+  else:
+    combined = combine_lib.ties(adapters, 20.0 if args.k is None else args.k, lam)
+  out = ia3_adapters.export_peft_adapter(combined, config, args.out, convention=args.convention,
+                                         base_model_name_or_path=args.base)
+  print(f"wrote peft adapter {out} ({args.method} of {len(adapters)} adapters)")
+  return 0
+
+
 def _add_verbose_flag(p: argparse.ArgumentParser) -> None:
   p.add_argument("--verbose", action="store_true",
                  help=f"print the traceback of an error (also {main_lib.VERBOSE_ENV}=1)")
@@ -217,12 +280,17 @@ def _dispatch(argv: Sequence[str], verbose: bool) -> int:
     return merge(rest)
   if cmd == "export-peft":
     return export_peft(rest)
+  if cmd == "combine":
+    return combine(rest)
   if cmd == "costs":
     from ia3_jax import costs
     return costs.main(rest)
   if cmd == "peft-counts":
     from ia3_jax.peft import counts
     return counts.main(rest)
+  if cmd == "raft-submission":
+    from ia3_jax.tasks import raft_submission
+    return raft_submission.main(rest)
   print(f"ia3-jax: unknown command {cmd!r}; commands: {', '.join(COMMANDS)}", file=sys.stderr)
   return 2
 

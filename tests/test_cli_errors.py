@@ -383,6 +383,8 @@ def test_run_help_lists_that_runs_macros(cmd, names, capsys):
     ("export-peft", ["--task", "--convention", "--base_model_name_or_path"]),
     ("convert", ["--model_type", "--to", "--model"]),
     ("merge", ["--task", "--format", "--model_type"]),
+    ("combine", ["--method", "--adapters", "--weights", "--lambda", "--k", "--convention"]),
+    ("raft-submission", ["--predictions", "--out", "--raft_dir"]),
 ])
 def test_every_flag_has_help(cmd, flags, capsys):
   text = _help([cmd, "--help"], capsys)

@@ -117,3 +117,64 @@ def test_frozen_int8_snippet_stores_the_bundled_model_quantised(capsys):
   kernels = [x for x in jax.tree.leaves(scope["state"].frozen, is_leaf=lambda x: isinstance(
       x, storage.QArray)) if isinstance(x, storage.QArray)]
   assert kernels and all(np.dtype(k.qvalue.dtype) == np.int8 for k in kernels)
+
+
+def _combine_inputs(root: pathlib.Path) -> None:
+  """The files of the README's combine example, tiny: `models/T0_3B` (a random T5 1.1), peft
+  adapters `adapters/rte`, `adapters/cb` and a T-Few state dict `tfew/copa.pt`."""
+  import numpy as np
+  import torch
+  from ia3_jax.interop import adapter_files, ia3_adapters
+  from ia3_jax.model import params as params_lib
+  from ia3_jax.peft import ia3
+  from tests import hf_utils
+  hf_utils.make_hf_model(root / "models" / "T0_3B", "t5_1_1")
+  config = hf_checkpoints.load_hf_config(root / "models" / "T0_3B")
+  rng = np.random.default_rng(0)
+
+  def vectors():
+    return {p: rng.choice([0.5, 1.0, 1.25, 1.5], v.shape).astype(np.float32)
+            for p, v in params_lib.flatten(ia3.init_ia3(config)).items()}
+  for name in ("rte", "cb"):
+    ia3_adapters.export_peft_adapter(params_lib.unflatten(vectors()), config,
+                                     root / "adapters" / name)
+  modules = {target: module for module, target in adapter_files.hf_module_map(config).items()}
+  projection = {"ia3_key": "key", "ia3_value": "value", "ia3_ff": "wi_1"}  # T-Few: k, v, wi_1
+  state = {}
+  for path, vec in vectors().items():
+    block, leaf = path.rsplit("/", 1)
+    state[f"{modules[(block, projection[leaf])]}.multi_lora_b"] = torch.tensor(vec.reshape(-1, 1))
+  (root / "tfew").mkdir()
+  torch.save(state, root / "tfew" / "copa.pt")
+
+
+def test_combine_snippet_and_command(tmp_path, monkeypatch):
+  """README "Combining adapters": the Python snippet and the command as written, on tiny files;
+  both write the same TIES adapter."""
+  import numpy as np
+  from ia3_jax.interop import ia3_adapters
+  from ia3_jax.model import params as params_lib
+  _combine_inputs(tmp_path)
+  monkeypatch.chdir(tmp_path)
+  scope: dict = {}
+  exec(compile(readme_block("combine-python"), "README.md", "exec"), scope)  # pylint: disable=exec-used
+  config = scope["config"]
+  bin_dir = tmp_path / "bin"
+  bin_dir.mkdir()
+  (bin_dir / "ia3-jax").write_text(f'#!/bin/sh\nexec "{sys.executable}" -m ia3_jax.cli "$@"\n')
+  (bin_dir / "ia3-jax").chmod(0o755)
+  env = tu.child_env(pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"]))
+  env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
+  env["PYTHONPATH"] = os.pathsep.join(p for p in (str(REPO), env.get("PYTHONPATH")) if p)
+  proc = subprocess.run(["bash", "-euo", "pipefail", "-c", readme_block("combine-command")],
+                        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  from_python = params_lib.flatten(ia3_adapters.import_peft_adapter("adapters/rte_cb_copa", config))
+  from_command = params_lib.flatten(
+      ia3_adapters.import_peft_adapter("adapters/rte_cb_copa_ties", config))
+  merged = params_lib.flatten(scope["merged"])
+  assert sorted(from_command) == sorted(merged) and len(merged) == 16
+  for path, vec in merged.items():
+    np.testing.assert_array_equal(from_python[path], vec, err_msg=path)
+    np.testing.assert_array_equal(from_command[path], vec, err_msg=path)
+  assert any(np.any(np.asarray(v) != 1) for v in merged.values())
