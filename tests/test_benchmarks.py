@@ -69,3 +69,17 @@ def test_real_size_memory_script_on_the_tiny_preset():
   assert 0 < int8["frozen_gib"] < 0.35 * f32["frozen_gib"]
   assert int8["argument_gib"] < f32["argument_gib"] and int8["temp_gib"] > 0
   assert scanned["frozen_gib"] == pytest.approx(int8["frozen_gib"], rel=0.05)
+
+
+def test_mixed_task_eval_on_the_tiny_preset():
+  """benchmarks/mixed_task_eval.py: one compiled program for every task, the same predictions
+  as merging or recompiling per task."""
+  from benchmarks import mixed_task_eval
+  args = mixed_task_eval.build_parser().parse_args(
+      ["--preset", "tiny", "--tasks", "3", "--examples", "2", "--batch-size", "4",
+       "--input-length", "16", "--target-length", "4", "--iters", "1", "--warmup", "0"])
+  r = mixed_task_eval.run(args)
+  assert r["mixed_compilations"] == 1
+  assert r["agreement"] == {"merge": 1.0, "recompile": 1.0}
+  assert set(r["speedup"]) == {"merge", "recompile"} and all(v > 0 for v in r["speedup"].values())
+  assert "| recompile |" in mixed_task_eval.render(r)

@@ -40,16 +40,17 @@ def write_reviews(folder: pathlib.Path, files: dict[str, int]) -> None:
     (folder / name).write_text("".join(json.dumps(r) + "\n" for r in rows))
 
 
-def run_commands(block: str, cwd: pathlib.Path, extra: list[str], bin_dir: pathlib.Path):
-  """Runs a README bash block with `extra` flags added to its `ia3-jax` command; `ia3-jax`
-  and `python` are this interpreter (the checkout, whatever is installed)."""
+def run_commands(block: str, cwd: pathlib.Path, extra: list[str], bin_dir: pathlib.Path,
+                 command: str = "ia3-jax train"):
+  """Runs a README bash block with `extra` flags added to its `command` (an `ia3-jax` one);
+  `ia3-jax` and `python` are this interpreter (the checkout, whatever is installed)."""
   bin_dir.mkdir(exist_ok=True)
   for name, cmd in (("ia3-jax", f'"{sys.executable}" -m ia3_jax.cli'), ("python", f'"{sys.executable}"')):
     (bin_dir / name).write_text(f'#!/bin/sh\nexec {cmd} "$@"\n')
     (bin_dir / name).chmod(0o755)
   script = block.replace("\\\n", " ")
-  assert "ia3-jax train" in script
-  script = "\n".join(line + " " + " ".join(map(shlex.quote, extra)) if "ia3-jax train" in line
+  assert command in script
+  script = "\n".join(line + " " + " ".join(map(shlex.quote, extra)) if command in line
                      else line for line in script.splitlines())
   env = tu.child_env(pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"]))
   env["PATH"] = f"{bin_dir}{os.pathsep}{env['PATH']}"
@@ -178,3 +179,70 @@ def test_combine_snippet_and_command(tmp_path, monkeypatch):
     np.testing.assert_array_equal(from_python[path], vec, err_msg=path)
     np.testing.assert_array_equal(from_command[path], vec, err_msg=path)
   assert any(np.any(np.asarray(v) != 1) for v in merged.values())
+
+
+# Test-only stand-ins for the built-in rte, cb and copa (their TFDS data is not here): small tasks
+# of the toy data, registered before the README's mixture module.
+BANK_TASKS = """\
+import json, os, seqio
+from ia3_jax import data as _data
+_TOY = {toy!r}
+_rows = [json.loads(l) for l in open(os.path.join(_TOY, "validation.jsonl"))]
+for _key, (_a, _b) in {{"rte": (0, 5), "cb": (5, 12), "copa": (12, 15)}}.items():
+  _data.register_task(_key, {{"train": _rows[_a:_b], "validation": _rows[_a:_b]}},
+                      os.path.join(_TOY, "toy.yaml"), num_choices=2,
+                      vocabulary=seqio.SentencePieceVocabulary(os.path.join(_TOY, "spm.model")))
+"""
+
+BANK_CHECKS = """
+assert set(out["per_task"]) == {"rte", "cb", "copa"}, out
+assert out["num_examples"] == 2 * 15 and all(r["num_examples"] for r in out["per_task"].values())
+assert bank.task_id_map() == {"rte": 0, "cb": 1, "copa": 2, "wic": 3}
+import numpy as np
+source = runs.bank_data(data.SeqioBatches("rte_cb_copa_eval", lengths,
+                                          task_modules=["my_mixture"]), bank)
+batch = dict(next(source(batch_size=32, start_step=0, shard_id=0, num_shards=1)))
+inputs = {k: batch[k] for k in ("encoder_input_tokens", "choice_tokens", "choice_mask", "task_id")}
+before = classify(runs.with_bank(tr, params, ia3_adapters.load_adapter_bank(
+    {"rte": "adapters/rte", "cb": "adapters/cb", "copa": "tfew/copa.pt"}, config, capacity=8)),
+    dict(inputs, task_id=np.full_like(inputs["task_id"], 3)))["scores"]
+after = classify(params, dict(inputs, task_id=np.full_like(inputs["task_id"], 3)))["scores"]
+assert not np.allclose(before, after)  # row 3: the base model before, wic after
+print("BANK_OK")
+"""
+
+
+def _bank_inputs(root: pathlib.Path) -> None:
+  """The README adapter bank's files, tiny: those of the combine example, `adapters/wic`, and
+  `my_mixture.py` (the README's module after the stand-in tasks)."""
+  import numpy as np
+  from ia3_jax.interop import ia3_adapters
+  from ia3_jax.model import params as params_lib
+  from ia3_jax.peft import ia3
+  _combine_inputs(root)
+  config = hf_checkpoints.load_hf_config(root / "models" / "T0_3B")
+  rng = np.random.default_rng(1)
+  wic = {p: rng.uniform(0.5, 1.5, v.shape).astype(np.float32)
+         for p, v in params_lib.flatten(ia3.init_ia3(config)).items()}
+  ia3_adapters.export_peft_adapter(params_lib.unflatten(wic), config, root / "adapters" / "wic")
+  (root / "my_mixture.py").write_text(BANK_TASKS.format(toy=str(REPO / "examples" / "toy"))
+                                      + readme_block("adapter-bank-module"))
+
+
+def test_adapter_bank_snippet_and_command(tmp_path):
+  """README "Several adapters at once": the Python snippet and the eval command as written (in
+  subprocesses: the stand-in tasks stay out of this process), on tiny files."""
+  _bank_inputs(tmp_path)
+  env = tu.child_env(pathlib.Path(os.environ["JAX_COMPILATION_CACHE_DIR"]))
+  (tmp_path / "snippet.py").write_text(readme_block("adapter-bank-python") + BANK_CHECKS)
+  proc = subprocess.run([sys.executable, "snippet.py"], cwd=tmp_path, env=env, capture_output=True,
+                        text=True, timeout=300)
+  assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+  assert "AdapterBank(3/8 rows: rte=0, cb=1, copa=2)" in proc.stdout and "BANK_OK" in proc.stdout
+  tiny = ["--gin.config.get_config.name='tiny'", "--gin.BATCH_SIZE=4",  # models/T0_3B is tiny
+          "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 4, 'num_choices': 2}"]
+  run_commands(readme_block("adapter-bank-command"), tmp_path, tiny, tmp_path / "bin",
+               command="ia3-jax eval")
+  saved = json.loads((tmp_path / "eval" / "rte_cb_copa" / "eval_results.json").read_text())
+  assert set(saved["per_task"]) == {"rte", "cb", "copa"}
+  assert saved["adapters"]["copa"] == {"task_id": 2, "source": "tfew/copa.pt"}

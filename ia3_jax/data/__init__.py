@@ -18,7 +18,7 @@ _HOMES = {
     **{name: "registration" for name in (
         "FIRST_USER_TASK_ID", "RUN_MODEL_MACRO", "SPM_PATH_ENV", "DatasetSpec", "ModelVocabulary",
         "Registered", "RenderedSource", "TaskInfo", "add_mixture", "clear_cache",
-        "default_vocabulary", "get_task_info", "lookup", "output_features", "register_dataset",
+        "dataset_template_names", "default_vocabulary", "get_task_info", "lookup", "output_features", "register_dataset",
         "register_task", "register_task_id", "registered_names", "rendered_examples",
         "resolve_default_vocabulary", "run_model_path", "select_first_template",
         "select_random_template", "set_default_vocabulary", "task_id", "task_ids",

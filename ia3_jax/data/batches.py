@@ -86,6 +86,19 @@ class SeqioBatches:
     self._import_task_modules()
     return lookup(self.name).output_features["targets"].vocabulary
 
+  def dataset_keys(self) -> tuple[str, ...]:
+    """The dataset keys of the task or mixture's tasks, in order (what `task_id_map`
+    maps to bank rows)."""
+    self._import_task_modules()
+    keys: list[str] = []
+    for task in _leaf_tasks(lookup(self.name)):
+      info = get_task_info(task.name)
+      if info is None:
+        raise DataError(f"{self.name}: task {task.name!r} is not registered by "
+                        "ia3_jax.data.registration, so it has no dataset key")
+      keys += [info.key] if info.key not in keys else []
+    return tuple(keys)
+
   def template_names(self) -> Optional[tuple[str, ...]]:
     """Names of the template ids in the batches (None for tasks not registered by ia3_jax.data.registration)."""
     self._import_task_modules()

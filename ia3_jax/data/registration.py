@@ -267,6 +267,12 @@ def get_task_info(name: str) -> TaskInfo | None:
   return _INFO.get(name)
 
 
+def dataset_template_names(key: str) -> tuple[str, ...] | None:
+  """Names of dataset `key`'s templates by template id (None: not registered here)."""
+  info = _INFO.get(f"{key}_eval")  # every template's evaluation task, in template order
+  return info.template_names if info is not None and info.key == key else None
+
+
 def rendered_examples(name: str, split: str | None = None) -> list[dict]:
   """The rendered rows of a task registered here (before tokenization), for inspection.
 

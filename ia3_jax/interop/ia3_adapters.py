@@ -12,6 +12,7 @@ input. Both map onto our sites (`ia3.SITES`):
 
 Anything else (a wi/wi_0 output behind a nonlinearity, a q/k/v input, ...)
 cannot be represented and raises `AdapterError` naming the module.
+`load_adapter_bank` puts named adapters into the rows of a `peft.banks.AdapterBank`;
 `merge_checkpoint` folds an adapter into a base model on disk.
 """
 
@@ -20,8 +21,9 @@ from __future__ import annotations
 import os
 import pathlib
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Callable, Mapping, Optional, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -33,7 +35,7 @@ from ia3_jax.interop.adapter_files import (ADAPTER_CONFIG, PEFT_PREFIX, hf_modul
 from ia3_jax.model import network
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config
-from ia3_jax.peft import ia3
+from ia3_jax.peft import banks, ia3
 
 PathLike = str | os.PathLike
 Params = dict[str, Any]
@@ -247,29 +249,143 @@ def import_tfew_state_dict(path: PathLike, config: T5Config, *,
 
 # --------------------------------------------------------------------------- banks
 
+# Files read as state dicts (T-Few checkpoints) when listing a directory of adapters.
+STATE_DICT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors")
+ORBAX_METADATA = "_METADATA"  # marks an orbax param checkpoint (`hf_checkpoints.save_params`)
 
-def import_adapter(source: PathLike, config: T5Config, *,
+
+def import_adapter(source: PathLike | Mapping[str, Any], config: T5Config, *,
                    sites: Optional[Sequence[str]] = None) -> Params:
-  """A peft adapter directory or a T-Few state dict file, as a one-task (IA)^3 tree."""
-  if pathlib.Path(source).is_dir():
-    return import_peft_adapter(source, config, sites=sites)
-  return import_tfew_state_dict(source, config, sites=sites)
+  """One adapter as a one-task (IA)^3 tree: a peft adapter directory, a T-Few state dict
+  file, an orbax param checkpoint (e.g. a training step's `trainable/`) or a param tree."""
+  if not isinstance(source, (str, os.PathLike)):
+    return _from_tree(source, config, sites, "param tree")
+  path = pathlib.Path(source)
+  if not path.is_dir():
+    return import_tfew_state_dict(path, config, sites=sites)
+  if (path / ADAPTER_CONFIG).exists():
+    return import_peft_adapter(path, config, sites=sites)
+  if (path / ORBAX_METADATA).exists():
+    return _from_tree(hf_checkpoints.restore_params(path), config, sites, str(path))
+  raise AdapterError(f"{path}: neither a peft adapter directory (no {ADAPTER_CONFIG}) nor orbax "
+                     f"params (no {ORBAX_METADATA}); for a training checkpoint give its "
+                     "<step>/trainable directory (runs.adapter_source finds it)")
+
+
+def _from_tree(tree: Mapping[str, Any], config: T5Config, sites: Optional[Sequence[str]],
+               source: str) -> Params:
+  """The one-task (IA)^3 vectors of a param tree (either layer layout), checked for `config`."""
+  vectors, _ = ia3.extract_ia3(network.unscan_params(dict(tree)))
+  if not params_lib.flatten(vectors):
+    raise AdapterError(f"{source}: holds no (IA)^3 vectors (params named ia3_*)")
+  n = ia3.num_tasks_of(vectors)
+  if n != 1:
+    raise AdapterError(f"{source}: holds a bank of {n} tasks; give one adapter per task "
+                       "(ia3.select_task picks one row)")
+  expected = params_lib.flatten(ia3.init_ia3(config, ia3.sites_of(vectors), 1))
+  for path, value in sorted(params_lib.flatten(vectors).items()):
+    if path not in expected:
+      raise AdapterError(f"{source}: {path} is not an (IA)^3 param of this model "
+                         f"({config.num_encoder_layers}+{config.num_decoder_layers} layers)")
+    if tuple(np.shape(value)) != tuple(expected[path].shape):
+      raise AdapterError(f"{source}: {path} has shape {tuple(np.shape(value))}, the model expects "
+                         f"{tuple(expected[path].shape)} (an adapter for another model shape?)")
+  return with_sites(vectors, config, sites or ia3.sites_of(vectors), source)
+
+
+def with_sites(vectors: Mapping[str, Any], config: T5Config, sites: Sequence[str],
+               source: str = "adapter") -> Params:
+  """A one-task tree at exactly `sites`: `vectors` where given, ones elsewhere."""
+  sites = ia3.check_sites(sites)
+  extra = sorted(set(ia3.sites_of(vectors)) - set(sites))
+  if extra:
+    raise AdapterError(f"{source}: has vectors at sites {extra}, not among the requested "
+                       f"sites {list(sites)}")
+  flat = params_lib.flatten(ia3.init_ia3(config, sites, 1))
+  flat.update({p: jnp.asarray(v, jnp.float32) for p, v in params_lib.flatten(vectors).items()})
+  return params_lib.unflatten(flat)
+
+
+def adapter_sources(directory: PathLike) -> dict[str, str]:
+  """{name: path} of a directory of adapters: every subdirectory (peft adapter, orbax
+  params, training checkpoint) and state dict file (T-Few), named by its stem."""
+  root = pathlib.Path(directory)
+  if not root.is_dir():
+    raise AdapterError(f"{root}: not a directory of adapters")
+  found: dict[str, str] = {}
+  for entry in sorted(root.iterdir()):
+    if entry.name.startswith(".") or not (entry.is_dir() or entry.suffix in STATE_DICT_SUFFIXES):
+      continue
+    name = entry.name if entry.is_dir() else entry.stem
+    if name in found:
+      raise AdapterError(f"{root}: two adapters named {name!r} ({pathlib.Path(found[name]).name} "
+                         f"and {entry.name}); rename one")
+    found[name] = str(entry)
+  if not found:
+    raise AdapterError(f"{root}: no adapters (subdirectories or {', '.join(STATE_DICT_SUFFIXES)} "
+                       "files)")
+  return found
+
+
+def load_adapter_bank(adapters: Mapping[str, PathLike | Mapping[str, Any]] | PathLike,
+                      config: T5Config, *, capacity: Optional[int] = None,
+                      sites: Optional[Sequence[str]] = None) -> banks.AdapterBank:
+  """An `AdapterBank` of named adapters, rows in the order given, for mixed-task batches.
+
+  `adapters`: {name: source} (any source `import_adapter` reads) or a directory of
+  adapters (`adapter_sources`). `capacity` (default: the number of adapters) reserves
+  rows for adapters added later without a new compilation. Sites default to the union
+  of the adapters' sites; an adapter without a site gets ones there.
+  """
+  named = (adapter_sources(adapters) if isinstance(adapters, (str, os.PathLike))
+           else dict(adapters))
+  if not named:
+    raise AdapterError("load_adapter_bank: no adapters given")
+  if capacity is not None and capacity < len(named):
+    raise AdapterError(f"{len(named)} adapters ({', '.join(named)}) do not fit a bank of "
+                       f"capacity {capacity}")
+  trees = {name: _named(name, lambda s=source: import_adapter(s, config))
+           for name, source in named.items()}
+  union = sites or [s for s in ia3.SITES if any(s in ia3.sites_of(t) for t in trees.values())]
+  bank = banks.AdapterBank(ia3.init_ia3(config, union, 1), capacity or len(named))
+  for name, tree in trees.items():
+    _put(bank, name, tree, named[name], config)
+  return bank
+
+
+def add_adapter(bank: banks.AdapterBank, name: str, source: PathLike | Mapping[str, Any],
+                config: T5Config, *, replace: bool = False) -> int:
+  """Reads adapter `source` into a free row of `bank` (or its own row, `replace`) as
+  `name`, at the bank's sites; returns the row. Only values change (no recompilation)."""
+  return _put(bank, name, _named(name, lambda: import_adapter(source, config)), source, config,
+              replace=replace)
+
+
+def _put(bank: banks.AdapterBank, name: str, tree: Params, source: Any, config: T5Config, *,
+         replace: bool = False) -> int:
+  path = str(source) if isinstance(source, (str, os.PathLike)) else None
+  sites = ia3.sites_of(bank.params())
+  vectors = _named(name, lambda: with_sites(tree, config, sites, path or "param tree"))
+  meta = {"source": path, "sites": ia3.sites_of(tree)}
+  return bank.replace(name, vectors, meta) if replace else bank.add(name, vectors, meta)
+
+
+def _named(name: str, fn: Callable[[], Any]) -> Any:
+  """`fn()`, with an AdapterError's message prefixed by the adapter's name."""
+  try:
+    return fn()
+  except AdapterError as e:
+    raise AdapterError(f"adapter {name!r}: {e}") from e
 
 
 def load_adapters_into_bank(sources: Sequence[PathLike], config: T5Config, *,
                             sites: Optional[Sequence[str]] = None) -> Params:
-  """A bank with one task per adapter (task i = sources[i]), for mixed-task batches.
-
-  Sites default to the union of the adapters' sites; an adapter without a
-  site gets ones there (it is unchanged by it).
-  """
+  """A bank tree with one task per adapter (task i = sources[i]), for mixed-task batches:
+  `load_adapter_bank`'s values, rows named by position."""
   if not sources:
     raise AdapterError("load_adapters_into_bank: no adapters given")
-  single = [import_adapter(s, config, sites=sites) for s in sources]
-  union = sites or [s for s in ia3.SITES if any(s in ia3.sites_of(t) for t in single)]
-  single = [t if set(ia3.sites_of(t)) == set(union) else import_adapter(s, config, sites=union)
-            for s, t in zip(sources, single)]
-  return ia3.stack_tasks(single)
+  bank = load_adapter_bank({f"task_{i}": s for i, s in enumerate(sources)}, config, sites=sites)
+  return jax.tree.map(jnp.asarray, bank.params())
 
 
 # --------------------------------------------------------------------------- merging

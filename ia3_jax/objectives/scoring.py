@@ -246,7 +246,7 @@ def evaluate(model: network.Transformer, params: Any, batches: Iterable[Batch], 
              length_normalize: bool = True, max_choices_per_step: Optional[int] = None,
              classifier: Optional[RankClassifier] = None, progress: bool = True,
              desc: str = "eval", total: Optional[int] = None,
-             return_predictions: bool = False) -> dict[str, Any]:
+             return_predictions: bool = False, per_task: bool = False) -> dict[str, Any]:
   """Rank-classification accuracy over `batches`.
 
   Rows with example_mask == 0 are skipped; rows with label < 0 (unlabelled)
@@ -259,13 +259,16 @@ def evaluate(model: network.Transformer, params: Any, batches: Iterable[Batch], 
     num_identical_choices (counted rows whose answer choices cannot be told apart),
     per_template {template_id: dict(accuracy, num_correct, num_examples)} when
     batches carry template_id >= 0, and with `return_predictions` the
-    predictions, labels and scores of the counted rows, in order).
+    predictions, labels and scores of the counted rows, in order). With
+    `per_task`, also per_task {task_id: dict(accuracy, num_correct, num_examples,
+    per_template)}, grouped by the batches' `task_id` (mixed-task batches).
   """
   classifier = classifier or RankClassifier(
       model, length_normalize=length_normalize, max_choices_per_step=max_choices_per_step)
   rows = None
   num_correct = num_examples = num_unlabelled = num_batches = num_identical = 0
   per_template: dict[int, list[int]] = {}
+  per_task_template: dict[tuple[int, int], list[int]] = {}
   kept: dict[str, list[np.ndarray]] = {"predictions": [], "labels": [], "scores": []}
   for batch in tqdm(batches, desc=desc, total=total, disable=not progress):
     num_batches += 1
@@ -288,14 +291,14 @@ def evaluate(model: network.Transformer, params: Any, batches: Iterable[Batch], 
     correct, counted = metrics.accuracy_counts(predictions, labels, mask)
     num_correct += correct
     num_examples += counted
-    if "template_id" in batch:
-      template = np.asarray(batch["template_id"])
-      for tid in np.unique(template[mask & (template >= 0)]):
-        rows_t = mask & (template == tid)
-        c_t, n_t = metrics.accuracy_counts(predictions, labels, rows_t)
-        acc = per_template.setdefault(int(tid), [0, 0])
-        acc[0] += c_t
-        acc[1] += n_t
+    template = np.asarray(batch["template_id"]) if "template_id" in batch else None
+    if template is not None:
+      _count_groups(per_template, predictions, labels, mask & (template >= 0), template)
+    if per_task:
+      if "task_id" not in batch:
+        raise ValueError(f"evaluate(per_task=True): batch {num_batches} has no 'task_id'")
+      _count_groups(per_task_template, predictions, labels, mask, np.asarray(batch["task_id"]),
+                    np.full((b,), -1) if template is None else np.maximum(template, -1))
     if return_predictions:
       kept["predictions"].append(predictions[mask])
       kept["labels"].append(labels[mask])
@@ -307,8 +310,45 @@ def evaluate(model: network.Transformer, params: Any, batches: Iterable[Batch], 
       "num_identical_choices": num_identical,
   }
   if per_template:
-    result["per_template"] = {tid: {"accuracy": c / n, "num_correct": c, "num_examples": n}
-                              for tid, (c, n) in sorted(per_template.items())}
+    result["per_template"] = _accuracies(per_template)
+  if per_task:
+    result["per_task"] = per_task_result(per_task_template)
   if return_predictions:
     result.update({k: np.concatenate(v) if v else np.zeros((0,)) for k, v in kept.items()})
   return result
+
+
+def _count_groups(counts: dict, predictions: np.ndarray, labels: np.ndarray, mask: np.ndarray,
+                  *groups: np.ndarray) -> None:
+  """Adds [num_correct, num_examples] of the `mask` rows of each group to `counts`, keyed
+  by the group's id (one `groups` array) or its tuple of ids (several)."""
+  ids = np.stack([np.asarray(g) for g in groups], axis=1)
+  for key in np.unique(ids[mask], axis=0):
+    c, n = metrics.accuracy_counts(predictions, labels, mask & np.all(ids == key, axis=1))
+    acc = counts.setdefault(int(key[0]) if len(key) == 1 else tuple(int(k) for k in key), [0, 0])
+    acc[0] += c
+    acc[1] += n
+
+
+def _accuracies(counts: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
+  return {k: {"accuracy": c / n, "num_correct": int(c), "num_examples": int(n)}
+          for k, (c, n) in sorted(counts.items())}
+
+
+def per_task_result(counts: Mapping[tuple[int, int], Any]) -> dict[int, dict[str, Any]]:
+  """{task_id: dict(accuracy, num_correct, num_examples, per_template)} from
+  [num_correct, num_examples] per (task_id, template_id) (template_id -1: none)."""
+  out: dict[int, dict[str, Any]] = {}
+  for (task, template), (c, n) in sorted(counts.items()):
+    c, n = int(c), int(n)
+    entry = out.setdefault(task, {"num_correct": 0, "num_examples": 0, "per_template": {}})
+    entry["num_correct"] += c
+    entry["num_examples"] += n
+    if template >= 0 and n:
+      entry["per_template"][template] = {"accuracy": c / n, "num_correct": c, "num_examples": n}
+  for entry in out.values():
+    n = entry["num_examples"]
+    entry["accuracy"] = entry["num_correct"] / n if n else math.nan
+    if not entry["per_template"]:
+      del entry["per_template"]
+  return out

@@ -332,11 +332,13 @@ class Trainer:
 
   def evaluate(self, params: Params, batches: Iterator[Batch], global_batch_size: int, *,
                length_normalize: bool = True, progress: bool = False,
-               total: Optional[int] = None) -> dict[str, Any]:
-    """Rank-classification accuracy over this host's eval batches, summed over hosts."""
+               total: Optional[int] = None, per_task: bool = False) -> dict[str, Any]:
+    """Rank-classification accuracy over this host's eval batches, summed over hosts
+    (`per_task`: also per `task_id`, see `scoring.evaluate`)."""
     result = scoring.evaluate(self.model, params, batches,
                               classifier=self.classifier(global_batch_size, length_normalize),
-                              progress=progress and jax.process_index() == 0, total=total)
+                              progress=progress and jax.process_index() == 0, total=total,
+                              per_task=per_task)
     return _allreduce_eval(result)
 
 
@@ -404,6 +406,27 @@ def _allreduce_eval(result: dict[str, Any]) -> dict[str, Any]:
     out["per_template"] = {t: {"accuracy": int(c) / int(n), "num_correct": int(c),
                                "num_examples": int(n)}
                            for t, (c, n) in enumerate(counts) if n}
+  if "per_task" in result:
+    out["per_task"] = _allreduce_per_task(result["per_task"])
   n = out["num_examples"]
   out["accuracy"] = out["num_correct"] / n if n else math.nan
   return out
+
+
+def _allreduce_per_task(per_task: Mapping[int, Any]) -> dict[int, Any]:
+  """Sums per-task, per-template counts over processes (template -1: rows without one)."""
+  from jax.experimental import multihost_utils
+  counts = {(task, -1): [r["num_correct"], r["num_examples"]] for task, r in per_task.items()}
+  for task, r in per_task.items():
+    for template, t in r.get("per_template", {}).items():
+      counts[(task, template)] = [t["num_correct"], t["num_examples"]]
+      counts[(task, -1)][0] -= t["num_correct"]
+      counts[(task, -1)][1] -= t["num_examples"]
+  top = np.max(multihost_utils.process_allgather(np.array(
+      [max((k[i] for k in counts), default=-1) for i in (0, 1)])), axis=0)
+  dense = np.zeros((int(top[0]) + 1, int(top[1]) + 2, 2), np.int64)
+  for (task, template), cn in counts.items():
+    dense[task, template + 1] = cn
+  dense = np.sum(multihost_utils.process_allgather(dense), axis=0)
+  return scoring.per_task_result({(int(t), int(p) - 1): dense[t, p]
+                                  for t, p in zip(*np.nonzero(dense[..., 1]))})
