@@ -27,6 +27,7 @@ from ia3_jax.tasks.raft import RAFT_TASKS, RaftSource
 
 PREDICTIONS_FILE = "predictions.csv"
 HEADER = ("ID", "Label")
+TASK_OF_ID = {BUILTIN_TASK_IDS[k]: k[len("raft_"):] for k in RAFT_KEYS}  # built-in id -> task
 
 
 def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
@@ -44,15 +45,14 @@ def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 def task_of(row: Mapping[str, Any], where: str) -> str:
   """The RAFT task (e.g. `ade_corpus_v2`) of a prediction row, from its `task_id`."""
-  by_id = {BUILTIN_TASK_IDS[k]: k for k in RAFT_KEYS}
   if "task_id" not in row:
     raise DataError(f"{where}: no task_id field (rows of `ia3-jax infer` predictions.jsonl)")
-  key = by_id.get(row["task_id"])
-  if key is None:
+  task = TASK_OF_ID.get(row["task_id"])
+  if task is None:
     raise DataError(f"{where}: task_id {row['task_id']} is not a RAFT task (RAFT ids: "
-                    f"{min(by_id)}..{max(by_id)}); predict with the built-in ids, without "
-                    "a task_id_map")
-  return key[len("raft_"):]
+                    f"{min(TASK_OF_ID)}..{max(TASK_OF_ID)}); predict with the built-in ids, "
+                    "without a task_id_map")
+  return task
 
 
 def labels_by_id(rows: Iterable[tuple[Mapping[str, Any], str]], task: str
@@ -105,8 +105,9 @@ def write_submission(predictions: str | os.PathLike | Iterable[Mapping[str, Any]
   labels from the task's set) before any is written; each is written atomically.
   Returns task -> path.
   """
-  source = str(predictions) if isinstance(predictions, (str, os.PathLike)) else "predictions"
-  rows = read_predictions(predictions) if source != "predictions" else list(predictions)
+  is_file = isinstance(predictions, (str, os.PathLike))
+  source = str(predictions) if is_file else "predictions"
+  rows = read_predictions(predictions) if is_file else list(predictions)
   if not rows:
     raise DataError(f"{source}: no predictions")
   raft_dir = raft_dir or os.environ.get("IA3_JAX_RAFT_DIR")
@@ -135,7 +136,7 @@ def main(argv: Optional[list[str]] = None) -> int:
                  help="RAFT CSV folder, for the test IDs (default: $IA3_JAX_RAFT_DIR)")
   args = p.parse_args(argv)
   written = write_submission(args.predictions, args.out, args.raft_dir)
-  missing = [k[len("raft_"):] for k in RAFT_KEYS if k[len("raft_"):] not in written]
+  missing = [task for task in TASK_OF_ID.values() if task not in written]
   for task, path in written.items():
     print(f"raft {task}: wrote {path}")
   if missing:
