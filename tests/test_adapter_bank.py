@@ -236,7 +236,7 @@ def test_infer_rows_name_their_task(env, tmp_path):
 def test_a_bank_with_other_blocks_or_a_checkpoint_is_a_config_error(env, tmp_path):
   from ia3_jax.peft import lora
   with pytest.raises(ConfigError, match=r"ADAPTERS holds \(IA\)\^3 adapters, but PEFT_BLOCKS uses "
-                     r"LoraAttention for the attention; include peft/ia3.gin"):
+                     r"LoraMultiHeadDotProductAttention for the attention; include peft/ia3.gin"):
     runs.bank_blocks(runs.load_adapters(env["adapters"], TINY), lora.lora_blocks())
   with pytest.raises(ConfigError, match=r"CHECKPOINT_PATH='x' and ADAPTERS are both set"):
     runs.evaluate(output_dir=str(tmp_path), config=TINY, data=_source(MIXTURE), batch_size=4,

@@ -8,6 +8,7 @@ parameter tree of the base network stays exactly T5X's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import re
 from typing import Any, Callable, Optional
 
@@ -54,6 +55,26 @@ class Blocks:
 
   def replace(self, **changes) -> "Blocks":
     return dataclasses.replace(self, **changes)
+
+  def override(self, field: str, mixin: type, **fields: Any) -> "Blocks":
+    """These blocks with `field`'s module class extended by `mixin` (first in its MRO) and
+    `fields` set on it. How a PEFT method applies to any network built from `Blocks` (T5 or
+    decoder-only) and on top of another method; a class that has `mixin` already only gets
+    the new `fields` (applying a method twice re-configures it)."""
+    block = getattr(self, field)
+    cls, kw = ((block.func, dict(block.keywords)) if isinstance(block, functools.partial)
+               else (block, {}))
+    if not issubclass(cls, mixin):
+      cls = extend(mixin, cls)
+    return self.replace(**{field: functools.partial(cls, **{**kw, **fields})})
+
+
+@functools.cache
+def extend(mixin: type, cls: type) -> type:
+  """The module class `mixin` + `cls` (named so), made once per pair so that every model
+  built with it shares one class (and one jit cache entry)."""
+  name = mixin.__name__ + cls.__name__
+  return type(name, (mixin, cls), {"__module__": mixin.__module__, "__qualname__": name})
 
 
 REMAT_POLICIES: dict[str, Any] = {

@@ -12,7 +12,6 @@ reproduce "BitFit + LayerNorm".) Shared by all examples: no mixed-task batches.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -37,22 +36,12 @@ def _add_bias(module: nn.Module, y: Array, name: str, features: int,
   return y + bias.astype(y.dtype)
 
 
-class BitFitAttention(layers.MultiHeadDotProductAttention):
-  """Attention with a trainable bias after each projection in `targets`."""
+class BitFit(layers.Projecting):
+  """Mixin: a trainable bias after each projection in `targets` (put in front of an attention
+  or MLP block's class by `Blocks.override`)."""
 
-  targets: tuple[str, ...] = projection_targets.ATTENTION_PROJECTIONS
-
-  def project(self, x, name, features, kernel_axes, task_id, kernel_init=None):
-    y = super().project(x, name, features, kernel_axes, task_id, kernel_init)
-    return _add_bias(self, y, name, features, kernel_axes)
-
-
-class BitFitMlp(layers.MlpBlock):
-  """MLP with a trainable bias after each projection in `targets`."""
-
-  targets: tuple[str, ...] = projection_targets.MLP_PROJECTIONS
-
-  required: tuple[str, ...] = ()  # named explicitly: must exist in this model
+  targets: tuple[str, ...] = projection_targets.PROJECTIONS
+  required: tuple[str, ...] = ()  # MLP projections named explicitly: must exist in this model
 
   def project(self, x, name, features, kernel_axes, task_id, kernel_init=None):
     projection_targets.check_mlp_targets(self.config, self.required, "bitfit targets")
@@ -60,10 +49,15 @@ class BitFitMlp(layers.MlpBlock):
     return _add_bias(self, y, name, features, kernel_axes)
 
 
+BitFitAttention = network.extend(BitFit, layers.MultiHeadDotProductAttention)  # the T5 blocks
+BitFitMlp = network.extend(BitFit, layers.MlpBlock)
+
+
 def bitfit_blocks(config: Optional[T5Config] = None, *,
                   targets: Sequence[str] | str = ("all",), num_tasks: int = 1,
                   base: Optional[network.Blocks] = None) -> network.Blocks:
-  """Network blocks with zero-initialised biases after the `targets` projections."""
+  """Network blocks (`base`, default the T5 blocks) with zero-initialised biases after the
+  `targets` projections."""
   projection_targets.require_single_task("bitfit", num_tasks)
   names = projection_targets.normalize_targets(targets, what="bitfit targets")
   required = projection_targets.explicit_mlp_targets(targets)
@@ -72,7 +66,8 @@ def bitfit_blocks(config: Optional[T5Config] = None, *,
   base = base or network.Blocks()
   attn = tuple(n for n in names if n in projection_targets.ATTENTION_PROJECTIONS)
   mlp = tuple(n for n in names if n in projection_targets.MLP_PROJECTIONS)
-  return base.replace(
-      attention=functools.partial(BitFitAttention, targets=attn) if attn else base.attention,
-      mlp=(functools.partial(BitFitMlp, targets=mlp, required=required) if mlp
-           else base.mlp))
+  if attn:
+    base = base.override("attention", BitFit, targets=attn)
+  if mlp:
+    base = base.override("mlp", BitFit, targets=mlp, required=required)
+  return base

@@ -27,7 +27,6 @@ scale kernel columns, input sites kernel rows: `key[:, j] * l_k[j]`,
 
 from __future__ import annotations
 
-import functools
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -70,8 +69,12 @@ def check_sites(sites: Sequence[str]) -> tuple[str, ...]:
   return sites
 
 
-class _IA3Mixin:
-  """Shared `project` override: scale the input and/or output of selected projections."""
+class IA3(layers.Projecting):
+  """Mixin: (IA)^3 vectors on the `project` calls of an attention or MLP block (any network
+  built from `network.Blocks`; `Blocks.override` puts it in front of the block's class)."""
+
+  sites: tuple[str, ...] = DEFAULT_SITES
+  num_tasks: int = 1
 
   def _scale(self, x: Array, site: str, axis: str, task_id: Optional[Array]) -> Array:
     bank = self.param(PARAM_NAMES[site], layers.logical(nn.initializers.ones, (TASKS_AXIS, axis)),
@@ -91,30 +94,19 @@ class _IA3Mixin:
     return y
 
 
-class IA3Attention(_IA3Mixin, layers.MultiHeadDotProductAttention):
-  """T5 attention whose q/k/v/out projections may carry (IA)^3 vectors."""
-
-  sites: tuple[str, ...] = DEFAULT_SITES
-  num_tasks: int = 1
-
-
-class IA3Mlp(_IA3Mixin, layers.MlpBlock):
-  """T5 MLP whose `wo` input ("ff") and/or output ("mlp_out") may carry (IA)^3 vectors."""
-
-  sites: tuple[str, ...] = DEFAULT_SITES
-  num_tasks: int = 1
+IA3Attention = network.extend(IA3, layers.MultiHeadDotProductAttention)  # the T5 blocks
+IA3Mlp = network.extend(IA3, layers.MlpBlock)
 
 
 def ia3_blocks(sites: Sequence[str] = DEFAULT_SITES, num_tasks: int = 1,
                base: Optional[network.Blocks] = None) -> network.Blocks:
-  """`network.Blocks` with (IA)^3 attention and MLP overrides (other blocks from `base`)."""
+  """`base` (default: the T5 blocks) with (IA)^3 on its attention and MLP blocks."""
   sites = check_sites(sites)
   if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
     raise ValueError(f"(IA)^3 num_tasks must be a positive int, got {num_tasks!r}")
+  kw = dict(sites=sites, num_tasks=int(num_tasks))
   base = base or network.Blocks()
-  return base.replace(
-      attention=functools.partial(IA3Attention, sites=sites, num_tasks=int(num_tasks)),
-      mlp=functools.partial(IA3Mlp, sites=sites, num_tasks=int(num_tasks)))
+  return base.override("attention", IA3, **kw).override("mlp", IA3, **kw)
 
 
 def ia3_model(config: T5Config, sites: Sequence[str] = DEFAULT_SITES,

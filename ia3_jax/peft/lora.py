@@ -22,7 +22,6 @@ batches.
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any, Optional, Sequence
 
@@ -66,32 +65,16 @@ def _lora_delta(module: nn.Module, x: Array, name: str, features: int,
       scaling(module.rank, module.alpha, module.use_rslora), dtype)
 
 
-class LoraAttention(layers.MultiHeadDotProductAttention):
-  """Attention with LoRA updates on the projections named in `targets`."""
+class Lora(layers.Projecting):
+  """Mixin: LoRA updates on the projections named in `targets` (put in front of an attention
+  or MLP block's class by `Blocks.override`)."""
 
   rank: int = 4
   alpha: float = 4.0
   dropout_rate: float = 0.0
   use_rslora: bool = False
-  targets: tuple[str, ...] = projection_targets.ATTENTION_PROJECTIONS
-
-  def project(self, x, name, features, kernel_axes, task_id, kernel_init=None):
-    y = super().project(x, name, features, kernel_axes, task_id, kernel_init)
-    if name not in self.targets:
-      return y
-    return y + _lora_delta(self, x, name, features, kernel_axes).astype(y.dtype)
-
-
-class LoraMlp(layers.MlpBlock):
-  """MLP with LoRA updates on the projections named in `targets`."""
-
-  rank: int = 4
-  alpha: float = 4.0
-  dropout_rate: float = 0.0
-  use_rslora: bool = False
-  targets: tuple[str, ...] = projection_targets.MLP_PROJECTIONS
-
-  required: tuple[str, ...] = ()  # named explicitly: must exist in this model
+  targets: tuple[str, ...] = projection_targets.PROJECTIONS
+  required: tuple[str, ...] = ()  # MLP projections named explicitly: must exist in this model
 
   def project(self, x, name, features, kernel_axes, task_id, kernel_init=None):
     projection_targets.check_mlp_targets(self.config, self.required, "lora targets")
@@ -101,6 +84,10 @@ class LoraMlp(layers.MlpBlock):
     return y + _lora_delta(self, x, name, features, kernel_axes).astype(y.dtype)
 
 
+LoraAttention = network.extend(Lora, layers.MultiHeadDotProductAttention)  # the T5 blocks
+LoraMlp = network.extend(Lora, layers.MlpBlock)
+
+
 def lora_blocks(config: Optional[T5Config] = None, *, rank: int = 4, alpha: float = 4.0,
                 dropout: float = 0.0, targets: Sequence[str] | str = DEFAULT_TARGETS,
                 use_rslora: bool = False, num_tasks: int = 1,
@@ -108,8 +95,9 @@ def lora_blocks(config: Optional[T5Config] = None, *, rank: int = 4, alpha: floa
   """Network blocks with LoRA on `targets` (defaults: rank 4, alpha 4, all projections).
 
   With `config`, explicitly named MLP targets are checked now (else at model
-  init): e.g. `wi` does not exist in a gated (T5 1.1) MLP. `base` lets LoRA wrap
-  other overrides (it replaces `attention` and `mlp`).
+  init): e.g. `wi` does not exist in a gated (T5 1.1) MLP. `base` (default: the
+  T5 blocks) may hold another network's blocks or another method's overrides:
+  LoRA is applied on top of them.
   """
   projection_targets.require_single_task("lora", num_tasks)
   if not isinstance(rank, int) or rank < 1:
@@ -124,10 +112,11 @@ def lora_blocks(config: Optional[T5Config] = None, *, rank: int = 4, alpha: floa
   base = base or network.Blocks()
   attn = tuple(n for n in names if n in projection_targets.ATTENTION_PROJECTIONS)
   mlp = tuple(n for n in names if n in projection_targets.MLP_PROJECTIONS)
-  return base.replace(
-      attention=functools.partial(LoraAttention, targets=attn, **kw) if attn else base.attention,
-      mlp=(functools.partial(LoraMlp, targets=mlp, required=required, **kw) if mlp
-           else base.mlp))
+  if attn:
+    base = base.override("attention", Lora, targets=attn, **kw)
+  if mlp:
+    base = base.override("mlp", Lora, targets=mlp, required=required, **kw)
+  return base
 
 
 # --------------------------------------------------------------------------- tree utilities

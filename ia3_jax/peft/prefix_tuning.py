@@ -22,7 +22,6 @@ to it), so its first output is checked against an explicit reference instead.
 
 from __future__ import annotations
 
-import functools
 from typing import Optional, Sequence
 
 import flax.linen as nn
@@ -40,8 +39,9 @@ KEY, VALUE = "prefix_key", "prefix_value"
 TRAINABLE_PATTERNS = (r".*/prefix_(key|value)",)
 
 
-class PrefixAttention(layers.MultiHeadDotProductAttention):
-  """Attention that prepends learned per-task keys/values when its name is in `scopes`."""
+class Prefix(layers.Projecting):
+  """Mixin: learned per-task keys/values prepended in an attention whose name is in `scopes`
+  (put in front of the attention class by `Blocks.override`; it uses the `extend_kv` hook)."""
 
   length: int = 10
   num_tasks: int = 1
@@ -85,6 +85,8 @@ def prefix_tuning_blocks(config: Optional[T5Config] = None, *, length: int = 10,
     raise ValueError(f"prefix_tuning: unknown sites {unknown or sites!r}; known: "
                      f"{', '.join(SITES)}")
   base = base or network.Blocks()
-  return base.replace(attention=functools.partial(
-      PrefixAttention, length=length, num_tasks=num_tasks, init_scale=float(init_scale),
-      scopes=tuple(SITES[s] for s in sites)))
+  return base.override("attention", Prefix, length=length, num_tasks=num_tasks,
+                       init_scale=float(init_scale), scopes=tuple(SITES[s] for s in sites))
+
+
+PrefixAttention = network.extend(Prefix, layers.MultiHeadDotProductAttention)  # the T5 block
