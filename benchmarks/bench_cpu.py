@@ -31,6 +31,7 @@ import numpy as np  # noqa: E402
 
 from benchmarks import harness as H  # noqa: E402
 from benchmarks import report  # noqa: E402
+from ia3_jax.model import config as config_lib  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -52,21 +53,36 @@ def bench_peaks(iters: int, n: int, torch_device: str) -> dict[str, float]:
           "size": n}
 
 
+# The PyTorch side each ia3-jax dtype is compared with: fp32 with fp32, bf16 activations with
+# torch.autocast(bfloat16) (float32 params on both sides).
+TORCH_AUTOCAST = {"float32": None, "bfloat16": "bfloat16"}
+
+
+def _torch_autocast(dtype: str):
+  import torch
+  name = TORCH_AUTOCAST[dtype]
+  return None if name is None else getattr(torch, name)
+
+
 def bench_training(w: H.Workload, batch: H.Batch, tm_builder, base: dict, loss: str,
-                   dtypes: list[str], warmup: int, iters: int, torch_device: str = "cpu",
-                   torch_autocast=None) -> dict[str, Any]:
-  """Interleaved steps of torch and each ia3-jax dtype, all from the same weights."""
+                   dtypes: list[str], warmup: int, iters: int,
+                   torch_device: str = "cpu") -> dict[str, Any]:
+  """Interleaved steps of each ia3-jax dtype and its PyTorch counterpart (`torch_<dtype>`),
+  all from the same weights."""
   from benchmarks import torch_reference as tr
   lm = loss == "lm"
   jbatch = H.correct_choice_batch(batch) if lm else batch
   cfg_loss = H.LM_ONLY if lm else H.TFEW
   out: dict[str, Any] = {"losses": {}, "seconds": {}, "compile_s": {}, "xla_flops": {}}
   fns = {}
-  tmodel = tm_builder()
-  tstep = tr.make_train_step(tmodel, lm_only=lm, autocast_dtype=torch_autocast)
   targs = tr.to_torch(batch, torch_device)
-  out["losses"]["torch"] = []
-  fns["torch"] = lambda: out["losses"]["torch"].append(tstep(*targs))
+  tmodel = None
+  for dt in dtypes:
+    tmodel = tm_builder()
+    tstep = tr.make_train_step(tmodel, lm_only=lm, autocast_dtype=_torch_autocast(dt))
+    name = f"torch_{dt}"
+    out["losses"][name] = []
+    fns[name] = (lambda tstep=tstep, name=name: out["losses"][name].append(tstep(*targs)))
   for dt in dtypes:
     name = f"jax_{dt}"
     t = H.JaxTraining(dataclass_replace(w, dtype=dt), jbatch, loss=cfg_loss, base=base)
@@ -79,7 +95,8 @@ def bench_training(w: H.Workload, batch: H.Batch, tm_builder, base: dict, loss: 
       out["num_trainable"] = t.num_trainable
     out["losses"][name] = [t.step()]  # traces and compiles the step
     fns[name] = (lambda t=t, name=name: out["losses"][name].append(t.step()))
-  out["losses"]["torch"].append(tstep(*targs))
+  for dt in dtypes:
+    fns[f"torch_{dt}"]()  # the first step, as ia3-jax's above
   times = H.interleaved_times(fns, warmup=warmup, iters=iters)
   out["seconds"] = times
   out["torch_num_trainable"] = sum(p.numel() for p in tmodel.parameters() if p.requires_grad)
@@ -87,18 +104,21 @@ def bench_training(w: H.Workload, batch: H.Batch, tm_builder, base: dict, loss: 
 
 
 def bench_rank(w: H.Workload, batch: H.Batch, tmodel, base: dict, dtypes: list[str],
-               warmup: int, iters: int, torch_device: str = "cpu",
-               torch_autocast=None) -> dict[str, Any]:
+               warmup: int, iters: int, torch_device: str = "cpu") -> dict[str, Any]:
+  """Each ia3-jax dtype against both PyTorch scorers in the same precision
+  (`torch_per_choice_<dtype>`, `torch_reuse_encoder_<dtype>`)."""
   from benchmarks import torch_reference as tr
   targs = tr.to_torch(batch, torch_device)
   preds: dict[str, list] = {}
   scores: dict[str, np.ndarray] = {}
 
-  def torch_run(name: str, reuse: bool):
+  def torch_run(name: str, reuse: bool, autocast):
     return lambda: preds.setdefault(name, []).append(tr.rank_classify(
-        tmodel, targs[0], targs[1], targs[2], reuse_encoder=reuse, autocast_dtype=torch_autocast))
-  fns = {"torch_per_choice": torch_run("torch_per_choice", False),
-         "torch_reuse_encoder": torch_run("torch_reuse_encoder", True)}
+        tmodel, targs[0], targs[1], targs[2], reuse_encoder=reuse, autocast_dtype=autocast))
+  fns = {}
+  for dt in dtypes:
+    for kind, reuse in (("per_choice", False), ("reuse_encoder", True)):
+      fns[f"torch_{kind}_{dt}"] = torch_run(f"torch_{kind}_{dt}", reuse, _torch_autocast(dt))
   out: dict[str, Any] = {"xla_flops": {}}
   for dt in dtypes:
     name = f"jax_{dt}"
@@ -132,10 +152,11 @@ MEMORY_CONFIGS = {
 
 
 def bench_memory(w: H.Workload, torch_side: bool, threads: int, steps: int,
-                 torch_device: str = "cpu", torch_autocast: str = "none",
-                 configs: tuple[str, ...] = ("default",)) -> dict[str, Any]:
+                 torch_device: str = "cpu", configs: tuple[str, ...] = ("default",)
+                 ) -> dict[str, Any]:
   """Each (side, mode, config) in a fresh process (peak RSS is per process)."""
   out = {}
+  torch_autocast = TORCH_AUTOCAST.get(w.dtype) or "none"
   runs = [("jax", mode, c) for c in configs for mode in ("ia3", "full")]
   if torch_side:
     runs += [("torch", "ia3", "default"), ("torch", "full", "default")]
@@ -184,7 +205,16 @@ def build_parser(description: str = __doc__.splitlines()[0], **defaults) -> argp
   ap.add_argument("--max-choices", type=int, default=4)
   ap.add_argument("--min-choices", type=int, default=2)
   ap.add_argument("--dtypes", default="float32,bfloat16",
-                  help="ia3-jax activation dtypes to time (params stay float32)")
+                  help="ia3-jax activation dtypes to time (params stay float32): float32, "
+                  "bfloat16, auto; each against PyTorch in the same precision (bfloat16: "
+                  "torch.autocast), bfloat16 only where the CPU runs it natively")
+  ap.add_argument("--allow-emulated-bf16", action="store_true",
+                  help="time bfloat16 even on a CPU without avx512_bf16 / amx_bf16 (smoke runs)")
+  ap.add_argument("--attention-impl", default="einsum", choices=config_lib.ATTENTION_IMPLS,
+                  help="T5Config.attention_impl of the ia3-jax model")
+  ap.add_argument("--dpa-implementation", default=None, choices=("xla", "cudnn"),
+                  help="T5Config.dpa_implementation (jax.nn.dot_product_attention's "
+                  "implementation=; default: JAX's choice)")
   ap.add_argument("--warmup", type=int, default=1)
   ap.add_argument("--iters", type=int, default=3)
   ap.add_argument("--torch-threads", type=int, default=2)
@@ -198,8 +228,6 @@ def build_parser(description: str = __doc__.splitlines()[0], **defaults) -> argp
                   help="skip the PyTorch peak-RSS runs")
   ap.add_argument("--skip", default="", help="comma list of sections to skip: train,rank,memory")
   ap.add_argument("--torch-device", default="cpu")
-  ap.add_argument("--torch-autocast", default="none", choices=("none", "bfloat16", "float16"),
-                  help="torch.autocast dtype for the PyTorch side (float32 params)")
   ap.add_argument("--peak-reference", default="xla_fp32", choices=("xla_fp32", "xla_bf16"),
                   help="the measured peak that achieved FLOP/s are a fraction of")
   ap.add_argument("--out", help="write the markdown report here")
@@ -212,18 +240,25 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
   import torch
   from benchmarks import torch_reference as tr
   torch.set_num_threads(a.torch_threads)
-  autocast = None if a.torch_autocast == "none" else getattr(torch, a.torch_autocast)
   dev = a.torch_device
   skip = {s for s in a.skip.split(",") if s}
-  dtypes = [d for d in a.dtypes.split(",") if d]
+  machine = H.machine_info()
+  _log(f"CPU: {machine['cpu_summary']}")
+  dtypes, dtype_notes = H.plan_dtypes([d for d in a.dtypes.split(",") if d],
+                                      allow_emulated_bf16=a.allow_emulated_bf16)
+  for note in dtype_notes:
+    _log(note)
+  if not dtypes:
+    raise SystemExit("bench: no dtype left to time (" + "; ".join(dtype_notes) + ")")
   w = H.Workload(a.preset, a.batch_size, a.input_length, a.target_length, a.max_choices,
-                 a.min_choices, dtypes[0])
+                 a.min_choices, dtypes[0], attention_impl=a.attention_impl,
+                 dpa_implementation=a.dpa_implementation)
   res: dict[str, Any] = {
       "date": datetime.datetime.now().astimezone().isoformat(timespec="minutes"),
-      "machine": H.machine_info(), "torch": torch.__version__,
+      "machine": machine, "torch": torch.__version__,
       "torch_threads": torch.get_num_threads(), "workload": w.describe(with_dtype=False),
-      "torch_device": dev, "torch_autocast": a.torch_autocast,
-      "peak_reference": a.peak_reference,
+      "torch_device": dev, "torch_autocast": {d: TORCH_AUTOCAST[d] or "none" for d in dtypes},
+      "peak_reference": a.peak_reference, "dtype_notes": dtype_notes,
       "iters": a.iters, "warmup": a.warmup, "dtypes": dtypes,
       "load_before": H.load_average(), "busy_before": H.busy_processes()}
   _log(f"workload: {w.describe()}; load {res['load_before']}")
@@ -238,17 +273,16 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
     for loss in ("lm", "tfew"):
       _log(f"training ({loss})")
       res["train"][loss] = bench_training(w, batch, builder, base, loss, dtypes, a.warmup,
-                                          a.iters, dev, autocast)
+                                          a.iters, dev)
   if "rank" not in skip:
     _log("rank classification")
-    res["rank"] = bench_rank(w, batch, builder(), base, dtypes, a.warmup, a.iters, dev, autocast)
+    res["rank"] = bench_rank(w, batch, builder(), base, dtypes, a.warmup, a.iters, dev)
   res["load_after_speed"] = H.load_average()
   if "memory" not in skip and a.memory_preset != "none":
     mw = dataclass_replace(w, preset=a.memory_preset, dtype=dtypes[0])
     res["memory_workload"] = mw.describe()
     res["memory"] = bench_memory(mw, not a.no_torch_memory, a.torch_threads, a.memory_steps,
-                                 dev, a.torch_autocast,
-                                 tuple(c for c in a.memory_configs.split(",") if c))
+                                 dev, tuple(c for c in a.memory_configs.split(",") if c))
   res["load_after"] = H.load_average()
   res["busy_after"] = H.busy_processes()
   return res

@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from ia3_jax.model import config as config_lib
-from ia3_jax.model import network
+from ia3_jax.model import network, precision
 from ia3_jax.objectives import losses
 from ia3_jax.peft import ia3
 from ia3_jax.train import loop, optimizers, trainer
@@ -50,15 +50,20 @@ class Workload:
   min_choices: int = 2
   dtype: str = "float32"      # activation / matmul dtype (params stay float32)
   seed: int = 0
+  attention_impl: str = "einsum"              # T5Config.attention_impl
+  dpa_implementation: Optional[str] = None    # T5Config.dpa_implementation
 
   @property
   def config(self) -> config_lib.T5Config:
-    return config_lib.get_config(self.preset, dtype=self.dtype)
+    return config_lib.get_config(self.preset, dtype=self.dtype, attention_impl=self.attention_impl,
+                                 dpa_implementation=self.dpa_implementation)
 
   def describe(self, with_dtype: bool = True) -> str:
+    attention = self.attention_impl + (f" ({self.dpa_implementation})"
+                                       if self.dpa_implementation else "")
     return (f"{self.preset}, batch {self.batch_size}, {self.input_length} input tokens, "
-            f"{self.min_choices}-{self.max_choices} choices of <= {self.target_length} tokens"
-            + (f", {self.dtype}" if with_dtype else ""))
+            f"{self.min_choices}-{self.max_choices} choices of <= {self.target_length} tokens, "
+            f"attention {attention}" + (f", {self.dtype}" if with_dtype else ""))
 
 
 def make_batch(w: Workload, vocab_size: Optional[int] = None) -> Batch:
@@ -336,25 +341,43 @@ class JaxRankClassification:
 
 
 def machine_info() -> dict[str, Any]:
-  cpu = platform.processor() or "?"
-  try:
-    with open("/proc/cpuinfo") as f:
-      for line in f:
-        if line.startswith("model name"):
-          cpu = line.split(":", 1)[1].strip()
-          break
-  except OSError:
-    pass
-  flags = ""
-  try:
-    with open("/proc/cpuinfo") as f:
-      flags = next((l for l in f if l.startswith("flags")), "")
-  except OSError:
-    pass
-  return {"cpu": cpu, "cores": os.cpu_count(), "avx512_bf16": "avx512_bf16" in flags,
-          "amx": "amx_bf16" in flags, "jax": jax.__version__,
+  cpu = precision.host_cpu()
+  flags = {f: f in cpu.flags for f in precision.REPORTED_CPU_FLAGS}
+  return {"cpu": cpu.model if cpu.model != "?" else (platform.processor() or "?"),
+          "cpu_flags": flags, "cpu_summary": cpu.describe(), "native_bf16": cpu.native_bf16,
+          "cores": os.cpu_count(), "avx512_bf16": flags["avx512_bf16"],
+          "amx": flags["amx_bf16"], "jax": jax.__version__,
           "jax_backend": jax.default_backend(), "devices": [str(d) for d in jax.devices()],
           "xla_flags": os.environ.get("XLA_FLAGS", ""), "python": platform.python_version()}
+
+
+def plan_dtypes(requested: Sequence[str], *, allow_emulated_bf16: bool = False,
+                backend: Optional[str] = None, cpu_flags: Optional[Sequence[str]] = None
+                ) -> tuple[list[str], list[str]]:
+  """(the ia3-jax dtypes to time, one note per decision) for `--dtypes`.
+
+  "auto" becomes its `precision.resolve_dtype` choice. bfloat16 is compared
+  with `torch.autocast(bfloat16)`, like for like, only where the hardware
+  runs bf16 natively: on a CPU without avx512_bf16 / amx_bf16 both sides
+  would emulate it, so it is skipped (unless `allow_emulated_bf16`).
+  """
+  backend = backend or jax.default_backend()
+  flags = precision.host_cpu().flags if cpu_flags is None else frozenset(cpu_flags)
+  out, notes = [], []
+  for d in requested:
+    name, why = precision.resolve_dtype(d, backend=backend, cpu_flags=flags)
+    if d == precision.AUTO:
+      notes.append(f"activations: {name} ({why})")
+    native, _ = precision.resolve_dtype(precision.AUTO, backend=backend, cpu_flags=flags)
+    if name == "bfloat16" and native != "bfloat16":
+      if not allow_emulated_bf16:
+        notes.append("bf16 skipped: this CPU has neither avx512_bf16 nor amx_bf16, so "
+                     "bfloat16 would be emulated on both sides (not like for like)")
+        continue
+      notes.append("bf16 run although emulated on this CPU (--allow-emulated-bf16): a smoke run")
+    if name not in out:
+      out.append(name)
+  return out, notes
 
 
 def load_average() -> tuple[float, float, float]:

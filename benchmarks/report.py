@@ -37,9 +37,18 @@ def _mib(x: float) -> str:
   return f"{x / 2 ** 20:,.0f} MiB"
 
 
-def _label(name: str) -> str:
-  return {"jax_float32": "ia3-jax fp32", "jax_bfloat16": "ia3-jax bf16",
-          "torch": "PyTorch"}.get(name, name)
+SHORT = {"float32": "fp32", "bfloat16": "bf16"}
+PRECISION = {"float32": "fp32 / fp32",
+             "bfloat16": "bf16 activations / torch.autocast(bf16)"}  # ia3-jax / PyTorch
+
+
+def _machine_line(m: dict[str, Any]) -> str:
+  """The CPU with the flags that decide its matmul kernels (older results: avx512_bf16 only)."""
+  cpu = m.get("cpu_summary") or f"{m['cpu']} (avx512_bf16: {m['avx512_bf16']})"
+  native = m.get("native_bf16")
+  bf16 = ("" if native is None else
+          f"; native bf16: {'yes (' + ', '.join(native) + ')' if native else 'no'}")
+  return f"{cpu}, {m['cores']} cores{bf16}"
 
 
 def _verdict(ok: bool, value: float, target: float, kind: str = "ratio") -> str:
@@ -54,7 +63,7 @@ def bf16_accepted(res: dict[str, Any]) -> tuple[Optional[bool], list[str]]:
   """Whether bf16 stays within tolerance of float32 (losses and predictions), with reasons."""
   notes, ok = [], True
   for loss, r in res.get("train", {}).items():
-    a, t = r["losses"].get("jax_float32"), r["losses"].get("torch")
+    a, t = r["losses"].get("jax_float32"), r["losses"].get("torch_float32")
     if a and t:
       rel = max(abs(x - y) / max(abs(y), 1e-12) for x, y in zip(a, t))
       notes.append(f"{loss}: ia3-jax fp32 vs PyTorch from the same weights: max relative loss "
@@ -84,11 +93,13 @@ def render(res: dict[str, Any]) -> str:
   peaks = res["peaks"]
   lines = [
       f"### ia3-jax vs PyTorch reference ({res['date']})", "",
-      f"- Machine: {m['cpu']}, {m['cores']} cores (avx512_bf16: {m['avx512_bf16']}); "
+      f"- Machine: {_machine_line(m)}; "
       f"JAX {m['jax']} ({m['jax_backend']}), PyTorch {res['torch']} with "
-      f"{res['torch_threads']} threads on {res.get('torch_device', 'cpu')} (autocast: "
-      f"{res.get('torch_autocast', 'none')}); XLA_FLAGS={m['xla_flags'] or '(none)'}; "
-      f"devices: {', '.join(m['devices'][:2])}",
+      f"{res['torch_threads']} threads on {res.get('torch_device', 'cpu')}; "
+      f"XLA_FLAGS={m['xla_flags'] or '(none)'}; devices: {', '.join(m['devices'][:2])}",
+      "- Precision, like for like: " + "; ".join(
+          f"ia3-jax {SHORT.get(d, d)} vs PyTorch {'fp32' if d == 'float32' else 'autocast(' + d + ')'}"
+          for d in res.get("dtypes", [])) + "".join(f"; {n}" for n in res.get("dtype_notes", [])),
       f"- Workload: {res['workload']}; {res['warmup']} warm-up + {res['iters']} timed "
       "iterations per case, frameworks alternating in one process; medians.",
       f"- Load average (1/5/15 min) before: {_load(res['load_before'])}, after the speed runs: "
@@ -111,23 +122,20 @@ def render(res: dict[str, Any]) -> str:
 
   if "train" in res:
     lines += ["#### (IA)^3 training", "",
-              "| loss | PyTorch steps/s | ia3-jax fp32 steps/s | ia3-jax bf16 steps/s | "
-              "speedup fp32 | speedup bf16 | first-step loss (torch / fp32 / bf16) |",
-              "|---|---|---|---|---|---|---|"]
+              "| loss | precision (ia3-jax / PyTorch) | PyTorch steps/s | ia3-jax steps/s | "
+              "speedup | first-step loss (PyTorch / ia3-jax) |", "|---|---|---|---|---|---|"]
     for loss, r in res["train"].items():
       s = {k: _med(v) for k, v in r["seconds"].items()}
-      keys = ["jax_float32", "jax_bfloat16"]
-      first = " / ".join(f"{r['losses'][k][0]:.4f}" for k in ["torch"] + keys
-                         if r["losses"].get(k))
-      lines.append(f"| {LOSS_NAMES[loss]} | {1 / s['torch']:.3f} | "
-                   f"{_rate(s, keys[0])} | {_rate(s, keys[1])} | "
-                   f"{_x(_div(s['torch'], s.get(keys[0], math.nan)))} | "
-                   f"{_x(_div(s['torch'], s.get(keys[1], math.nan)))} | {first} |")
-      best_key = keys[1] if bf16_ok else keys[0]
-      if best_key in s:
-        best = s["torch"] / s[best_key]
-        t = (f"(IA)^3 training, {loss}: >= {TRAIN_SPEEDUP}x PyTorch "
-             f"({'bf16' if bf16_ok else 'fp32'})")
+      for d in _dtypes(res, s):
+        jk, tk = f"jax_{d}", f"torch_{d}"
+        first = " / ".join(f"{r['losses'][k][0]:.4f}" for k in (tk, jk) if r["losses"].get(k))
+        lines.append(f"| {LOSS_NAMES[loss]} | {PRECISION.get(d, d)} | {_rate(s, tk)} | "
+                     f"{_rate(s, jk)} | {_x(_div(s.get(tk, math.nan), s.get(jk, math.nan)))} | "
+                     f"{first} |")
+      d = _best_dtype(res, s, bf16_ok)
+      if d:
+        best = s[f"torch_{d}"] / s[f"jax_{d}"]
+        t = f"(IA)^3 training, {loss}: >= {TRAIN_SPEEDUP}x PyTorch ({SHORT.get(d, d)} vs same)"
         targets.append((t, f"{best:.2f}x: " + _verdict(best >= TRAIN_SPEEDUP, best, TRAIN_SPEEDUP)))
     lines += ["", "Achieved FLOP/s (ia3-jax's matmul FLOPs per step counted from the step's "
               "jaxpr on the float32 model; XLA's cost analysis of the compiled step, which also "
@@ -135,19 +143,21 @@ def render(res: dict[str, Any]) -> str:
               f"{ref_name} matmul peak. PyTorch is credited with the same FLOPs: for the T-Few "
               "loss it also projects the repeated encoder output to cross-attention keys and "
               "values once per choice (ia3-jax: once per example), extra work not counted:", "",
-              "| loss | matmul GFLOP/step [XLA] | PyTorch GFLOP/s | ia3-jax fp32 GFLOP/s | "
-              "ia3-jax bf16 GFLOP/s |", "|---|---|---|---|---|"]
+              "| loss | precision | matmul GFLOP/step [XLA] | PyTorch GFLOP/s | "
+              "ia3-jax GFLOP/s |", "|---|---|---|---|---|"]
     for loss, r in res["train"].items():
       s = {k: _med(v) for k, v in r["seconds"].items()}
       f = r["matmul_flops"]
-      cells = [f"{_g(f / s[k])} ({_pct(f / s[k] / ref_peak)})" if k in s else "n/a"
-               for k in ("torch", "jax_float32", "jax_bfloat16")]
-      xf = r["xla_flops"].get("jax_float32", math.nan)
-      lines.append(f"| {loss} | {f / 1e9:.1f} [{xf / 1e9:.1f}] | " + " | ".join(cells) + " |")
-      for k, name in (("jax_float32", "fp32"), ("jax_bfloat16", "bf16")):
-        if k in s and (name == "fp32" or bf16_ok):
+      for d in _dtypes(res, s):
+        cells = [f"{_g(f / s[k])} ({_pct(f / s[k] / ref_peak)})" if k in s else "n/a"
+                 for k in (f"torch_{d}", f"jax_{d}")]
+        xf = r["xla_flops"].get(f"jax_{d}", math.nan)
+        lines.append(f"| {loss} | {SHORT.get(d, d)} | {f / 1e9:.1f} [{xf / 1e9:.1f}] | "
+                     + " | ".join(cells) + " |")
+        k = f"jax_{d}"
+        if k in s and (d == "float32" or bf16_ok):
           frac = f / s[k] / ref_peak
-          targets.append((f"achieved FLOP/s, {loss}, {name}: >= "
+          targets.append((f"achieved FLOP/s, {loss}, {SHORT.get(d, d)}: >= "
                           f"{_pct(PEAK_FRACTION)} of {ref_name} peak",
                           f"{_pct(frac)}: " + _verdict(frac >= PEAK_FRACTION, frac, PEAK_FRACTION)))
     lines.append("")
@@ -164,25 +174,26 @@ def render(res: dict[str, Any]) -> str:
       if k.startswith("torch"):
         row += " | | |"
       else:
-        f = r["matmul_flops"]
-        row += (f" {_x(s.get('torch_per_choice', math.nan) / s[k])} |"
-                f" {_x(s.get('torch_reuse_encoder', math.nan) / s[k])} |"
+        d, f = k[len("jax_"):], r["matmul_flops"]
+        row += (f" {_x(s.get(f'torch_per_choice_{d}', math.nan) / s[k])} |"
+                f" {_x(s.get(f'torch_reuse_encoder_{d}', math.nan) / s[k])} |"
                 f" {_g(f / s[k])} GFLOP/s ({_pct(f / s[k] / ref_peak)} of {ref_name} peak) |")
       lines.append(row)
     preds = r["predictions"]
-    ref = preds.get("torch_reuse_encoder")
-    lines += ["", "Predictions equal to the encoder-reusing PyTorch scorer's: " + ", ".join(
+    ref_key = next((k for k in ("torch_reuse_encoder_float32", "torch_reuse_encoder_bfloat16")
+                    if k in preds), None)
+    ref = preds.get(ref_key)
+    lines += ["", f"Predictions equal to {_rank_label(ref_key or '?')}'s: " + ", ".join(
         f"{_rank_label(k)}: {'yes' if v == ref else 'NO'}" for k, v in preds.items()
-        if k != "torch_reuse_encoder"), ""]
-    best_key = "jax_bfloat16" if bf16_ok and "jax_bfloat16" in s else "jax_float32"
-    for ref_k, target in (("torch_per_choice", RANK_VS_PER_CHOICE),
-                          ("torch_reuse_encoder", RANK_VS_REUSE)):
-      if ref_k in s and best_key in s:
-        x = s[ref_k] / s[best_key]
-        ok = x >= target if ref_k == "torch_per_choice" else x > target
+        if k != ref_key), ""]
+    d = _best_dtype(res, s, bf16_ok)
+    for kind, target in (("per_choice", RANK_VS_PER_CHOICE), ("reuse_encoder", RANK_VS_REUSE)):
+      ref_k = f"torch_{kind}_{d}"
+      if d and ref_k in s:
+        x = s[ref_k] / s[f"jax_{d}"]
+        ok = x >= target if kind == "per_choice" else x > target
         targets.append((f"rank classification vs {_rank_label(ref_k)}: "
-                        f"{'>=' if ref_k == 'torch_per_choice' else '>'} {target:g}x "
-                        f"({'bf16' if 'bfloat16' in best_key else 'fp32'})",
+                        f"{'>=' if kind == 'per_choice' else '>'} {target:g}x",
                         f"{x:.2f}x: " + _verdict(ok, x, target)))
 
   if "memory" in res:
@@ -269,10 +280,26 @@ def _x(v: Optional[float]) -> str:
 
 
 def _rank_label(k: str) -> str:
-  return {"torch_per_choice": "PyTorch, full forward per choice",
-          "torch_reuse_encoder": "PyTorch, encoder reused (T-Few repo)",
-          "jax_float32": "ia3-jax fp32 (`scoring.rank_classify`)",
-          "jax_bfloat16": "ia3-jax bf16"}.get(k, k)
+  for kind, label in (("torch_per_choice_", "PyTorch, full forward per choice"),
+                      ("torch_reuse_encoder_", "PyTorch, encoder reused (T-Few repo)"),
+                      ("jax_", "ia3-jax (`scoring.rank_classify`)")):
+    if k.startswith(kind):
+      d = k[len(kind):]
+      return f"{label}, {SHORT.get(d, d)}"
+  return k
+
+
+def _dtypes(res: dict, seconds: dict) -> list[str]:
+  """The dtypes timed on both sides (older results: the dtypes alone)."""
+  return [d for d in res.get("dtypes", []) if f"jax_{d}" in seconds]
+
+
+def _best_dtype(res: dict, seconds: dict, bf16_ok: bool) -> Optional[str]:
+  """The dtype the targets use: bf16 when accepted (and timed), else fp32."""
+  for d in (("bfloat16",) if bf16_ok else ()) + ("float32",):
+    if f"jax_{d}" in seconds and any(k.startswith("torch") and k.endswith(d) for k in seconds):
+      return d
+  return None
 
 
 def _batch_size(res: dict) -> int:

@@ -41,6 +41,7 @@ import numpy as np
 
 from ia3_jax import files
 from ia3_jax.data import synthetic
+from ia3_jax.model import precision
 from ia3_jax.model.config import T5Config
 from ia3_jax.objectives import metrics
 
@@ -367,7 +368,8 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
              sites: Sequence[str] = DEMO_RECIPE["sites"],
              dropout_rate: float = DEMO_RECIPE["dropout_rate"],
              eval_size: Optional[int] = None, tensorboard: bool = True, make_plot: bool = True,
-             verbose: bool = True, frozen_dtype: str = "float32") -> dict[str, Any]:
+             verbose: bool = True, frozen_dtype: str = "float32", dtype: str = "float32",
+             attention_impl: str = "einsum") -> dict[str, Any]:
   """Zero-shot vs T-Few on the held-out demo tasks; returns (and writes) the results.
 
   Args:
@@ -380,6 +382,8 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
     sites: (IA)^3 sites.
     eval_size: evaluation examples per task (default: `ia3_jax.tasks.demo`'s).
     frozen_dtype: storage of the frozen base (zero-shot and T-Few both use it).
+    dtype: activations, "float32", "bfloat16" or "auto" (bf16 where native; printed).
+    attention_impl: `T5Config.attention_impl` ("einsum" or "dot_product_attention").
   """
   t_start = time.time()
   from ia3_jax.interop import ia3_adapters
@@ -396,6 +400,8 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model_path: Optional[str] 
   out.mkdir(parents=True, exist_ok=True)
 
   config, base, vocabulary = load_model(model_path)
+  config = config.replace(dtype=dtype, attention_impl=attention_impl)
+  say(precision.describe_dtype(dtype))
   register_tasks(vocabulary, families=families, seeds=seeds, num_shots=num_shots,
                  eval_size=eval_size)
   runner = FewShotRunner(
@@ -505,13 +511,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   p.add_argument("--eval_size", type=int, default=None)
   p.add_argument("--no_plot", action="store_true")
   p.add_argument("--no_tensorboard", action="store_true")
+  p.add_argument("--dtype", default="float32",
+                 help="activations: float32, bfloat16, or auto (bfloat16 where native)")
   p.add_argument("--frozen_dtype", default="float32",
                  help="storage of the frozen base: float32, bfloat16, int8, int4")
   a = p.parse_args(argv)
   run_demo(a.model_dir, model_path=a.model_path, families=a.families, seeds=a.seeds,
            num_shots=a.num_shots, train_steps=a.train_steps, learning_rate=a.learning_rate,
            eval_size=a.eval_size, make_plot=not a.no_plot, tensorboard=not a.no_tensorboard,
-           frozen_dtype=a.frozen_dtype)
+           frozen_dtype=a.frozen_dtype, dtype=a.dtype)
   return 0
 
 

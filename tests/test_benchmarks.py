@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_cpu, bench_gpu, memory, report
+from benchmarks import bench_cpu, bench_gpu, harness, memory, report
 
 TINY = ["--preset", "tiny", "--batch-size", "2", "--input-length", "16", "--target-length", "4",
         "--iters", "1", "--warmup", "0", "--peak-size", "128"]
@@ -29,12 +29,13 @@ def test_both_frameworks_compute_the_same_losses(results):
   # Same initial weights and batch: ia3-jax and the PyTorch reference agree on
   # the loss at every step (the optimizers are the same Adafactor recipe).
   for loss in ("lm", "tfew"):
-    torch_losses = results["train"][loss]["losses"]["torch"]
+    torch_losses = results["train"][loss]["losses"]["torch_float32"]
     jax_losses = results["train"][loss]["losses"]["jax_float32"]
     assert len(jax_losses) == len(torch_losses) == 2
     assert jax_losses == pytest.approx(torch_losses, rel=1e-4)
   preds = results["rank"]["predictions"]
-  assert preds["jax_float32"] == preds["torch_reuse_encoder"] == preds["torch_per_choice"]
+  assert (preds["jax_float32"] == preds["torch_reuse_encoder_float32"]
+          == preds["torch_per_choice_float32"])
 
 
 def test_flop_counts_are_positive(results):
@@ -54,8 +55,50 @@ def test_memory_subprocess_entry_point(capsys):
 
 def test_gpu_variant_defaults():
   a = bench_gpu.build_parser().parse_args([])
-  assert (a.preset, a.dtypes, a.batch_size, a.peak_reference) == (
-      "t0_3b", "bfloat16", 8, "xla_bf16")
+  assert (a.preset, a.dtypes, a.batch_size, a.peak_reference, a.attention_impl) == (
+      "t0_3b", "bfloat16", 8, "xla_bf16", "dot_product_attention")
+
+
+def test_report_names_the_cpu_flags_and_compares_like_for_like(results):
+  text = report.render(results)
+  flags = results["machine"]["cpu_flags"]
+  assert set(flags) == {"avx2", "avx512f", "avx512_bf16", "amx_bf16"}
+  assert results["machine"]["cpu_summary"] in text
+  assert "ia3-jax fp32 vs PyTorch fp32" in text and "| fp32 / fp32 |" in text
+
+
+@pytest.mark.parametrize("flags,backend,want,skipped", [
+    ((), "cpu", ["float32"], True),
+    (("avx512_bf16",), "cpu", ["float32", "bfloat16"], False),
+    (("amx_bf16",), "cpu", ["float32", "bfloat16"], False),
+    ((), "gpu", ["float32", "bfloat16"], False)])
+def test_bf16_is_timed_only_where_native(flags, backend, want, skipped):
+  """bf16 vs torch.autocast(bf16) only where the hardware has bf16 kernels; "auto" resolves
+  (and says why), and a repeated dtype is timed once."""
+  dtypes, notes = harness.plan_dtypes(["float32", "bfloat16", "auto"], backend=backend,
+                                      cpu_flags=flags)
+  assert dtypes == want
+  assert any("bf16 skipped" in n for n in notes) == skipped
+  assert any(n.startswith("activations: ") and "dtype='auto'" in n for n in notes)
+  forced, _ = harness.plan_dtypes(["bfloat16"], backend="cpu", cpu_flags=(),
+                                  allow_emulated_bf16=True)
+  assert forced == ["bfloat16"]
+
+
+def test_gpu_variant_runs_on_cpu_with_dot_product_attention(tmp_path, monkeypatch):
+  """bench_gpu.py end to end on CPU (tiny sizes): bf16 ia3-jax with its attention through
+  jax.nn.dot_product_attention against torch.autocast(bf16); the report is written."""
+  import jax
+  calls, real = [], jax.nn.dot_product_attention
+  monkeypatch.setattr(jax.nn, "dot_product_attention",
+                      lambda *a, **k: calls.append(1) or real(*a, **k))
+  out = tmp_path / "gpu.md"
+  assert bench_gpu.main(TINY + ["--skip", "memory", "--allow-emulated-bf16", "--torch-threads",
+                                "1", "--out", str(out)]) == 0
+  text = out.read_text()
+  assert calls and "attention dot_product_attention" in text
+  assert "| bf16 activations / torch.autocast(bf16) |" in text
+  assert "PyTorch, encoder reused (T-Few repo), bf16" in text
 
 
 def test_real_size_memory_script_on_the_tiny_preset():

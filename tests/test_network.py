@@ -390,3 +390,169 @@ def test_scanned_layers_equal_the_unrolled_network_with_stacked_params(tmp_path,
   with pytest.raises(ValueError, match="decoding with Blocks"):
     scanned.apply({"params": stacked}, batch["encoder_input_tokens"],
                   batch["decoder_input_tokens"][:, :1], decode=True, mutable=["cache"])
+
+
+# --------------------------------------------------------------------------- attention_impl
+
+DPA = "dot_product_attention"
+
+
+def _count_dpa_calls(monkeypatch) -> list:
+  """Counts calls of `jax.nn.dot_product_attention` (to see every attention go through it)."""
+  calls, real = [], jax.nn.dot_product_attention
+
+  def counting(*args, **kwargs):
+    calls.append(kwargs.get("implementation"))
+    return real(*args, **kwargs)
+  monkeypatch.setattr(jax.nn, "dot_product_attention", counting)
+  return calls
+
+
+def test_dot_product_attention_gives_the_einsum_logits_and_gradients(tiny, monkeypatch):
+  """`attention_impl="dot_product_attention"`: encoder self-attention, causal decoder
+  self-attention and cross-attention (padded rows and keys) all through
+  `jax.nn.dot_product_attention`, with the einsum core's logits and float32 gradients."""
+  config, model, params = tiny
+  calls = _count_dpa_calls(monkeypatch)
+  batch = hf_utils.random_batch(np.random.default_rng(11), config.vocab_size)
+  args = (batch["encoder_input_tokens"], batch["decoder_input_tokens"],
+          batch["decoder_target_tokens"])
+  dpa = network.Transformer(config.replace(attention_impl=DPA))
+
+  def loss(m, p):
+    logits = m.apply({"params": p}, *args)
+    return jnp.mean(jax.nn.log_softmax(logits)[..., 3] * (args[2] > 0)), logits
+  (_, want), want_grads = jax.value_and_grad(lambda p: loss(model, p), has_aux=True)(params)
+  (_, got), grads = jax.value_and_grad(lambda p: loss(dpa, p), has_aux=True)(params)
+  assert len(calls) == config.num_encoder_layers + 2 * config.num_decoder_layers
+  tolerances.assert_close(got, want)
+  for g, r in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+    tolerances.assert_close(g, r, rtol=1e-4)
+  bf16 = lambda m: network.Transformer(m.config.replace(dtype="bfloat16")).apply(
+      {"params": params}, *args)
+  valid = args[2] > 0  # bf16: the same products in bf16 with float32 sums
+  tolerances.assert_close(np.asarray(bf16(dpa))[valid], np.asarray(bf16(model))[valid],
+                          rtol=1e-2, scale_tol=1e-2)
+
+
+def test_dot_product_attention_grouped_cross_attention_and_decode_cache(tiny, monkeypatch):
+  """Grouped cross-attention (3 decoder rows per encoder row, padded rows masked per row) and
+  the KV-cache decode steps give the einsum core's logits."""
+  config, model, params = tiny
+  dpa = network.Transformer(config.replace(attention_impl=DPA))
+  calls = _count_dpa_calls(monkeypatch)
+  batch = hf_utils.random_batch(np.random.default_rng(12), config.vocab_size, batch=6, dec_len=5)
+  enc = batch["encoder_input_tokens"][::3]
+  dec_in, targets = batch["decoder_input_tokens"], batch["decoder_target_tokens"]
+  assert (targets == 0).any()
+  encoded, valid = model.apply({"params": params}, enc, method=network.Transformer.encode)
+  grouped = [m.apply({"params": params}, encoded, valid, dec_in, targets,
+                     method=network.Transformer.decode) for m in (model, dpa)]
+  tolerances.assert_close(grouped[1], grouped[0])
+  assert len(calls) == 2 * config.num_decoder_layers
+
+  encoded, valid = model.apply({"params": params}, batch["encoder_input_tokens"],
+                               method=network.Transformer.encode)
+  full = model.apply({"params": params}, encoded, valid, dec_in, method=network.Transformer.decode)
+  cache = network.init_decode_cache(dpa, params, encoded, valid, dec_in.shape[1])
+  step = jax.jit(lambda c, tok: dpa.apply({"params": params, "cache": c}, encoded, valid, tok,
+                                          decode=True, mutable=["cache"],
+                                          method=network.Transformer.decode))
+  for t in range(dec_in.shape[1]):
+    logits, mutated = step(cache, dec_in[:, t:t + 1])
+    cache = mutated["cache"]
+    tolerances.assert_close(logits[:, 0], full[:, t])
+
+
+def test_dot_product_attention_matches_hf_t5(tmp_path):
+  """Through an HF checkpoint: PyTorch's logits with the dot_product_attention core."""
+  from ia3_jax.interop import hf_checkpoints
+  torch_model = hf_utils.make_hf_model(tmp_path, "t5_1_1", "odd")
+  config, params = hf_checkpoints.load_hf_checkpoint(tmp_path)
+  batch = hf_utils.random_batch(np.random.default_rng(13), config.vocab_size, enc_len=40,
+                                dec_len=30)  # 40 > max_distance: logarithmic buckets too
+  model = network.Transformer(config.replace(attention_impl=DPA, dpa_implementation="xla"))
+  logits = np.asarray(model.apply({"params": params}, batch["encoder_input_tokens"],
+                                  batch["decoder_input_tokens"], batch["decoder_target_tokens"]))
+  valid = batch["decoder_target_tokens"] > 0
+  tolerances.assert_close_to_torch(logits[valid], hf_utils.torch_logits(torch_model, batch)[valid])
+
+
+def test_attention_impl_is_validated_and_cudnn_needs_a_gpu(tiny):
+  from ia3_jax.errors import ConfigError
+  with pytest.raises(ValueError, match="T5Config.attention_impl: unknown 'flash'"):
+    get_config("tiny", attention_impl="flash")
+  with pytest.raises(ValueError, match="T5Config.dpa_implementation"):
+    get_config("tiny", attention_impl=DPA, dpa_implementation="triton")
+  config, _, params = tiny
+  cudnn = network.Transformer(config.replace(attention_impl=DPA, dpa_implementation="cudnn"))
+  tokens = np.ones((1, 4), np.int32)
+  assert jax.default_backend() == "cpu"
+  with pytest.raises(ConfigError, match=r"dpa_implementation='cudnn' needs a CUDA GPU.*'cpu'"):
+    cudnn.apply({"params": params}, tokens, tokens)
+
+
+# --------------------------------------------------------------------------- dtype="auto"
+
+CPUINFO_SAMPLE = """processor\t: 0
+model name\t: Example CPU 9000
+flags\t\t: fpu sse2 avx2 avx512f {extra}
+
+processor\t: 1
+model name\t: Example CPU 9000
+flags\t\t: fpu
+"""
+
+
+@pytest.mark.parametrize("backend,extra,want", [
+    ("cpu", "", "float32"), ("cpu", "avx512_bf16", "bfloat16"), ("cpu", "amx_bf16", "bfloat16"),
+    ("gpu", "", "bfloat16"), ("tpu", "", "bfloat16")])
+def test_auto_dtype_follows_native_bf16(backend, extra, want):
+  from ia3_jax.model import precision
+  cpu = precision.parse_cpuinfo(CPUINFO_SAMPLE.format(extra=extra))
+  assert cpu.model == "Example CPU 9000" and "avx2" in cpu.flags and "fpu" in cpu.flags
+  assert cpu.native_bf16 == ((extra,) if extra else ())
+  assert ("avx512_bf16 yes" in cpu.describe()) == (extra == "avx512_bf16")
+  name, why = precision.resolve_dtype("auto", backend=backend, cpu_flags=cpu.flags)
+  assert name == want
+  assert (extra or backend) in why if want == "bfloat16" else "emulated" in why
+  assert precision.resolve_dtype("bfloat16", backend="cpu", cpu_flags=()) == (
+      "bfloat16", "set explicitly")
+
+
+def test_auto_dtype_reaches_the_model(tiny):
+  from ia3_jax.model import precision
+  config, _, params = tiny
+  auto = config.replace(dtype="auto")
+  want = precision.resolve_dtype("auto")[0]
+  assert auto.activation_dtype == jnp.dtype(want)
+  assert auto.to_dict()["dtype"] == "auto" and type(auto)(**auto.to_dict()) == auto
+  tokens = np.ones((2, 5), np.int32)
+  encoded, _ = network.Transformer(auto).apply({"params": params}, tokens,
+                                               method=network.Transformer.encode)
+  assert encoded.dtype == jnp.dtype(want)
+  assert precision.describe_dtype("auto").startswith(f"activations: {want} (dtype='auto': ")
+  with pytest.raises(TypeError):
+    get_config("tiny", dtype="automatic")
+
+
+@pytest.mark.parametrize("model_gin", ["tiny", "demo"])
+def test_gin_macro_and_auto_dtype_reach_the_config(model_gin):
+  """ATTENTION_IMPL (models/*.gin) and dtype="auto" set through gin, as `--gin.` flags do."""
+  import os
+  import gin
+  from ia3_jax import gin_configurables
+  from ia3_jax.interop import hf_checkpoints
+  from ia3_jax import demo
+  fn = hf_checkpoints.load_hf_config if model_gin == "demo" else get_config
+  name = "hf_checkpoints.load_hf_config" if model_gin == "demo" else "config.get_config"
+  gin.clear_config()
+  try:
+    gin.parse_config_files_and_bindings(
+        [os.path.join(gin_configurables.gin_dir(), "models", f"{model_gin}.gin")],
+        [f"INITIAL_CHECKPOINT_PATH = '{demo.BUNDLED_MODEL_DIR}'", f"ATTENTION_IMPL = '{DPA}'",
+         f"{name}.dtype = 'auto'"])
+    config = gin.get_configurable(fn)()
+  finally:
+    gin.clear_config()
+  assert (config.attention_impl, config.dtype) == (DPA, "auto")

@@ -102,7 +102,8 @@ def config_to_hf(config: T5Config, model_type: str = "t5") -> dict:
   }
 
 
-def load_hf_config(path: PathLike, *, dtype: Any = "float32") -> T5Config:
+def load_hf_config(path: PathLike, *, dtype: Any = "float32", **fields: Any) -> T5Config:
+  """The T5Config of an HF model directory; `fields` set run-time fields (attention_impl, ...)."""
   path = pathlib.Path(path)
   cfg_path = path / "config.json"
   if not path.is_dir():
@@ -110,7 +111,8 @@ def load_hf_config(path: PathLike, *, dtype: Any = "float32") -> T5Config:
   if not cfg_path.exists():
     raise CheckpointError(f"{path}: no config.json; expected an HF model directory "
                           "(config.json + model.safetensors / pytorch_model.bin)")
-  return config_from_hf(_read_json(cfg_path), dtype=dtype, source=str(cfg_path))
+  config = config_from_hf(_read_json(cfg_path), dtype=dtype, source=str(cfg_path))
+  return config.replace(**fields) if fields else config
 
 
 # --------------------------------------------------------------------------- names

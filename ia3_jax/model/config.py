@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Sequence
+from typing import Any, Optional, Sequence
 
 import jax.numpy as jnp
+
+from ia3_jax.model import precision
 
 
 @dataclasses.dataclass(frozen=True)
@@ -22,10 +24,18 @@ class T5Config:
   mlp_activations: Sequence[str] = ("gelu", "linear")
   dropout_rate: float = 0.0
   logits_via_embedding: bool = False
-  dtype: Any = "float32"  # activation dtype; params are always float32
+  # Activation dtype; params are always float32. "auto": bfloat16 where the backend runs
+  # it natively, else float32 (`precision.resolve_dtype`).
+  dtype: Any = "float32"
   relative_attention_num_buckets: int = 32
   relative_attention_max_distance: int = 128
   layer_norm_epsilon: float = 1e-6
+  # The attention core: "einsum" (softmax(q k^T + bias) v in explicit products) or
+  # "dot_product_attention" (`jax.nn.dot_product_attention`, same numerics; attention-weight
+  # dropout, which it lacks, runs the einsum core). `dpa_implementation`: its
+  # `implementation=`, None (XLA's choice), "xla" or "cudnn" (GPU only).
+  attention_impl: str = "einsum"
+  dpa_implementation: Optional[str] = None
 
   def __post_init__(self):
     object.__setattr__(self, "mlp_activations", tuple(self.mlp_activations))
@@ -40,11 +50,19 @@ class T5Config:
       if act not in ACTIVATIONS:
         raise ValueError(f"T5Config.mlp_activations: unknown activation {act!r}; "
                          f"known: {sorted(ACTIVATIONS)}")
-    jnp.dtype(self.dtype)  # raises TypeError on an unknown dtype name
+    if self.dtype != precision.AUTO:
+      jnp.dtype(self.dtype)  # raises TypeError on an unknown dtype name
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"T5Config.attention_impl: unknown {self.attention_impl!r}; "
+                       f"known: {', '.join(ATTENTION_IMPLS)}")
+    if self.dpa_implementation not in DPA_IMPLEMENTATIONS:
+      raise ValueError(f"T5Config.dpa_implementation: unknown {self.dpa_implementation!r}; "
+                       f"known: {', '.join(map(str, DPA_IMPLEMENTATIONS))}")
 
   @property
   def activation_dtype(self) -> jnp.dtype:
-    return jnp.dtype(self.dtype)
+    """The dtype activations run in ("auto" resolved for this process)."""
+    return jnp.dtype(precision.auto_dtype() if self.dtype == precision.AUTO else self.dtype)
 
   @property
   def joined_kv(self) -> int:
@@ -56,11 +74,13 @@ class T5Config:
   def to_dict(self) -> dict:
     d = dataclasses.asdict(self)
     d["mlp_activations"] = list(self.mlp_activations)
-    d["dtype"] = str(jnp.dtype(self.dtype))
+    d["dtype"] = self.dtype if self.dtype == precision.AUTO else str(jnp.dtype(self.dtype))
     return d
 
 
 ACTIVATIONS = ("relu", "gelu", "gelu_exact", "silu", "linear")
+ATTENTION_IMPLS = ("einsum", "dot_product_attention")
+DPA_IMPLEMENTATIONS = (None, "xla", "cudnn")
 
 _T5_1_1 = dict(mlp_activations=("gelu", "linear"), logits_via_embedding=False)
 _T5_1_0 = dict(mlp_activations=("relu",), logits_via_embedding=True)

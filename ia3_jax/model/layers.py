@@ -16,6 +16,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ia3_jax.errors import ConfigError
 from ia3_jax.model import storage
 from ia3_jax.model.config import T5Config
 
@@ -287,18 +288,20 @@ class MultiHeadDotProductAttention(Projecting):
       q = q.reshape((k.shape[0], groups * len_q) + q.shape[2:])
       bias = group_bias(bias, groups, batch_q, len_q)
 
-    # Logits and outputs accumulate in float32 (a no-op for float32 activations).
-    logits = einsum("bqhd,bkhd->bhqk", q, k, dtype) + bias.astype(jnp.float32)
-    weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
-    if cfg.dropout_rate > 0 and not deterministic:
-      # One mask per query row, shared over its query positions (T5X); the
-      # rows of a group get independent masks, as they would if repeated.
-      shape = weights.shape
-      if groups > 1:
-        weights = weights.reshape(shape[:2] + (groups, len_q) + shape[3:])
-      weights = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(weights, deterministic=False)
-      weights = weights.reshape(shape)
-    out = einsum("bhqk,bkhd->bqhd", weights, v, dtype).astype(dtype)
+    dropout = cfg.dropout_rate > 0 and not deterministic
+    if cfg.attention_impl == "dot_product_attention" and not dropout:
+      out = dot_product_attention(q, k, v, bias, dtype, cfg.dpa_implementation)
+    else:
+      weights = attention_weights(q, k, bias, dtype)
+      if dropout:
+        # One mask per query row, shared over its query positions (T5X); the
+        # rows of a group get independent masks, as they would if repeated.
+        shape = weights.shape
+        if groups > 1:
+          weights = weights.reshape(shape[:2] + (groups, len_q) + shape[3:])
+        weights = nn.Dropout(cfg.dropout_rate, broadcast_dims=(-2,))(weights, deterministic=False)
+        weights = weights.reshape(shape)
+      out = einsum("bhqk,bkhd->bqhd", weights, v, dtype).astype(dtype)
     out = out.reshape((batch_q, len_q) + out.shape[2:])
     out = constrain(out, ("batch", "length", "heads", "kv"))
     out = out.reshape(out.shape[:2] + (joined,))
@@ -350,6 +353,40 @@ def attention_groups(batch_q: int, batch_kv: int) -> int:
     raise ValueError(f"attention: {batch_kv} key/value rows cannot serve {batch_q} query rows "
                      "(the query batch must be a multiple of the key/value batch)")
   return batch_q // batch_kv
+
+
+def attention_weights(q: Array, k: Array, bias: Array, dtype: Any) -> Array:
+  """softmax(q k^T + bias) [B, h, q, k] in `dtype`, from float32 logits (T5: no 1/sqrt(d))."""
+  logits = einsum("bqhd,bkhd->bhqk", q, k, dtype) + bias.astype(jnp.float32)
+  return jax.nn.softmax(logits, axis=-1).astype(dtype)
+
+
+def check_dpa_implementation(implementation: Optional[str]) -> None:
+  """One-line error for a `jax.nn.dot_product_attention` implementation this backend lacks."""
+  backend = jax.default_backend()
+  if implementation == "cudnn" and backend not in ("gpu", "cuda"):
+    raise ConfigError(f"T5Config.dpa_implementation='cudnn' needs a CUDA GPU; the JAX backend "
+                      f"here is {backend!r} (use None or 'xla')")
+
+
+def dot_product_attention(q: Array, k: Array, v: Array, bias: Array, dtype: Any,
+                          implementation: Optional[str] = None) -> Array:
+  """The T5 attention core through `jax.nn.dot_product_attention`: [B, q, h, d] in `dtype`.
+
+  The same numbers as `attention_weights` then the weighted sum: `scale=1.0`
+  (the query init holds T5's scaling), the relative-position bias with the
+  padding/causal mask folded in (NEG_INF) as `bias`, float32 logits and
+  softmax, probabilities in `dtype` for the product with `v`. cuDNN wants
+  the bias at full [q, k] size and in the inputs' dtype.
+  """
+  check_dpa_implementation(implementation)
+  q, k, v = (t.astype(dtype) for t in (q, k, v))
+  bias = bias.astype(jnp.float32)
+  if implementation == "cudnn":
+    bias = jnp.broadcast_to(bias, bias.shape[:2] + (q.shape[1], k.shape[1])).astype(dtype)
+  out = jax.nn.dot_product_attention(q, k, v, bias=bias, scale=1.0,
+                                     implementation=implementation)
+  return out.astype(dtype)
 
 
 ACTIVATION_FNS: dict[str, Callable[[Array], Array]] = {
