@@ -9,6 +9,8 @@ environment variables (CI runs them small; see tests/test_notebooks.py):
   IA3_JAX_NB_STEPS   (IA)^3 / fine-tuning steps per run
   IA3_JAX_NB_SEEDS   comma-separated few-shot seeds
   IA3_JAX_NB_TASKS   comma-separated held-out families
+  IA3_JAX_NB_COMBINE_TASKS  held-out families of the ablations' adapter-combining section
+                     (at least 2; default all three)
   IA3_JAX_NB_EVAL    evaluation examples per task
   IA3_JAX_NB_OUT     where plots and exports go
   IA3_JAX_NB_SMALL   1: every other size small too (pre-training steps, methods' steps)
@@ -148,8 +150,10 @@ def ablations() -> nbformat.NotebookNode:
          "The T-Few paper's ablations, on ia3-jax's own tiny T5 and the held-out synthetic "
          "tasks: (1) the losses (L_LM alone, + L_UL, + L_LN, all three), (2) (IA)$^3$ "
          "initialised at ones vs pre-trained on the multitask mixture, (3) (IA)$^3$ vs full "
-         "fine-tuning and the other PEFT methods ia3-jax ships. Accuracy is rank "
-         "classification, median over templates, averaged over few-shot seeds."),
+         "fine-tuning and the other PEFT methods ia3-jax ships, (4) many tasks, one model: "
+         "one adapter per task in a bank (one mixed-task pass) vs the adapters combined into "
+         "one. Accuracy is rank classification, median over templates, averaged over "
+         "few-shot seeds."),
       code(SETTINGS.format(steps=300, seeds="0,1,2", tasks="recommend,edible,alive",
                            eval_size=300)),
       code('''\
@@ -177,21 +181,21 @@ def run(runner, init=None):
     scores[task] = float(np.mean(per_seed))
   return scores
 
-def bar_plot(results, title, path):
+def bar_plot(results, title, path, tasks=TASKS):
   names = list(results)
-  x = np.arange(len(TASKS) + 1)
+  x = np.arange(len(tasks) + 1)
   width = 0.8 / len(names)
   fig, ax = plt.subplots(figsize=(2 + 1.6 * len(x), 3.6))
   for i, name in enumerate(names):
-    vals = [results[name][t] for t in TASKS]
+    vals = [results[name][t] for t in tasks]
     ax.bar(x + (i - (len(names) - 1) / 2) * width, [100 * v for v in vals + [np.mean(vals)]], width, label=name)
-  ax.set_xticks(x, TASKS + ["mean"]); ax.set_ylim(0, 100); ax.set_ylabel("accuracy (%)")
+  ax.set_xticks(x, tasks + ["mean"]); ax.set_ylim(0, 100); ax.set_ylabel("accuracy (%)")
   ax.set_title(title); ax.legend(fontsize=8, loc="lower right")
   fig.tight_layout(); fig.savefig(os.path.join(OUT, path), dpi=100); plt.show()
 
 def show(results):
   for name, r in results.items():
-    print(f"{name:28s}" + "".join(f"{t}: {100 * v:5.1f}  " for t, v in r.items()) + f"mean: {100 * np.mean(list(r.values())):5.1f}")'''),
+    print(f"{name:32s}" + "".join(f"{t}: {100 * v:5.1f}  " for t, v in r.items()) + f"mean: {100 * np.mean(list(r.values())):5.1f}")'''),
       code('''\
 zs_runner = demo.FewShotRunner(config, base_params, method="ia3", train_steps=1)
 zero_shot = {t: float(np.median(list(zs_runner.evaluate(zs_runner.initial_params(), t).values()))) for t in TASKS}
@@ -260,6 +264,115 @@ ax.axhline(100 * np.mean(list(zero_shot.values())), color="grey", ls="--", lw=1,
 ax.set_xscale("log"); ax.set_xlabel("trainable parameters"); ax.set_ylabel("mean accuracy (%)")
 ax.set_title("Accuracy vs trainable parameters"); ax.legend(fontsize=8)
 fig.tight_layout(); fig.savefig(os.path.join(OUT, "ablation_params.png"), dpi=100); plt.show()'''),
+      md("## 4. Many tasks, one model: an adapter bank vs combined adapters\n\n"
+         "One (IA)$^3$ adapter per held-out task (T-Few, the first seed), then: (a) each adapter "
+         "on its own task, through the one-task model; (b) all the tasks in ONE mixed-task pass "
+         "(`runs.score(adapters=bank)`: an `AdapterBank` with one row per task, each example "
+         "using its task's row), which must give the same predictions and scores as (a); "
+         "(c) one adapter made from all of them by each method of `peft.combine`, used for every "
+         "task: `linear` with equal weights 1/n (peft's `add_weighted_adapter`), "
+         "`multiplicative` (the adapters in sequence), `task_arithmetic` with lambda 0.5 "
+         "(between the mean of the task vectors, 1/n, and their sum, 1) and `ties` with the "
+         "paper's defaults k = 20 (% of each adapter's entries kept) and lambda 1. The "
+         "combinations run through one compiled program: `AdapterBank.replace` changes "
+         "values only (`runs.with_bank`). Its own setting `IA3_JAX_NB_COMBINE_TASKS` picks the "
+         "tasks (at least 2)."),
+      code('''\
+import json
+import jax
+from ia3_jax import data, runs
+from ia3_jax.data import batches, features
+from ia3_jax.peft import combine
+from ia3_jax.peft.banks import AdapterBank
+
+COMBINE_TASKS = os.environ.get("IA3_JAX_NB_COMBINE_TASKS", "recommend,edible,alive").split(",")
+if len(COMBINE_TASKS) < 2:
+  raise ValueError(f"IA3_JAX_NB_COMBINE_TASKS={','.join(COMBINE_TASKS)}: give at least 2 held-out tasks")
+
+demo.register_tasks(vocabulary, families=COMBINE_TASKS, seeds=SEEDS, num_shots=32, eval_size=EVAL_SIZE)
+KEYS = {t: f"demo_{t}" for t in COMBINE_TASKS}   # dataset keys: the adapters' names in a bank
+MIXED = data.add_mixture("demo_combine_eval", [f"demo_{t}_eval" for t in COMBINE_TASKS],
+                         kind="eval", default_split="validation")
+LENGTHS = {k: max(demo.feature_lengths(t)[k] for t in COMBINE_TASKS) for k in ("inputs", "targets", "num_choices")}
+t0 = time.time()
+combine_runner = demo.FewShotRunner(config, base_params, method="ia3", train_steps=STEPS,
+                                    optimizer=optimizers.OptimizerConfig(learning_rate=LR))
+fitted = {t: combine_runner.fit(t, SEEDS[0])[0] for t in COMBINE_TASKS}
+adapters = {t: combine_runner.trainable_params(p) for t, p in fitted.items()}   # one-task trees [1, width]
+print(f"{len(adapters)} adapters fitted: {time.time() - t0:.0f} s")
+
+def median_accuracy(per_template):
+  return float(np.median([r["accuracy"] for r in per_template.values()]))
+
+def rows_alone(task, params):
+  """(a): the task's evaluation split through the one-task (IA)^3 model, no bank (batch shapes
+  as in the mixed pass: other lengths change float32 sums in the last digits)."""
+  classify, rows = combine_runner.trainer.classifier(demo.EVAL_BATCH_SIZE), {}
+  for batch in batches.get_batches(f"demo_{task}_eval", None, demo.EVAL_BATCH_SIZE, LENGTHS):
+    out = classify(params, {k: batch[k] for k in features.MODEL_FEATURES if k in batch})
+    for i in np.nonzero(batch["example_mask"])[0]:
+      rows[(task, int(batch["example_id"][i]), int(batch["template_id"][i]))] = (
+          int(out["predictions"][i]), np.asarray(out["scores"][i])[batch["choice_mask"][i] > 0],
+          int(batch["label"][i]))
+  return rows
+
+def accuracy_of(rows):
+  """Each task's accuracy, median over templates, of {(task, example, template): (prediction, scores, label)}."""
+  groups = {}
+  for (task, _, template), (pred, _, label) in rows.items():
+    groups.setdefault(task, {}).setdefault(template, []).append(pred == label)
+  return {t: float(np.median([np.mean(v) for v in groups[t].values()])) for t in COMBINE_TASKS}'''),
+      code('''\
+bank = AdapterBank(adapters[COMBINE_TASKS[0]], capacity=len(COMBINE_TASKS))
+for t in COMBINE_TASKS:
+  bank.add(KEYS[t], adapters[t], {"source": f"T-Few on {t}, seed {SEEDS[0]}"})
+print(bank)
+scored = runs.score(output_dir=os.path.join(OUT, "combine_mixed"), config=config,
+                    data=data.SeqioBatches(MIXED, LENGTHS), batch_size=demo.EVAL_BATCH_SIZE,
+                    initial_checkpoint_path=demo.BUNDLED_MODEL_DIR, adapters=bank)
+mixed_rows = {}
+with open(scored["path"]) as f:
+  for r in map(json.loads, f):
+    mixed_rows[(r["task"][len("demo_"):], r["example_id"], r["template_id"])] = (
+        r["prediction"], np.array([s for s in r["scores"] if s is not None]), r["label"])
+alone_rows = {k: v for t in COMBINE_TASKS for k, v in rows_alone(t, fitted[t]).items()}
+same_rows = mixed_rows.keys() == alone_rows.keys()
+rel = max(float(np.max(np.abs(mixed_rows[k][1] - v[1]) / np.abs(v[1]))) if same_rows else np.inf
+          for k, v in alone_rows.items())
+same = same_rows and all(mixed_rows[k][0] == v[0] for k, v in alone_rows.items()) and rel <= 1e-5
+print(f"{len(mixed_rows)} rows of {len(COMBINE_TASKS)} tasks in one pass; largest relative score difference {rel:.1e}")
+print("mixed pass equals each alone:", same)'''),
+      code('''\
+N = len(COMBINE_TASKS)
+COMBINERS = {  # name -> the one adapter made from the fitted ones
+    "linear, weights 1/n": lambda a: combine.linear(a, [1 / N] * N),   # a: {task: adapter}
+    "multiplicative": combine.multiplicative,
+    "task arithmetic, lambda 0.5": lambda a: combine.task_arithmetic(a, lambda_=0.5),
+    "TIES, k 20, lambda 1": lambda a: combine.ties(a, k=20, lambda_=1.0),
+}
+serving = AdapterBank(adapters[COMBINE_TASKS[0]], capacity=N)
+for t in COMBINE_TASKS:
+  serving.add(KEYS[t], adapters[t])
+tr, bank_params, serving = runs.load_bank_for_inference(serving, config=config,
+                                                        initial_checkpoint_path=demo.BUNDLED_MODEL_DIR)
+mixture = runs.bank_data(data.SeqioBatches(MIXED, LENGTHS), serving)
+
+def everywhere(adapter):
+  """Accuracy per task with `adapter` in every task's row: one mixed pass, no recompilation."""
+  for t in COMBINE_TASKS:
+    serving.replace(KEYS[t], adapter)
+  params = runs.with_bank(tr, bank_params, serving)   # new values, same shapes: no new compilation
+  result = tr.evaluate(params, mixture(batch_size=demo.EVAL_BATCH_SIZE), demo.EVAL_BATCH_SIZE, per_task=True)
+  return {serving.name_of_row(row)[len("demo_"):]: median_accuracy(r["per_template"])
+          for row, r in result["per_task"].items()}
+
+combine_results = {"zero-shot": everywhere(jax.tree.map(np.ones_like, adapters[COMBINE_TASKS[0]])),
+                   "(a) each adapter, alone": accuracy_of(alone_rows),
+                   "(b) bank, one mixed pass": accuracy_of(mixed_rows)}
+for name, make in COMBINERS.items():
+  combine_results[f"(c) {name}"] = everywhere(make(adapters))
+show(combine_results)
+bar_plot(combine_results, "Combining adapters", "ablation_combine.png", tasks=COMBINE_TASKS)'''),
   ]
   return new_notebook(cells=cells, metadata=_metadata())
 

@@ -7,6 +7,10 @@ row's ID) and `Label` (the label's name as the benchmark spells it).
 
     ia3-jax infer --gin.MIXTURE_OR_TASK_NAME="'raft_eval'" ...   # the 11 test sets, one run
     ia3-jax raft-submission --predictions RUN/predictions.jsonl --out SUBMISSION/data
+
+A row's RAFT task is its `task` field when present (an infer run with ADAPTERS names
+each row's task, and its `task_id` is then a row of the adapter bank), else its built-in
+`task_id`.
 """
 
 from __future__ import annotations
@@ -44,14 +48,27 @@ def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def task_of(row: Mapping[str, Any], where: str) -> str:
-  """The RAFT task (e.g. `ade_corpus_v2`) of a prediction row, from its `task_id`."""
+  """The RAFT task (e.g. `ade_corpus_v2`) of a prediction row: from its `task` (the dataset
+  key `raft_<task>` of a run with ADAPTERS, or the bare task name) when present, else
+  from its built-in `task_id`."""
+  if "task" in row:
+    return _task_of_name(row["task"], where)
   if "task_id" not in row:
-    raise DataError(f"{where}: no task_id field (rows of `ia3-jax infer` predictions.jsonl)")
+    raise DataError(f"{where}: no task or task_id field (rows of `ia3-jax infer` "
+                    "predictions.jsonl)")
   task = TASK_OF_ID.get(row["task_id"])
   if task is None:
     raise DataError(f"{where}: task_id {row['task_id']} is not a RAFT task (RAFT ids: "
                     f"{min(TASK_OF_ID)}..{max(TASK_OF_ID)}); predict with the built-in ids, "
                     "without a task_id_map")
+  return task
+
+
+def _task_of_name(name: Any, where: str) -> str:
+  task = name[len("raft_"):] if isinstance(name, str) and name.startswith("raft_") else name
+  if task not in RAFT_TASKS:
+    raise DataError(f"{where}: task {name!r} is not a RAFT task (tasks: raft_<name> with "
+                    f"<name> one of {', '.join(RAFT_TASKS)})")
   return task
 
 
@@ -100,9 +117,9 @@ def write_submission(predictions: str | os.PathLike | Iterable[Mapping[str, Any]
   """Writes `<out_dir>/<task>/predictions.csv` for every RAFT task in `predictions`.
 
   `predictions`: a `predictions.jsonl` of `ia3-jax infer` over RAFT test sets (or its rows:
-  `task_id`, `example_id`, `prediction`); `raft_dir` (default $IA3_JAX_RAFT_DIR): the RAFT
-  CSV folder, read for the test IDs. Every file is checked (each test row predicted once,
-  labels from the task's set) before any is written; each is written atomically.
+  `task` or `task_id`, `example_id`, `prediction`); `raft_dir` (default $IA3_JAX_RAFT_DIR):
+  the RAFT CSV folder, read for the test IDs. Every file is checked (each test row predicted
+  once, labels from the task's set) before any is written; each is written atomically.
   Returns task -> path.
   """
   is_file = isinstance(predictions, (str, os.PathLike))

@@ -10,10 +10,11 @@ from nbclient import NotebookClient
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 NB_DIR = os.path.join(ROOT, "notebooks")
 SMALL = {"IA3_JAX_NB_SMALL": "1", "IA3_JAX_NB_STEPS": "8", "IA3_JAX_NB_SEEDS": "0",
-         "IA3_JAX_NB_TASKS": "recommend", "IA3_JAX_NB_EVAL": "24"}
+         "IA3_JAX_NB_TASKS": "recommend", "IA3_JAX_NB_EVAL": "24",
+         "IA3_JAX_NB_COMBINE_TASKS": "recommend,edible"}  # combining adapters needs >= 2 tasks
 PLOTS = {"quickstart": ["quickstart_loss.png"],
          "ablations": ["ablation_losses.png", "ablation_init.png", "ablation_methods.png",
-                       "ablation_params.png"]}
+                       "ablation_params.png", "ablation_combine.png"]}
 
 
 def _builder():
@@ -51,3 +52,6 @@ def test_notebook_runs(name, tmp_path, monkeypatch):
   if name == "quickstart":
     assert "unmerge is exact: True" in text and "adapter round trip: True" in text
     assert "merged model round trip: True" in text
+  if name == "ablations":  # one mixed-task pass over 2 tasks = each task alone with its adapter
+    assert "mixed pass equals each alone: True" in text
+    assert "(c) TIES, k 20, lambda 1" in text

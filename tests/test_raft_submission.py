@@ -13,6 +13,7 @@ from ia3_jax import cli, data, runs, tasks
 from ia3_jax.data import batches
 from ia3_jax.errors import DataError
 from ia3_jax.model import config
+from ia3_jax.model import params as params_lib
 from ia3_jax.peft import ia3
 from ia3_jax.tasks import raft, raft_submission
 from tests.data_fixtures import vocabulary
@@ -69,6 +70,42 @@ def test_one_infer_run_over_raft_eval_gives_a_submission_file_per_task(raft_dir,
     assert [r[1] for r in table[1:]] == [labels[preds[i]] for i in range(TEST_ROWS)]
 
 
+def test_infer_with_one_adapter_per_task_writes_rows_the_submission_reads_by_task(
+    raft_dir, tmp_path):
+  """ADAPTERS (one random (IA)^3 adapter per RAFT task): the rows' task_id are bank rows
+  (0..10, the built-in ids of the T0 tasks), so the submission must follow each row's task."""
+  cfg = dataclasses.replace(config.get_config("tiny"), vocab_size=320)
+  lengths = {"inputs": 128, "targets": 16, "num_choices": 77}
+  source = batches.SeqioBatches(tasks.RAFT_EVAL_MIXTURE, lengths, shuffle=False, repeat=False)
+  rng = np.random.default_rng(1)
+  like = params_lib.flatten(ia3.init_ia3(cfg))
+  adapters = {key: params_lib.unflatten({p: rng.uniform(0.5, 1.5, v.shape).astype(np.float32)
+                                         for p, v in like.items()})
+              for key in tasks.RAFT_KEYS}
+  out = runs.infer(output_dir=str(tmp_path / "run"), config=cfg, data=source, batch_size=8,
+                   initial_checkpoint_path=None, checkpoint_path=None, seed=0,
+                   adapters=adapters)
+  rows = [json.loads(line) for line in open(out["path"])]
+  assert len(rows) == 11 * TEST_ROWS and {r["task"] for r in rows} == set(tasks.RAFT_KEYS)
+  assert {r["task_id"] for r in rows} == set(range(11))  # bank rows, not the RAFT ids
+  assert cli.main(["raft-submission", "--predictions", out["path"],
+                   "--out", str(tmp_path / "submission"), "--raft_dir", raft_dir]) == 0
+  for task, (_, labels) in raft.RAFT_TASKS.items():
+    table = _read(tmp_path / "submission" / task / "predictions.csv")
+    preds = {r["example_id"]: r["prediction"] for r in rows if r["task"] == f"raft_{task}"}
+    assert [r[0] for r in table[1:]] == [str(FIRST_ID + i) for i in range(TEST_ROWS)]
+    assert [r[1] for r in table[1:]] == [labels[preds[i]] for i in range(TEST_ROWS)]
+
+
+def test_task_field_wins_over_task_id_and_may_be_the_bare_name(raft_dir, tmp_path):
+  rows = ([dict(r, task="raft_overruling", task_id=0) for r in _rows("overruling")]
+          + [dict(r, task="tweet_eval_hate", task_id=3)
+             for r in _rows("ade_corpus_v2", prediction=0)])
+  written = raft_submission.write_submission(rows, tmp_path, raft_dir)
+  assert sorted(written) == ["overruling", "tweet_eval_hate"]
+  assert _read(written["tweet_eval_hate"])[1] == ["50", "hate speech"]
+
+
 def _rows(task="overruling", n=TEST_ROWS, prediction=1):
   tid = tasks.BUILTIN_TASK_IDS[f"raft_{task}"]
   return [{"task_id": tid, "example_id": i, "template_id": 0, "prediction": prediction}
@@ -90,6 +127,8 @@ def test_labels_are_spelled_as_the_benchmark_does(raft_dir, tmp_path):
      r"row 11: raft overruling example 0 was predicted twice, as 'overruling' and 'not overruling'"),
     (_rows() + [dict(_rows()[0], example_id=7)], r"predictions for examples \[7\] beyond its 5"),
     ([dict(_rows()[0], task_id=0)], r"row 6: task_id 0 is not a RAFT task"),
+    ([dict(_rows()[0], task="rte")], r"row 6: task 'rte' is not a RAFT task"),
+    ([{"example_id": 0, "prediction": 0}], r"row 6: no task or task_id field"),
     ([], r"no predictions"),
 ])
 def test_bad_predictions_are_errors_and_nothing_is_written(raft_dir, tmp_path, rows, message):
