@@ -41,7 +41,7 @@ from ia3_jax.data.registration import dataset_template_names
 from ia3_jax.errors import AdapterError, CheckpointError, ConfigError, DataError
 from ia3_jax.interop import ia3_adapters
 from ia3_jax.interop.adapter_files import ADAPTER_CONFIG
-from ia3_jax.model import network
+from ia3_jax.model import network, precision
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config
 from ia3_jax.model.storage import FrozenStorage
@@ -79,6 +79,8 @@ def load_for_inference(*, config: T5Config, blocks: Optional[network.Blocks] = N
                   meta["initial_checkpoint_path"])
     seed = int(meta.get("seed", seed))  # the random base (if any) of the training run
   model = build_model(config, blocks, dropout_rate=0.0, scan_layers=scan_layers)
+  if jax.process_index() == 0:
+    print(precision.describe_dtype(config.dtype), flush=True)
   tr = Trainer(model, trainable=trainable, optimizer=optax.identity(),
                partitioner=Partitioner(partitioning), seed=seed, enable_dropout=False,
                use_task_id=use_task_id, max_choices_per_step=max_choices_per_step,

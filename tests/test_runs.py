@@ -85,6 +85,14 @@ def test_eval_names_templates_and_reports_truncation(tmp_path, monkeypatch, caps
   assert "truncated: " in capsys.readouterr().out
 
 
+def test_eval_with_auto_dtype_says_which_dtype_it_chose(tmp_path, monkeypatch, capsys):
+  from ia3_jax.model import precision
+  module, key = _task_module(tmp_path, monkeypatch)
+  _run("evaluate", tmp_path / "out", _data(module, key), cfg=TINY.replace(dtype="auto"))
+  name, why = precision.resolve_dtype("auto")
+  assert f"activations: {name} ({why})" in capsys.readouterr().out
+
+
 def test_vocabulary_larger_than_the_embedding_is_a_config_error(tmp_path, monkeypatch):
   module, key = _task_module(tmp_path, monkeypatch)
   small = TINY.replace(vocab_size=32)  # the toy vocabulary has 47 pieces

@@ -28,7 +28,7 @@ from ia3_jax import files
 from ia3_jax.data.batches import BatchSource
 from ia3_jax.errors import CheckpointError, DataError, TrainingDivergedError, TrainingInterrupted
 from ia3_jax.interop import hf_checkpoints
-from ia3_jax.model import network
+from ia3_jax.model import network, precision
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config
 from ia3_jax.model.storage import FrozenStorage
@@ -323,7 +323,8 @@ def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
               f"nothing to do, results in {results_path}", flush=True)
       return {**finished, "state": state}
   show(f"ia3-jax train: {partitioner.describe()}; {counts['trainable']:,} trainable of "
-       f"{counts['total']:,} params ({counts['trainable_bytes'] / 1e6:.3g} MB)")
+       f"{counts['total']:,} params ({counts['trainable_bytes'] / 1e6:.3g} MB); "
+       f"{precision.describe_dtype(model.config.dtype)}")
   for source in (train_data, eval_data):
     check_vocabulary(source, model.config)
 
