@@ -120,6 +120,18 @@ def test_frozen_int8_snippet_stores_the_bundled_model_quantised(capsys):
   assert kernels and all(np.dtype(k.qvalue.dtype) == np.int8 for k in kernels)
 
 
+def test_precision_snippet_prints_the_resolved_dtype(capsys):
+  """README "Model and checkpoints": dtype="auto" resolves for this machine and says why."""
+  import jax.numpy as jnp
+  from ia3_jax.model import precision
+  scope: dict = {}
+  exec(compile(readme_block("precision"), "README.md", "exec"), scope)  # pylint: disable=exec-used
+  name, why = precision.resolve_dtype("auto")
+  assert capsys.readouterr().out.splitlines() == [f"activations: {name} ({why})", name]
+  assert scope["config"].activation_dtype == jnp.dtype(name)
+  assert scope["config"].attention_impl == "dot_product_attention"
+
+
 def _combine_inputs(root: pathlib.Path) -> None:
   """The files of the README's combine example, tiny: `models/T0_3B` (a random T5 1.1), peft
   adapters `adapters/rte`, `adapters/cb` and a T-Few state dict `tfew/copa.pt`."""
