@@ -22,8 +22,7 @@ import numpy as np
 
 from ia3_jax.errors import AdapterError
 from ia3_jax.interop import hf_decoder, ia3_adapters
-from ia3_jax.interop.adapter_files import (ADAPTER_CONFIG, PEFT_PREFIX, read_adapter_dir,
-                                           strip_prefix, write_adapter_dir)
+from ia3_jax.interop.adapter_files import ADAPTER_CONFIG, PEFT_PREFIX, read_adapter_dir, strip_prefix
 from ia3_jax.model import decoder
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.decoder_config import DecoderConfig
@@ -124,31 +123,16 @@ def export_peft_ia3(ia3_params: Mapping[str, Any], config: DecoderConfig, out_di
   if not params_lib.flatten(bank):
     raise AdapterError("export_peft_ia3: no (IA)^3 params (ia3_*) given")
   by_target = {target: module for module, target in hf_decoder.hf_module_map(config).items()}
-  tensors, owner, targets, feedforward = {}, {}, set(), set()
+  placed = []
   for path, vec in sorted(params_lib.flatten(ia3.select_task(bank, task)).items()):
     block, leaf = path.rsplit("/", 1)
     projection, side = ia3.SITE_TARGETS[ia3.SITE_OF_PARAM[leaf]]
     module = by_target.get((block, projection))
     if module is None:
       raise AdapterError(f"{path}: no HF module for {block}/{projection}")
-    if module in owner:
-      raise AdapterError(f"sites {owner[module]!r} and {path!r} both map to peft module "
-                         f"{module!r}; peft holds one vector per module")
-    owner[module] = path
-    short = module.rsplit(".", 1)[-1]
-    targets.add(short)
-    if side == "in":
-      feedforward.add(short)
-    v = np.asarray(vec, np.float32).reshape(-1)
-    tensors[f"{PEFT_PREFIX}{module}.ia3_l"] = v[None, :] if side == "in" else v[:, None]
-  adapter_config = {
-      "peft_type": "IA3", "task_type": "CAUSAL_LM",
-      "target_modules": sorted(targets), "feedforward_modules": sorted(feedforward),
-      "fan_in_fan_out": False, "init_ia3_weights": True, "inference_mode": True,
-      "base_model_name_or_path": base_model_name_or_path, "modules_to_save": None,
-      "exclude_modules": None, "revision": None, "auto_mapping": None,
-  }
-  return write_adapter_dir(out_dir, adapter_config, tensors)
+    placed.append((path, module, side, vec))
+  return ia3_adapters.write_peft_ia3(placed, out_dir, task_type="CAUSAL_LM",
+                                     base_model_name_or_path=base_model_name_or_path)
 
 
 def merge_ia3(params: Mapping[str, Any], task: int = 0) -> tuple[Params, Params]:

@@ -409,12 +409,21 @@ def export_hf_checkpoint(params: Params, config: T5Config, path: PathLike, *,
 
   Tensors are float32 safetensors, sharded (with an index) above `max_shard_bytes`.
   """
+  check_params_match(params, config)
+  return write_hf_directory(params, hf_name_map(config), path, config_to_hf(config, model_type),
+                            max_shard_bytes=max_shard_bytes)
+
+
+def write_hf_directory(params: Params, names: Mapping[tuple[str, ...], tuple[str, bool]],
+                       path: PathLike, hf_config: Mapping[str, Any], *,
+                       max_shard_bytes: int = 4 << 30) -> pathlib.Path:
+  """Writes `params` as an HF model directory: `names` maps each param path to its HF tensor
+  name and whether it is stored transposed; float32 safetensors, sharded (with an index) above
+  `max_shard_bytes`; `hf_config` becomes config.json. Shared by both model families."""
   from safetensors.numpy import save_file
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
-  check_params_match(params, config)
   flat = flax.traverse_util.flatten_dict(flax.linen.unbox(params))
-  names = hf_name_map(config)
   shards: list[list[tuple[str, ...]]] = [[]]
   size = 0
   for key in names:
@@ -439,7 +448,7 @@ def export_hf_checkpoint(params: Params, config: T5Config, path: PathLike, *,
     total = sum(int(np.prod(flat[k].shape)) * 4 for k in names)
     (path / "model.safetensors.index.json").write_text(json.dumps(
         {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-  (path / "config.json").write_text(json.dumps(config_to_hf(config, model_type), indent=2))
+  (path / "config.json").write_text(json.dumps(dict(hf_config), indent=2))
   return path
 
 

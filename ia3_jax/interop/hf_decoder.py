@@ -16,7 +16,6 @@ import re
 from typing import Any, Callable, Mapping, Optional
 
 import flax
-import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -294,36 +293,7 @@ def export_hf_decoder(params: Params, config: DecoderConfig, path: PathLike, *,
                       max_shard_bytes: int = 4 << 30) -> pathlib.Path:
   """Writes base params as an HF directory (float32 safetensors, sharded with an index
   above `max_shard_bytes`) that `AutoModelForCausalLM.from_pretrained` loads."""
-  from safetensors.numpy import save_file
   hf_config = config_to_hf(config, model_type)  # checks the model type first
-  path = pathlib.Path(path)
-  path.mkdir(parents=True, exist_ok=True)
   check_params_match(params, config)
-  flat = flax.traverse_util.flatten_dict(flax.linen.unbox(params))
-  names = hf_name_map(config)
-  shards: list[list[tuple[str, ...]]] = [[]]
-  size = 0
-  for key in names:
-    nbytes = int(np.prod(flat[key].shape)) * 4
-    if shards[-1] and size + nbytes > max_shard_bytes:
-      shards.append([])
-      size = 0
-    shards[-1].append(key)
-    size += nbytes
-  weight_map = {}
-  for i, keys in enumerate(shards):
-    fname = ("model.safetensors" if len(shards) == 1
-             else f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors")
-    tensors = {}
-    for key in keys:
-      hf, transposed = names[key]
-      value = np.asarray(jax.device_get(flat[key]), np.float32)
-      tensors[hf] = np.ascontiguousarray(value.T if transposed else value)
-      weight_map[hf] = fname
-    save_file(tensors, str(path / fname), metadata={"format": "pt"})
-  if len(shards) > 1:
-    total = sum(int(np.prod(flat[k].shape)) * 4 for k in names)
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-  (path / "config.json").write_text(json.dumps(hf_config, indent=2))
-  return path
+  return hf_checkpoints.write_hf_directory(params, hf_name_map(config), path, hf_config,
+                                           max_shard_bytes=max_shard_bytes)

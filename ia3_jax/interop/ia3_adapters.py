@@ -169,9 +169,7 @@ def export_peft_adapter(ia3_params: Mapping[str, Any], config: T5Config, out_dir
     raise AdapterError("export_peft_adapter: no (IA)^3 params (ia3_*) given")
   vectors = params_lib.flatten(ia3.select_task(bank, task))
   by_target = {target: module for module, target in hf_module_map(config).items()}
-  tensors: dict[str, np.ndarray] = {}
-  owner: dict[str, str] = {}
-  targets, feedforward = set(), set()
+  placed = []
   for path, vec in sorted(vectors.items()):
     block, leaf = path.rsplit("/", 1)
     site = ia3.SITE_OF_PARAM[leaf]
@@ -184,6 +182,21 @@ def export_peft_adapter(ia3_params: Mapping[str, Any], config: T5Config, out_dir
     module = by_target.get((block, projection))
     if module is None:
       raise AdapterError(f"{path}: no HF module for {block}/{projection}")
+    placed.append((path, module, side, vec))
+  return write_peft_ia3(placed, out_dir, task_type="SEQ_2_SEQ_LM",
+                        base_model_name_or_path=base_model_name_or_path,
+                        safe_serialization=safe_serialization)
+
+
+def write_peft_ia3(placed: Sequence[tuple[str, str, str, Any]], out_dir: PathLike, *,
+                   task_type: str, base_model_name_or_path: Optional[str] = None,
+                   safe_serialization: bool = True) -> pathlib.Path:
+  """Writes a peft IA3 adapter directory from (param path, HF module, side, vector) rows: one
+  `ia3_l` per module (an "in" side makes it a feedforward module), either model family."""
+  tensors: dict[str, np.ndarray] = {}
+  owner: dict[str, str] = {}
+  targets, feedforward = set(), set()
+  for path, module, side, vec in placed:
     if module in owner:
       raise AdapterError(f"sites {owner[module]!r} and {path!r} both map to peft module "
                          f"{module!r}; "
@@ -196,7 +209,7 @@ def export_peft_adapter(ia3_params: Mapping[str, Any], config: T5Config, out_dir
     v = np.asarray(vec, np.float32).reshape(-1)
     tensors[f"{PEFT_PREFIX}{module}.ia3_l"] = v[None, :] if side == "in" else v[:, None]
   adapter_config = {
-      "peft_type": "IA3", "task_type": "SEQ_2_SEQ_LM",
+      "peft_type": "IA3", "task_type": task_type,
       "target_modules": sorted(targets), "feedforward_modules": sorted(feedforward),
       "fan_in_fan_out": False, "init_ia3_weights": True, "inference_mode": True,
       "base_model_name_or_path": base_model_name_or_path, "modules_to_save": None,

@@ -79,7 +79,7 @@ class DecoderConfig:
   @property
   def activation_dtype(self) -> jnp.dtype:
     """The dtype activations run in ("auto" resolved for this process)."""
-    return jnp.dtype(precision.auto_dtype() if self.dtype == precision.AUTO else self.dtype)
+    return precision.activation_dtype(self.dtype)
 
   @property
   def joined_kv(self) -> int:

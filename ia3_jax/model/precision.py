@@ -92,6 +92,11 @@ def auto_dtype() -> str:
   return name
 
 
+def activation_dtype(dtype: Any) -> jnp.dtype:
+  """The dtype a config's `dtype` field runs in here ("auto" resolved for this process)."""
+  return jnp.dtype(auto_dtype() if dtype == AUTO else dtype)
+
+
 def describe_dtype(dtype: Any) -> str:
   """One line for a run's log: `activations: bfloat16 (dtype='auto': the CPU has amx_bf16)`."""
   name, why = resolve_dtype(dtype)
