@@ -190,8 +190,8 @@ def bar_plot(results, title, path, tasks=TASKS):
     vals = [results[name][t] for t in tasks]
     ax.bar(x + (i - (len(names) - 1) / 2) * width, [100 * v for v in vals + [np.mean(vals)]], width, label=name)
   ax.set_xticks(x, tasks + ["mean"]); ax.set_ylim(0, 100); ax.set_ylabel("accuracy (%)")
-  ax.set_title(title); ax.legend(fontsize=8, loc="lower right")
-  fig.tight_layout(); fig.savefig(os.path.join(OUT, path), dpi=100); plt.show()
+  ax.set_title(title); ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1))  # beside the bars
+  fig.tight_layout(); fig.savefig(os.path.join(OUT, path), dpi=100, bbox_inches="tight"); plt.show()
 
 def show(results):
   for name, r in results.items():
