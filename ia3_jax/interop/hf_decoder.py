@@ -270,6 +270,17 @@ def load_hf_decoder(path: PathLike, *, dtype: Any = jnp.float32,
   return config, params
 
 
+def load_initial_params(path: Optional[str | os.PathLike],
+                        convert: Optional[Callable[[str, Any], Any]] = None
+                        ) -> tuple[Optional[Params], Optional[DecoderConfig]]:
+  """A decoder-only run's initial params: an HF directory (config.json; with its config) or
+  orbax params (as `hf_checkpoints.load_initial_params` for T5)."""
+  if path and (pathlib.Path(path) / "config.json").exists():
+    config, params = load_hf_decoder(path, convert=convert)
+    return params, config
+  return hf_checkpoints.load_initial_params(path, convert=convert)
+
+
 # --------------------------------------------------------------------------- writing
 
 

@@ -23,6 +23,11 @@ position ids. The mask is causal (optionally a sliding window) and masks padded 
 so left and right padding both work; by default positions count only the valid tokens
 (`attention_mask.cumsum() - 1`, as HF's `generate`), so a left-padded row gives the
 logits of the unpadded one.
+
+Rank classification (`objectives/decoder_scoring`) runs each prompt once (`prefill`,
+filling the key/value cache) and its answer choices as rows continuing that cache
+(`continuation_logits`, `shared_cache=True`: the rows of one prompt read its cached keys
+and values in place, `prefix_attention`).
 """
 
 from __future__ import annotations
@@ -140,9 +145,11 @@ class DecoderAttention(layers.Projecting):
   @nn.compact
   def __call__(self, x: Array, bias: Array, cos: Array, sin: Array, *,
                task_id: Optional[Array] = None, decode: bool = False,
-               cache_index: Optional[Array] = None) -> Array:
-    """`x [B, L, E]`, `bias [B, 1, L, K]` (K: the cache length when decoding), `cos`/`sin`
-    [B, L, head_dim]; returns [B, L, E]."""
+               cache_index: Optional[Array] = None, shared_cache: bool = False) -> Array:
+    """`x [B, L, E]`, `bias [B, 1, L, K]` (K: the cache length when decoding; the cache
+    length + L with `shared_cache`), `cos`/`sin` [B, L, head_dim]; returns [B, L, E].
+    With `shared_cache` the B rows continue the cache's B / k rows, k each (see
+    `prefix_attention`); the cache is read, not written."""
     cfg = self.config
     dtype = cfg.activation_dtype
     q = self.project(x, "query", cfg.joined_kv, ("embed", "joined_kv"), task_id)
@@ -151,9 +158,14 @@ class DecoderAttention(layers.Projecting):
     q = apply_rotary(self._split(q, cfg.num_heads), cos, sin)
     k = apply_rotary(self._split(k, cfg.num_kv_heads), cos, sin)
     v = self._split(v, cfg.num_kv_heads)
-    if decode:
-      k, v = self._update_cache(k, v, cache_index)
-    out = grouped_attention(q, k, v, bias, cfg.head_dim ** -0.5, dtype)
+    if shared_cache:
+      out = prefix_attention(q, self.get_variable("cache", "cached_key"),
+                             self.get_variable("cache", "cached_value"), k, v, bias,
+                             cfg.head_dim ** -0.5, dtype)
+    else:
+      if decode:
+        k, v = self._update_cache(k, v, cache_index)
+      out = grouped_attention(q, k, v, bias, cfg.head_dim ** -0.5, dtype)
     out = layers.constrain(out, ("batch", "length", "heads", "kv"))
     out = out.reshape(out.shape[:2] + (cfg.joined_kv,))
     return self.project(out, "out", cfg.emb_dim, ("joined_kv", "embed"), task_id)
@@ -192,6 +204,29 @@ def grouped_attention(q: Array, k: Array, v: Array, bias: Array, scale: float,
   return out.reshape((b, length, heads, dim))
 
 
+def prefix_attention(q: Array, prefix_k: Array, prefix_v: Array, k: Array, v: Array,
+                     bias: Array, scale: float, dtype: Any) -> Array:
+  """`grouped_attention` of `q [N, T, H, D]` over a shared prefix and the rows' own keys.
+
+  Row n reads the prefix of example n // (N / B) (`prefix_k, prefix_v [B, P, Hkv, D]`,
+  never repeated: each example's prefix is read by all its rows), then its own `k, v
+  [N, T, Hkv, D]`; `bias [N, 1, T, P + T]` covers both, in that order. One softmax over
+  both; [N, T, H, D]."""
+  n, length, heads, dim = q.shape
+  b, prefix, kv_heads, _ = prefix_k.shape
+  groups, rows = heads // kv_heads, n // b
+  q = q.reshape((n, length, kv_heads, groups, dim))
+  shared = layers.einsum("brqkgd,bskd->brkgqs", q.reshape((b, rows) + q.shape[1:]), prefix_k,
+                         dtype).reshape((n, kv_heads, groups, length, prefix))
+  own = layers.einsum("bqkgd,bskd->bkgqs", q, k, dtype)
+  logits = jnp.concatenate([shared, own], axis=-1) * scale + bias.astype(jnp.float32)[:, :, None]
+  weights = jax.nn.softmax(logits, axis=-1).astype(dtype)
+  w_shared = weights[..., :prefix].reshape((b, rows, kv_heads, groups, length, prefix))
+  out = (layers.einsum("brkgqs,bskd->brqkgd", w_shared, prefix_v, dtype).reshape(q.shape)
+         + layers.einsum("bkgqs,bskd->bqkgd", weights[..., prefix:], v, dtype))
+  return out.astype(dtype).reshape((n, length, heads, dim))
+
+
 class GatedMlp(layers.Projecting):
   """SwiGLU: `wo(silu(wi_0(x)) * wi_1(x))` (HF down(silu(gate(x)) * up(x)))."""
 
@@ -215,12 +250,13 @@ class DecoderOnlyLayer(nn.Module):
   @nn.compact
   def __call__(self, x: Array, bias: Array, cos: Array, sin: Array,
                task_id: Optional[Array] = None, decode: bool = False,
-               cache_index: Optional[Array] = None) -> Array:
+               cache_index: Optional[Array] = None, shared_cache: bool = False) -> Array:
     cfg, b = self.config, self.blocks
     norm = lambda name: b.layer_norm(cfg.rms_norm_eps, cfg.activation_dtype, name=name)
     y = norm("pre_self_attention_layer_norm")(x)
     y = b.attention(cfg, name="self_attention")(y, bias, cos, sin, task_id=task_id,
-                                                decode=decode, cache_index=cache_index)
+                                                decode=decode, cache_index=cache_index,
+                                                shared_cache=shared_cache)
     x = x + y
     y = norm("pre_mlp_layer_norm")(x)
     x = x + b.mlp(cfg, name="mlp")(y, task_id=task_id)
@@ -237,30 +273,34 @@ class DecoderOnlyStack(nn.Module):
   @nn.compact
   def __call__(self, tokens: Array, attention_mask: Optional[Array] = None,
                position_ids: Optional[Array] = None, *, task_id: Optional[Array] = None,
-               decode: bool = False) -> Array:
+               decode: bool = False, shared_cache: bool = False,
+               logits_index: Optional[Array] = None) -> Array:
     cfg, b = self.config, self.blocks
     batch, length = tokens.shape
     valid = (jnp.ones((batch, length), bool) if attention_mask is None
              else attention_mask.astype(bool))
     index, key_valid = jnp.arange(length), valid
     cache_index = None
-    if decode:
-      cache_index, index, key_valid, position_ids = self._cache_step(valid, position_ids)
-    if position_ids is None:
-      position_ids = default_position_ids(valid, length)
+    if shared_cache:
+      bias, position_ids = self._continuation(valid)
+    else:
+      if decode:
+        cache_index, index, key_valid, position_ids = self._cache_step(valid, position_ids)
+      if position_ids is None:
+        position_ids = default_position_ids(valid, length)
+      bias = attention_bias(index, key_valid, cfg)
     position_ids = jnp.broadcast_to(position_ids, (batch, length))
-    bias = attention_bias(index, key_valid, cfg)
     cos, sin = rotary_tables(cfg, position_ids)
     x = layers.constrain(self.shared_embedding(tokens), ("batch", "length", "embed"))
     layer_cls = b.decoder_layer
-    if b.remat != "none" and not decode:
-      layer_cls = nn.remat(layer_cls, prevent_cse=True, policy=network.REMAT_POLICIES[b.remat])
+    if b.remat != "none" and not decode:  # decode, shared_cache: static (self is arg 0)
+      layer_cls = nn.remat(layer_cls, prevent_cse=True, policy=network.REMAT_POLICIES[b.remat],
+                           static_argnums=(6, 8))
     for i in range(cfg.num_layers):
       layer = layer_cls(cfg, b, name=f"layers_{i}")
-      if decode:
-        x = layer(x, bias, cos, sin, task_id, True, cache_index)
-      else:
-        x = layer(x, bias, cos, sin, task_id)
+      x = layer(x, bias, cos, sin, task_id, decode, cache_index, shared_cache)
+    if logits_index is not None:  # only these positions reach the output layer
+      x = jnp.take_along_axis(x, logits_index.reshape((batch, -1, 1)), axis=1)
     x = b.layer_norm(cfg.rms_norm_eps, cfg.activation_dtype, name="decoder_norm")(x)
     if cfg.tie_word_embeddings:
       logits = self.shared_embedding.attend(x)
@@ -268,6 +308,25 @@ class DecoderOnlyStack(nn.Module):
       logits = layers.Dense(cfg.vocab_size, ("embed", "vocab"), dtype=cfg.activation_dtype,
                             output_dtype=jnp.float32, name="logits_dense")(x)
     return layers.constrain(logits.astype(jnp.float32), ("batch", "length", "vocab"))
+
+  def _continuation(self, valid: Array) -> tuple[Array, Array]:
+    """(bias [N, 1, T, P + T], positions [N, T]) of N rows of T tokens continuing the
+    cache's B prompts (P slots), k = N / B rows per prompt: a row sees its prompt's valid
+    tokens, then its own tokens causally; its positions count on from the prompt's valid
+    tokens, and the sliding window counts positions (prompt padding takes no room)."""
+    prompt_valid = self.get_variable("cache", "valid")
+    rows = valid.shape[0] // prompt_valid.shape[0]
+    prompt_valid = jnp.repeat(prompt_valid, rows, axis=0)
+    prompt_pos = jnp.cumsum(prompt_valid.astype(jnp.int32), axis=-1) - 1
+    own_pos = jnp.sum(prompt_valid, axis=-1, dtype=jnp.int32)[:, None] + default_position_ids(
+        valid, valid.shape[1])
+    key_pos = jnp.concatenate([prompt_pos, own_pos], axis=-1)
+    causal = jnp.concatenate([jnp.ones((valid.shape[1], prompt_valid.shape[1]), bool),
+                              jnp.tril(jnp.ones((valid.shape[1],) * 2, bool))], axis=-1)
+    mask = causal[None] & jnp.concatenate([prompt_valid, valid], axis=-1)[:, None, :]
+    if self.config.sliding_window is not None:
+      mask &= key_pos[:, None, :] > own_pos[:, :, None] - self.config.sliding_window
+    return layers.mask_to_bias(mask[:, None], jnp.float32), own_pos
 
   def _cache_step(self, valid: Array, position_ids: Optional[Array]
                   ) -> tuple[Optional[Array], Array, Array, Optional[Array]]:
@@ -325,15 +384,20 @@ class DecoderOnly(nn.Module):
 
   def __call__(self, tokens: Array, attention_mask: Optional[Array] = None,
                position_ids: Optional[Array] = None, *, task_id: Optional[Array] = None,
-               decode: bool = False) -> Array:
-    """Float32 logits [B, L, vocab] of `tokens [B, L]`.
+               decode: bool = False, shared_cache: bool = False,
+               logits_index: Optional[Array] = None) -> Array:
+    """Float32 logits [B, L, vocab] of `tokens [B, L]` ([B, K, vocab] at the positions
+    `logits_index [B, K]` alone when given: the others never reach the output layer).
 
     `attention_mask [B, L]` (1 = token, 0 = pad; default all ones) masks padded keys;
     `position_ids [B, L]` default to the valid tokens counted from 0. With `decode=True`
     the first call (see `init_cache`) allocates a cache of its length; each later call
-    writes its chunk (a prompt, then one token per step) at the cache's index.
+    writes its chunk (a prompt, then one token per step) at the cache's index. With
+    `shared_cache=True` (a filled cache of B prompts, see `continuation_logits`) the B * k
+    rows of `tokens` continue the prompts, k rows each, reading the cache without writing.
     """
-    return self.decoder(tokens, attention_mask, position_ids, task_id=task_id, decode=decode)
+    return self.decoder(tokens, attention_mask, position_ids, task_id=task_id, decode=decode,
+                        shared_cache=shared_cache, logits_index=logits_index)
 
 
 def init_params(model: DecoderOnly, rng: Array, *, batch_size: int = 1, length: int = 4,
@@ -401,3 +465,25 @@ def greedy_generate(model: DecoderOnly, params: Any, tokens: Array, attention_ma
 
   _, rest = jax.lax.scan(step, (cache, first), None, length=max_new_tokens - 1)
   return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def prefill(model: DecoderOnly, params: Any, tokens: Array, attention_mask: Array, *,
+            task_id: Optional[Array] = None,
+            logits_index: Optional[Array] = None) -> tuple[Array, Any]:
+  """Logits [B, P, vocab] of prompts `tokens [B, P]` (or [B, K, vocab] at `logits_index
+  [B, K]`) and the key/value cache they fill (P slots: `continuation_logits` reads it)."""
+  cache = init_cache(model, params, tokens.shape[0], tokens.shape[1], task_id=task_id)
+  logits, mutated = model.apply({"params": params, "cache": cache}, tokens, attention_mask,
+                                task_id=task_id, decode=True, logits_index=logits_index,
+                                mutable=["cache"])
+  return logits, mutated["cache"]
+
+
+def continuation_logits(model: DecoderOnly, params: Any, cache: Any, tokens: Array, *,
+                        task_id: Optional[Array] = None) -> Array:
+  """Logits [B * k, T, vocab] of `tokens [B * k, T]`, rows b * k .. b * k + k - 1
+  continuing prompt b of `cache` (from `prefill`): the prompt's keys and values are
+  computed once and read by all k rows; positions count on from its valid tokens.
+  `task_id` is per row [B * k]."""
+  return model.apply({"params": params, "cache": cache}, tokens, task_id=task_id,
+                     shared_cache=True)

@@ -1,4 +1,4 @@
-"""Sequence scoring and rank classification (encoder once per example), and the eval loop.
+"""Sequence scoring and rank classification (inputs once per example), and the eval loop.
 
 Rank classification (docs/design.md): each example has C answer choices; every
 choice is scored by the model's log-likelihood of its target tokens given the
@@ -7,7 +7,9 @@ length T_n (T-Few default), and the prediction is the argmax, ties going to
 the first choice. The encoder runs once per example, and the decoder scores
 all C choices (or `max_choices_per_step` of them at a time, to bound memory)
 in one batch against it: grouped cross-attention projects each example's
-encoder output to keys and values once for all its choices.
+encoder output to keys and values once for all its choices. A decoder-only
+model (`decoder_scoring`) runs each prompt once and scores the choices as
+continuations of its key/value cache.
 
 Batch layout (from `feature_converters.RankClassificationFeatureConverter`):
   encoder_input_tokens [B, L], choice_tokens [B, C, T] (decoder targets, EOS
@@ -27,8 +29,8 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from ia3_jax.data import features
-from ia3_jax.model import network
-from ia3_jax.objectives import losses, metrics
+from ia3_jax.model import families, network
+from ia3_jax.objectives import decoder_scoring, losses, metrics
 
 Array = jax.Array
 Batch = Mapping[str, Any]
@@ -72,7 +74,15 @@ def _fold_rngs(rngs: Optional[Mapping[str, Array]], index: Any) -> Optional[dict
   return {name: jax.random.fold_in(key, index) for name, key in rngs.items()}
 
 
-def _decode_choices(model: network.Transformer, params: Any, encoded: Array, valid: Array,
+def _encode_prompt(model: network.Transformer, params: Any, inputs: Array,
+                   task_id: Optional[Array], enable_dropout: bool,
+                   rngs: Optional[dict]) -> tuple[Array, Array]:
+  """The T5 context of the choices: (encoder output, input validity)."""
+  return model.apply({"params": params}, inputs, task_id=task_id,
+                     enable_dropout=enable_dropout, rngs=rngs, method=network.Transformer.encode)
+
+
+def _decode_choices(model: network.Transformer, params: Any, context: tuple[Array, Array],
                     task_id: Optional[Array], targets: Array, enable_dropout: bool,
                     rngs: Optional[dict]) -> Array:
   """log p of targets [B, k, T] against one encoder output per example -> [B, k, T].
@@ -83,6 +93,7 @@ def _decode_choices(model: network.Transformer, params: Any, encoded: Array, val
   values are computed once, not k times, with the same result as repeating
   `encoded` k times.
   """
+  encoded, valid = context
   b, k, t = targets.shape
   flat = targets.reshape(b * k, t)
   logits = model.apply(
@@ -92,14 +103,24 @@ def _decode_choices(model: network.Transformer, params: Any, encoded: Array, val
   return losses.token_log_probs(logits, flat).reshape(b, k, t)
 
 
-def choice_log_probs(model: network.Transformer, params: Any, batch: Batch, *,
+# family name -> (context of the choices from the inputs, log p of k choices per example
+# against it); `families.of` tells the families apart.
+_SCORERS = {
+    families.T5.name: (_encode_prompt, _decode_choices),
+    families.DECODER_ONLY.name: (decoder_scoring.prompt_context,
+                                 decoder_scoring.choice_log_probs_from),
+}
+
+
+def choice_log_probs(model: Any, params: Any, batch: Batch, *,
                      max_choices_per_step: Optional[int] = None, enable_dropout: bool = False,
                      rngs: Optional[Mapping[str, Array]] = None) -> Array:
   """Per-token log-probabilities [B, C, T] (float32) of every choice's target tokens.
 
-  Pure and jit/grad-friendly. The encoder runs once per example. With
-  `max_choices_per_step = k < C`, choices are decoded k at a time
-  (`lax.map` over ceil(C / k) chunks, the last one padded with empty
+  Pure and jit/grad-friendly. The inputs run once per example: T5's encoder, or a
+  decoder-only model's prompt pass (`decoder_scoring`: the choices continue its
+  key/value cache). With `max_choices_per_step = k < C`, choices are decoded k at a
+  time (`lax.map` over ceil(C / k) chunks, the last one padded with empty
   choices) and each chunk is rematerialised under `jax.grad`
   (`jax.checkpoint`), so decoder activations for only B * k sequences are
   alive at once, in the forward and in the backward pass.
@@ -114,27 +135,26 @@ def choice_log_probs(model: network.Transformer, params: Any, batch: Batch, *,
   k = c if max_choices_per_step is None else min(_chunk_size(max_choices_per_step), c)
   if enable_dropout and not rngs:
     raise ValueError("choice_log_probs: enable_dropout=True needs rngs, e.g. {'dropout': key}")
+  context_fn, decode_fn = _SCORERS[families.of(model).name]
   task_id = batch.get("task_id")
   choices = jnp.asarray(batch["choice_tokens"])
-  encoded, valid = model.apply(
-      {"params": params}, batch["encoder_input_tokens"], task_id=task_id,
-      enable_dropout=enable_dropout, rngs=_fold_rngs(rngs, 0), method=network.Transformer.encode)
+  context = context_fn(model, params, batch["encoder_input_tokens"], task_id, enable_dropout,
+                       _fold_rngs(rngs, 0))
 
   if k == c:
-    return _decode_choices(model, params, encoded, valid, task_id, choices, enable_dropout,
-                           _fold_rngs(rngs, 1))
+    return decode_fn(model, params, context, task_id, choices, enable_dropout,
+                     _fold_rngs(rngs, 1))
 
   num_chunks = math.ceil(c / k)
   padded = jnp.pad(choices, ((0, 0), (0, num_chunks * k - c), (0, 0)))
   chunks = padded.reshape(b, num_chunks, k, t).swapaxes(0, 1)  # [n, B, k, T]
 
   @jax.checkpoint
-  def one_chunk(p, enc, val, tid, keys, targets, index):
-    return _decode_choices(model, p, enc, val, tid, targets, enable_dropout,
-                           _fold_rngs(keys, index + 1))
+  def one_chunk(p, ctx, tid, keys, targets, index):
+    return decode_fn(model, p, ctx, tid, targets, enable_dropout, _fold_rngs(keys, index + 1))
 
   rngs = None if rngs is None else dict(rngs)
-  logp = jax.lax.map(lambda xs: one_chunk(params, encoded, valid, task_id, rngs, *xs),
+  logp = jax.lax.map(lambda xs: one_chunk(params, context, task_id, rngs, *xs),
                      (chunks, jnp.arange(num_chunks)))       # [n, B, k, T]
   return logp.swapaxes(0, 1).reshape(b, num_chunks * k, t)[:, :c]
 
@@ -149,7 +169,7 @@ def predict(scores: Array) -> Array:
   return jnp.argmax(scores, axis=-1).astype(jnp.int32)
 
 
-def rank_classify(model: network.Transformer, params: Any, batch: Batch, *,
+def rank_classify(model: Any, params: Any, batch: Batch, *,
                   length_normalize: bool = True,
                   max_choices_per_step: Optional[int] = None) -> dict[str, Array]:
   """Scores [B, C] (s_n, or s_n / T_n when length-normalised; -inf for padding
@@ -178,7 +198,7 @@ class RankClassifier:
   it stays at 1 while the batch shapes stay the same.
   """
 
-  def __init__(self, model: network.Transformer, *, length_normalize: bool = True,
+  def __init__(self, model: Any, *, length_normalize: bool = True,
                max_choices_per_step: Optional[int] = None):
     self.model = model
     self.length_normalize = length_normalize
@@ -242,7 +262,7 @@ def _pad_rows(inputs: dict[str, np.ndarray], rows: int) -> dict[str, np.ndarray]
           for k, v in inputs.items()}
 
 
-def evaluate(model: network.Transformer, params: Any, batches: Iterable[Batch], *,
+def evaluate(model: Any, params: Any, batches: Iterable[Batch], *,
              length_normalize: bool = True, max_choices_per_step: Optional[int] = None,
              classifier: Optional[RankClassifier] = None, progress: bool = True,
              desc: str = "eval", total: Optional[int] = None,

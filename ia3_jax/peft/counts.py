@@ -1,6 +1,7 @@
 """Trainable-parameter counts per method, computed with `jax.eval_shape` (no memory).
 
     python -m ia3_jax.peft.counts --model t0_3b
+    python -m ia3_jax.peft.counts --model llama_3_2_3b   # a decoder-only preset
 
 prints a markdown table: each method with its default hyper-parameters
 (`registry.METHODS[name].defaults`), its trainable params, their share of the
@@ -12,13 +13,15 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import sys
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from ia3_jax.model import config as config_lib
-from ia3_jax.model import network
+from ia3_jax.model import decoder_config, families, network
 from ia3_jax.model import params as params_lib
-from ia3_jax.model.config import T5Config
 from ia3_jax.peft import registry
+
+# Methods that change the input or the attention's keys in the T5 way only.
+T5_ONLY = ("prompt_tuning", "prefix_tuning")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -30,15 +33,16 @@ class Count:
   base: int    # params of the base model
 
 
-def _abstract(config: T5Config, blocks: network.Blocks, with_task_id: bool, cache: dict):
+def _abstract(config: Any, blocks: Optional[network.Blocks], with_task_id: bool, cache: dict):
+  family = families.of(config)
+  blocks = families.blocks_for(config, blocks)
   key = (blocks, with_task_id)
   if key not in cache:
-    cache[key] = network.abstract_params(network.Transformer(config, blocks=blocks),
-                                         with_task_id=with_task_id)
+    cache[key] = family.abstract_params(family.build(config, blocks), with_task_id=with_task_id)
   return cache[key]
 
 
-def count_method(config: T5Config, name: str, *, _cache: Optional[dict] = None,
+def count_method(config: Any, name: str, *, _cache: Optional[dict] = None,
                  **overrides) -> Count:
   """Trainable and total params of `name` (defaults updated by `overrides`) on `config`."""
   cache = {} if _cache is None else _cache
@@ -47,7 +51,7 @@ def count_method(config: T5Config, name: str, *, _cache: Optional[dict] = None,
   blocks = method.blocks(config, **kw)
   abstract = _abstract(config, blocks, kw.get("num_tasks", 1) > 1, cache)
   trainable = params_lib.count(abstract, params_lib.trainable_mask(abstract, method.trainable_patterns))
-  base = params_lib.count(_abstract(config, network.Blocks(), False, cache))
+  base = params_lib.count(_abstract(config, None, False, cache))
   return Count(name, _describe(kw), trainable, params_lib.count(abstract), base)
 
 
@@ -57,10 +61,27 @@ def _describe(kw: dict) -> str:
   return " ".join(f"{k}={fmt(v)}" for k, v in kw.items()) or "-"
 
 
-def count_all(config: T5Config, methods: Optional[Sequence[str]] = None) -> list[Count]:
-  """Counts for `methods` (default: all) with their default hyper-parameters."""
+def default_methods(config: Any) -> tuple[str, ...]:
+  """Every method for T5; those that apply to a decoder-only model (not `T5_ONLY`)."""
+  if families.of(config) is families.T5:
+    return registry.method_names()
+  return tuple(m for m in registry.method_names() if m not in T5_ONLY)
+
+
+def count_all(config: Any, methods: Optional[Sequence[str]] = None) -> list[Count]:
+  """Counts for `methods` (default: `default_methods`) with their default hyper-parameters."""
   cache: dict = {}  # methods without module overrides share the base model's shapes
-  return [count_method(config, name, _cache=cache) for name in (methods or registry.method_names())]
+  return [count_method(config, name, _cache=cache) for name in (methods or default_methods(config))]
+
+
+def get_config(name: str) -> Any:
+  """The T5 (`config.PRESETS`) or decoder-only (`decoder_config.PRESETS`) preset `name`."""
+  if name in decoder_config.PRESETS:
+    return decoder_config.get_decoder_config(name)
+  if name in config_lib.PRESETS:
+    return config_lib.get_config(name)
+  raise KeyError(f"Unknown model preset {name!r}; known: "
+                 f"{', '.join(sorted({*config_lib.PRESETS, *decoder_config.PRESETS}))}")
 
 
 def markdown_table(counts: Sequence[Count], model_name: str) -> str:
@@ -83,18 +104,24 @@ def _size(nbytes: int) -> str:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
   parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  parser.add_argument("--model", default="t0_3b",
-                      help=f"model preset ({', '.join(sorted(config_lib.PRESETS))})")
-  parser.add_argument("--methods", default=",".join(registry.method_names()),
-                      help="comma-separated methods (default: all)")
+  parser.add_argument("--model", default="t0_3b", help="model preset (T5: "
+                      f"{', '.join(sorted(config_lib.PRESETS))}; decoder-only: "
+                      f"{', '.join(sorted(decoder_config.PRESETS))})")
+  parser.add_argument("--methods", default=None,
+                      help="comma-separated methods (default: all that apply to the model)")
   args = parser.parse_args(argv)
   try:
-    config = config_lib.get_config(args.model)
-    methods = [m.strip() for m in args.methods.split(",") if m.strip()]
+    config = get_config(args.model)
+    methods = [m.strip() for m in (args.methods or ",".join(default_methods(config))).split(",")
+               if m.strip()]
     for m in methods:
       registry.get_method(m)
   except KeyError as e:
     parser.error(str(e.args[0]))
+  unusable = [m for m in methods if m not in default_methods(config)]
+  if unusable:
+    parser.error(f"--methods {','.join(unusable)}: T5 only (not for the decoder-only "
+                 f"{args.model})")
   print(markdown_table(count_all(config, methods), args.model))
   return 0
 

@@ -25,12 +25,13 @@ import numpy as np
 import optax
 
 from ia3_jax import files
-from ia3_jax.data.batches import BatchSource
+from ia3_jax.data.features import BatchSource
 from ia3_jax.errors import CheckpointError, DataError, TrainingDivergedError, TrainingInterrupted
-from ia3_jax.interop import hf_checkpoints
-from ia3_jax.model import network, precision
+from ia3_jax.interop import hf_checkpoints, hf_decoder
+from ia3_jax.model import families, network, precision
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config
+from ia3_jax.model.decoder_config import DecoderConfig
 from ia3_jax.model.storage import FrozenStorage
 from ia3_jax.objectives import losses
 from ia3_jax.train.checkpointer import CheckpointConfig, Checkpointer
@@ -213,26 +214,42 @@ class TrainConfig:
 # --------------------------------------------------------------------------- the train run
 
 
-def build_model(config: T5Config, blocks: Optional[network.Blocks] = None,
+def build_model(config: T5Config | DecoderConfig, blocks: Optional[network.Blocks] = None,
                 dropout_rate: Optional[float] = None,
-                scan_layers: Optional[bool] = None) -> network.Transformer:
-  """The network with `blocks` (PEFT overrides); dropout and layer scanning overridden
-  when given."""
+                scan_layers: Optional[bool] = None) -> Any:
+  """The network of `config`'s family (T5 `network.Transformer`, decoder-only
+  `decoder.DecoderOnly`) with `blocks` (PEFT overrides, moved to the config's family by
+  `families.blocks_for`); dropout and layer scanning overridden when given. Decoder-only
+  models have no dropout (a rate is ignored, with a warning) and no scanned layers."""
+  family = families.of(config)
+  if family is families.DECODER_ONLY:
+    if dropout_rate:
+      log.warning("DROPOUT_RATE=%s ignored: decoder-only models have no dropout", dropout_rate)
+    dropout_rate = None
   if dropout_rate is not None:
     config = config.replace(dropout_rate=float(dropout_rate))
-  blocks = blocks or network.Blocks()
+  blocks = families.blocks_for(config, blocks)
   if scan_layers is not None:
     blocks = blocks.replace(scan_layers=bool(scan_layers))
-  return network.Transformer(config, blocks=blocks)
+  return family.build(config, blocks)
+
+
+# Model family -> (initial params of an HF directory or orbax params, the check naming the
+# first param that differs from the model).
+HF_LOADERS = {
+    families.T5.name: (hf_checkpoints.load_initial_params, hf_checkpoints.check_params_match),
+    families.DECODER_ONLY.name: (hf_decoder.load_initial_params, hf_decoder.check_params_match),
+}
 
 
 def load_base_params(trainer: Trainer, path: Optional[str]) -> Optional[Params]:
   """The base params at `path` (HF directory or orbax params; None: none), each tensor
   stored as `trainer` keeps it as it is read (no float32 copy of the model); an HF
   directory must hold the trainer's model (the error names the first differing param)."""
-  base, hf_config = hf_checkpoints.load_initial_params(path, convert=trainer.store_base_tensor)
+  load, check = HF_LOADERS[trainer.family.name]
+  base, hf_config = load(path, convert=trainer.store_base_tensor)
   if base is not None and hf_config is not None:
-    hf_checkpoints.check_params_match(base, trainer.model.config, source=str(path))
+    check(base, trainer.model.config, source=str(path))
   return base
 
 
@@ -246,7 +263,7 @@ def build_optimizer(optimizer: OptimizerConfig | optax.GradientTransformation,
   return optimizer.build(), optimizer.learning_rate_fn()
 
 
-def train(*, model_dir: str, config: T5Config, train_data: BatchSource,
+def train(*, model_dir: str, config: T5Config | DecoderConfig, train_data: BatchSource,
           blocks: Optional[network.Blocks] = None, trainable: params_lib.Patterns = ALL_PARAMS,
           train_config: TrainConfig = TrainConfig(),
           loss: losses.LossConfig = losses.LossConfig(),

@@ -26,7 +26,7 @@ from jax.sharding import NamedSharding, PartitionSpec
 
 from ia3_jax.data import features
 from ia3_jax.errors import CheckpointError
-from ia3_jax.model import network, storage
+from ia3_jax.model import families, network, storage
 from ia3_jax.model import params as params_lib
 from ia3_jax.objectives import losses, scoring
 from ia3_jax.train.checks import check_token_ids
@@ -54,7 +54,8 @@ class Trainer:
   """The jit-compiled init / train step / eval of one model on one mesh.
 
   Args:
-    model: the network (with PEFT blocks, if any).
+    model: the network (with PEFT blocks, if any): a T5 `network.Transformer` or a
+      decoder-only `decoder.DecoderOnly` (`model.families` tells them apart).
     trainable: regex(es) over "/"-joined param paths (`params.trainable_mask`);
       ".*" trains everything (full fine-tuning).
     optimizer: an optax transformation (e.g. `OptimizerConfig.build()`).
@@ -66,7 +67,7 @@ class Trainer:
       stores them so, and `param_shardings` are those of the stored tree.
   """
 
-  def __init__(self, model: network.Transformer, *, trainable: params_lib.Patterns,
+  def __init__(self, model: Any, *, trainable: params_lib.Patterns,
                optimizer: optax.GradientTransformation,
                loss: losses.LossConfig = losses.LossConfig(),
                partitioner: Optional[Partitioner] = None, grad_accum_steps: int = 1,
@@ -75,6 +76,7 @@ class Trainer:
                learning_rate_fn: Optional[Callable] = None,
                frozen_storage: storage.FrozenStorage = storage.FrozenStorage()):
     self.model = model
+    self.family = families.of(model)
     self.scanned = model.blocks.scan_layers
     self.storage = frozen_storage
     self.optimizer = optimizer
@@ -89,7 +91,7 @@ class Trainer:
     self._classifiers: dict[tuple, ShardedClassifier] = {}
 
     p = self.partitioner
-    self.abstract_boxed = network.abstract_params(model, with_task_id=use_task_id)
+    self.abstract_boxed = self.family.abstract_params(model, with_task_id=use_task_id)
     self.abstract = nn.unbox(self.abstract_boxed)
     self.mask = params_lib.trainable_mask(self.abstract, trainable)
     self.abstract_trainable, float_frozen = params_lib.partition(self.abstract, self.mask)
@@ -193,8 +195,8 @@ class Trainer:
     out_shardings = params_lib.unflatten({k: shardings[k] for k in paths})
 
     def init(rng):
-      flat = params_lib.flatten(network.init_params(self.model, rng,
-                                                    with_task_id=self.use_task_id))
+      flat = params_lib.flatten(self.family.init_params(self.model, rng,
+                                                        with_task_id=self.use_task_id))
       return params_lib.unflatten({k: flat[k] for k in paths})
     with self.partitioner.context():
       return jax.jit(init, out_shardings=out_shardings)(jax.random.key(self.seed))
