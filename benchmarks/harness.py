@@ -298,8 +298,9 @@ class JaxTraining:
     """
     twin = self.trainer
     if self.model.config.dtype != "float32":
-      model = network.Transformer(self.model.config.replace(dtype="float32"),
-                                  blocks=self.model.blocks)
+      model = network.Transformer(  # the einsum core: the same products, any backend
+          self.model.config.replace(dtype="float32", attention_impl="einsum",
+                                    dpa_implementation=None), blocks=self.model.blocks)
       twin = trainer.Trainer(model, trainable=self.trainable, optimizer=self.trainer.optimizer,
                              loss=self.trainer.loss, seed=0, enable_dropout=False)
     return jaxpr_matmul_flops(twin.trace_step(self.state, self.batch).jaxpr)
@@ -331,7 +332,9 @@ class JaxRankClassification:
   def matmul_flops(self) -> float:
     from ia3_jax.objectives import scoring
     cfg = self.training.model.config
-    model = network.Transformer(cfg.replace(dtype="float32"), blocks=self.training.model.blocks)
+    model = network.Transformer(cfg.replace(dtype="float32", attention_impl="einsum",
+                                             dpa_implementation=None),
+                                blocks=self.training.model.blocks)
     with self.training.trainer.partitioner.context():
       return matmul_flops(lambda p, x: scoring.rank_classify(model, p, x), self.params,
                           self.inputs)

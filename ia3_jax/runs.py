@@ -36,7 +36,7 @@ import optax
 
 from ia3_jax import files
 from ia3_jax.data import features
-from ia3_jax.data.batches import BatchSource
+from ia3_jax.data.features import BatchSource
 from ia3_jax.data.registration import dataset_template_names
 from ia3_jax.errors import AdapterError, CheckpointError, ConfigError, DataError
 from ia3_jax.interop import ia3_adapters

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from benchmarks import bench_cpu, bench_gpu, harness, memory, report
+from benchmarks import attention_check, bench_cpu, bench_gpu, harness, memory, report
 
 TINY = ["--preset", "tiny", "--batch-size", "2", "--input-length", "16", "--target-length", "4",
         "--iters", "1", "--warmup", "0", "--peak-size", "128"]
@@ -126,3 +126,53 @@ def test_mixed_task_eval_on_the_tiny_preset():
   assert r["agreement"] == {"merge": 1.0, "recompile": 1.0}
   assert set(r["speedup"]) == {"merge", "recompile"} and all(v > 0 for v in r["speedup"].values())
   assert "| recompile |" in mixed_task_eval.render(r)
+
+
+@pytest.mark.parametrize("rows,batch_size,want", [(8, 32, 8), (16, 32, 16), (32, 32, 32),
+                                                  (40, 32, 20), (64, 32, 32), (33, 32, 17)])
+def test_mixed_task_eval_splits_rows_evenly(rows, batch_size, want):
+  """Mixed batches hold the real rows, split evenly: 8 tasks x 1 example are one batch of 8,
+  not 8 rows padded to 32."""
+  from benchmarks import mixed_task_eval
+  assert mixed_task_eval.mixed_batch_rows(rows, batch_size) == want
+
+
+def test_mixed_task_eval_sweeps_examples_per_task(tmp_path, capsys):
+  """`--examples 1,3` measures both with the model loaded once; no padding rows, the same
+  predictions as merging per task, and batches of one shape compile once."""
+  from benchmarks import mixed_task_eval
+  parser = mixed_task_eval.build_parser()
+  assert parser.parse_args([]).examples == [8]
+  assert parser.parse_args(["--examples", "1,2,4,8"]).examples == [1, 2, 4, 8]
+  for bad in ("0", "two", ","):
+    with pytest.raises(SystemExit):
+      parser.parse_args(["--examples", bad])
+  out = tmp_path / "sweep.json"
+  assert mixed_task_eval.main(
+      ["--preset", "tiny", "--tasks", "3", "--examples", "1,3", "--batch-size", "4",
+       "--input-length", "16", "--target-length", "4", "--iters", "1", "--warmup", "0",
+       "--recompile-iters", "0", "--json", str(out)]) == 0
+  results = json.loads(out.read_text())
+  assert [r["examples_per_task"] for r in results] == [1, 3]
+  assert [(r["mixed_batches"], r["mixed_batch_rows"], r["mixed_padding_rows"])
+          for r in results] == [(1, 3, 0), (3, 3, 0)]
+  assert [r["mixed_compilations"] for r in results] == [1, 0]  # 3-row batches both times
+  assert all(r["agreement"] == {"merge": 1.0} for r in results)
+  assert all(r["merge_split_s"]["merge"] > 0 for r in results)
+  text = capsys.readouterr().out
+  assert "Sweep: tiny, 3 tasks" in text and "| 3 | 3 x 3 |" in text
+
+
+def test_attention_check_compares_every_core_with_einsum(tmp_path, capsys):
+  """benchmarks/attention_check.py on CPU (tiny): einsum and dot_product_attention (xla) give
+  the same loss, logits and gradients; the table and the JSON name every core."""
+  out = tmp_path / "attn.json"
+  assert attention_check.main(["--preset", "tiny", "--batch-size", "4", "--input-length", "24",
+                               "--target-length", "6", "--iters", "1", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["attention_impl"], r["dpa_implementation"]) for r in rows] == [
+      ("einsum", None), ("dot_product_attention", "xla")]
+  assert rows[1]["logits_rel_diff"] < 1e-5 and rows[1]["grads_rel_diff"] < 1e-5
+  assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-6)
+  assert "| dot_product_attention (xla) |" in capsys.readouterr().out
+  assert attention_check.cores("gpu")[-1] == ("dot_product_attention", "cudnn")

@@ -485,11 +485,14 @@ def test_attention_impl_is_validated_and_cudnn_needs_a_gpu(tiny):
   with pytest.raises(ValueError, match="T5Config.dpa_implementation"):
     get_config("tiny", attention_impl=DPA, dpa_implementation="triton")
   config, _, params = tiny
-  cudnn = network.Transformer(config.replace(attention_impl=DPA, dpa_implementation="cudnn"))
+  cudnn = config.replace(attention_impl=DPA, dpa_implementation="cudnn")
   tokens = np.ones((1, 4), np.int32)
   assert jax.default_backend() == "cpu"
   with pytest.raises(ConfigError, match=r"dpa_implementation='cudnn' needs a CUDA GPU.*'cpu'"):
-    cudnn.apply({"params": params}, tokens, tokens)
+    network.Transformer(cudnn.replace(dtype="bfloat16")).apply({"params": params}, tokens, tokens)
+  with pytest.raises(ConfigError, match=r"'cudnn' needs bfloat16 or float16 activations, got "
+                     r"dtype 'float32'"):
+    network.Transformer(cudnn).apply({"params": params}, tokens, tokens)
 
 
 # --------------------------------------------------------------------------- dtype="auto"

@@ -13,8 +13,9 @@ from typing import Any
 
 _HOMES = {
     **{name: "batches" for name in (
-        "BatchIterator", "BatchSource", "SeqioBatches", "get_batches", "op_error_message",
+        "BatchIterator", "SeqioBatches", "get_batches", "op_error_message",
         "truncation_report")},
+    "BatchSource": "features",
     **{name: "registration" for name in (
         "FIRST_USER_TASK_ID", "RUN_MODEL_MACRO", "SPM_PATH_ENV", "DatasetSpec", "ModelVocabulary",
         "Registered", "RenderedSource", "TaskInfo", "add_mixture", "clear_cache",

@@ -16,12 +16,13 @@ import importlib
 import logging
 import math
 import re
-from typing import Iterator, Mapping, Optional, Protocol, Sequence
+from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
 import seqio
 
 from ia3_jax.data import features
+from ia3_jax.data.features import Batch
 from ia3_jax.data.feature_converters import (EOS_ID, RankClassificationFeatureConverter,
                                              TruncationStats)
 from ia3_jax.data.registration import (RenderedSource, get_task_info, lookup, output_features,
@@ -32,20 +33,6 @@ from ia3_jax.errors import DataError
 
 tf = import_tf()
 log = logging.getLogger(__name__)
-
-Batch = Mapping[str, np.ndarray]
-
-
-class BatchSource(Protocol):
-  """Yields this host's numpy batches (`batch_size` rows each, its shard of the data).
-
-  `start_step` batches are skipped: a deterministic stream resumes exactly.
-  """
-
-  def __call__(self, *, batch_size: int, start_step: int, shard_id: int,
-               num_shards: int) -> Iterator[Batch]:
-    ...
-
 
 @dataclasses.dataclass(frozen=True)
 class SeqioBatches:

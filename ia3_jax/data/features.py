@@ -9,9 +9,23 @@ B rows, L input tokens, C answer choices of T tokens each; all int32.
 
 from __future__ import annotations
 
-from typing import Mapping, NamedTuple
+from typing import Iterator, Mapping, NamedTuple, Protocol
 
 import numpy as np
+
+Batch = Mapping[str, np.ndarray]
+
+
+class BatchSource(Protocol):
+  """Yields this host's numpy batches (`batch_size` rows each, its shard of the data): what the
+  train loop and the run kinds take (seqio-free, so training from arrays needs no TensorFlow).
+
+  `start_step` batches are skipped: a deterministic stream resumes exactly.
+  """
+
+  def __call__(self, *, batch_size: int, start_step: int, shard_id: int,
+               num_shards: int) -> Iterator[Batch]:
+    ...
 
 
 class Feature(NamedTuple):

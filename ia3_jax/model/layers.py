@@ -361,10 +361,16 @@ def attention_weights(q: Array, k: Array, bias: Array, dtype: Any) -> Array:
   return jax.nn.softmax(logits, axis=-1).astype(dtype)
 
 
-def check_dpa_implementation(implementation: Optional[str]) -> None:
-  """One-line error for a `jax.nn.dot_product_attention` implementation this backend lacks."""
+def check_dpa_implementation(implementation: Optional[str], dtype: Any) -> None:
+  """One-line error for a `jax.nn.dot_product_attention` implementation this backend or
+  activation dtype lacks."""
+  if implementation != "cudnn":
+    return
+  if jnp.dtype(dtype) not in (jnp.bfloat16, jnp.float16):
+    raise ConfigError(f"T5Config.dpa_implementation='cudnn' needs bfloat16 or float16 "
+                      f"activations, got dtype {jnp.dtype(dtype).name!r} (use None or 'xla')")
   backend = jax.default_backend()
-  if implementation == "cudnn" and backend not in ("gpu", "cuda"):
+  if backend not in ("gpu", "cuda"):
     raise ConfigError(f"T5Config.dpa_implementation='cudnn' needs a CUDA GPU; the JAX backend "
                       f"here is {backend!r} (use None or 'xla')")
 
@@ -379,7 +385,7 @@ def dot_product_attention(q: Array, k: Array, v: Array, bias: Array, dtype: Any,
   softmax, probabilities in `dtype` for the product with `v`. cuDNN wants
   the bias at full [q, k] size and in the inputs' dtype.
   """
-  check_dpa_implementation(implementation)
+  check_dpa_implementation(implementation, dtype)
   q, k, v = (t.astype(dtype) for t in (q, k, v))
   bias = bias.astype(jnp.float32)
   if implementation == "cudnn":
