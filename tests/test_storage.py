@@ -312,3 +312,20 @@ def test_loading_an_hf_checkpoint_into_int8_peaks_below_one_and_a_half_times_its
   r = json.loads(out.stdout.strip().splitlines()[-1])
   assert r["stored_bytes"] < 0.3 * r["file_bytes"]  # int8 (+ bfloat16 embeddings and norms)
   assert r["anon_peak_above_start"] < 1.5 * r["stored_bytes"], r
+
+
+@pytest.mark.parametrize("frozen_dtype,dtype", [("float32", "bfloat16"), ("int8", "float32"),
+                                                ("bfloat16", "float32")])
+def test_a_converted_base_adds_no_frozen_kernel_products_to_the_step(frozen_dtype, dtype):
+  """`materialize(after=x)`'s layer dependency carries no gradient: the compiled (IA)^3 step
+  has the float32 step's matmuls, not also an X^T dY product per frozen kernel (which a
+  `0 * x` dependency with a gradient made the backward pass compute, then multiply by 0)."""
+  def dots(frozen: str, act: str) -> int:
+    model = network.Transformer(TINY.replace(dtype=act), blocks=ia3.ia3_blocks())
+    tr = trainer.Trainer(model, trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(0.5),
+                         enable_dropout=False, frozen_storage=storage.FrozenStorage(frozen, tile=16))
+    state = tr.init_state(tu.random_base_params(TINY))
+    batch = tr.partitioner.shard_batch(tr.model_batch(_batch()), 8)
+    return tr.lower_step(state, batch).compile().as_text().count(" dot(")
+  reference = dots("float32", "float32")
+  assert reference > 0 and dots(frozen_dtype, dtype) == reference

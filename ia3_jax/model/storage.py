@@ -134,12 +134,15 @@ def materialize(kernel: Any, dtype: Any, after: Optional[jax.Array] = None) -> j
   nothing ties the conversion to its layer, and XLA computes every layer's converted copy
   early (in the backward pass too) and keeps them all alive, the whole model again in
   `dtype`. (XLA:CPU drops optimization barriers before scheduling, so a barrier would not do.)
+  The dependency carries no gradient (`stop_gradient`): otherwise the backward pass computes
+  each frozen kernel's cotangent (an X^T dY product as large as the forward's) only to
+  multiply it by 0.
   """
   quantized = isinstance(kernel, QArray)
   if not quantized and jnp.dtype(kernel.dtype) == jnp.dtype(dtype):
     return kernel
-  if after is not None:
-    zero = 0 * after[(0,) * after.ndim]
+  if after is not None:  # stop_gradient: no cotangent for the frozen kernel (X^T dY products)
+    zero = 0 * jax.lax.stop_gradient(after[(0,) * after.ndim])
     if quantized:  # on the scales: the dependency costs nothing
       kernel = dataclasses.replace(kernel, scale=kernel.scale + zero.astype(kernel.scale.dtype))
     else:
