@@ -43,16 +43,20 @@ def _usage() -> str:
 
 
 def _config_for(model: Optional[str], base: Optional[str], checkpoint_meta: Optional[dict]):
-  """Model config from a preset name, an HF directory's config.json, or a checkpoint's meta."""
-  from ia3_jax.interop import hf_checkpoints
-  from ia3_jax.model import config as config_lib
+  """Model config (T5 or decoder-only) from a preset name, an HF directory's config.json, or a
+  checkpoint's meta."""
+  from ia3_jax.interop import hf_families
+  from ia3_jax.model import families
+  from ia3_jax.peft import counts
   if model:
-    return config_lib.get_config(model)
+    try:
+      return counts.get_config(model)
+    except KeyError as e:
+      raise ConfigError(f"--model: {e.args[0]}") from e
   if base:
-    return hf_checkpoints.load_hf_config(base)
+    return hf_families.of_dir(base).load_config(base)
   if checkpoint_meta and "model_config" in checkpoint_meta:
-    fields = dict(checkpoint_meta["model_config"])
-    return config_lib.T5Config(**fields)
+    return families.config_from_dict(checkpoint_meta["model_config"])
   raise ConfigError("give --model PRESET or --base HF_DIR to know the model shape")
 
 
@@ -115,15 +119,16 @@ def convert(argv: Sequence[str]) -> int:
 def merge(argv: Sequence[str]) -> int:
   p = argparse.ArgumentParser(prog="ia3-jax merge", description=(
       "Fold one task's (IA)^3 vectors into the base kernels and write the merged model."))
-  p.add_argument("--base", required=True, help="HF model directory")
+  p.add_argument("--base", required=True, help="HF model directory (T5, Llama, Mistral, Qwen2)")
   p.add_argument("--ia3", required=True, help="training checkpoint (MODEL_DIR, checkpoints/ "
                  "or a step), peft IA3 adapter directory, T-Few state dict, or orbax params")
   p.add_argument("--out", required=True, help="output directory of the merged model")
   p.add_argument("--task", type=int, default=0, help="row of a task bank (IA3_NUM_TASKS > 1)")
   p.add_argument("--format", choices=("hf", "orbax"), default="hf",
                  help="HF directory (safetensors) or orbax params")
-  p.add_argument("--model_type", choices=("t5", "mt5"), default="t5",
-                 help="HF model class of an hf output")
+  p.add_argument("--model_type", choices=("t5", "mt5", "llama", "mistral", "qwen2"),
+                 default=None, help="HF model class of an hf output (default: t5, or the "
+                 "decoder-only base's own)")
   _add_verbose_flag(p)
   args = p.parse_args(argv)
   import os
@@ -138,7 +143,7 @@ def merge(argv: Sequence[str]) -> int:
                                         output_format=args.format,
                                         model_type=args.model_type)
     # The vocabulary (and HF tokenizer files) of the base, so the merged model is usable alone.
-    copied = [name for name in ("spiece.model", "tokenizer_config.json",
+    copied = [name for name in ("spiece.model", "tokenizer_config.json", "tokenizer.model",
                                 "special_tokens_map.json", "tokenizer.json")
               if (pathlib.Path(args.base) / name).is_file()]
     for name in copied:
@@ -147,8 +152,9 @@ def merge(argv: Sequence[str]) -> int:
     if created and os.path.exists(args.out):  # no half-written model left behind
       shutil.rmtree(args.out)
     raise
-  if "spiece.model" not in copied:
-    print(f"warning: {args.base} has no spiece.model; {out} has no vocabulary", file=sys.stderr)
+  if not {"spiece.model", "tokenizer.model", "tokenizer.json"} & set(copied):
+    print(f"warning: {args.base} has no spiece.model (nor tokenizer.model / tokenizer.json); "
+          f"{out} has no vocabulary", file=sys.stderr)
   for root, dirs, files in os.walk(out):  # ordinary modes, not orbax's restrictive ones
     os.chmod(root, 0o755)
     for name in files:

@@ -17,7 +17,7 @@ import transformers
 from safetensors.torch import load_file, save_file
 
 from ia3_jax.errors import CheckpointError
-from ia3_jax.interop import decoder_adapters, hf_decoder
+from ia3_jax.interop import hf_decoder, ia3_adapters
 from ia3_jax.model import decoder
 from ia3_jax.model.decoder_config import DecoderConfig, get_decoder_config
 from ia3_jax.peft import bitfit, ia3, lora
@@ -277,7 +277,7 @@ def test_remat_gives_the_same_loss_and_gradients():
 def test_ia3_vectors_sit_on_key_value_and_wo_input_and_start_as_identity(tmp_path):
   make_hf(tmp_path, "qwen2")
   config, params = hf_decoder.load_hf_decoder(tmp_path)
-  vectors = decoder_adapters.init_ia3(config)
+  vectors = ia3.init_ia3(config)
   flat = {p: v.shape for p, v in flax.traverse_util.flatten_dict(vectors, sep="/").items()}
   kv, mlp = config.num_kv_heads * config.head_dim, config.mlp_dim
   assert flat == {f"decoder/layers_{i}/{p}": (1, n) for i in range(config.num_layers)
@@ -285,7 +285,7 @@ def test_ia3_vectors_sit_on_key_value_and_wo_input_and_start_as_identity(tmp_pat
                                ("mlp/ia3_ff", mlp))}
   tokens, mask = padded_batch(6, "left")
   base = our_logits(decoder.DecoderOnly(config), params, tokens, mask)
-  model = decoder_adapters.ia3_model(config)
+  model = ia3.ia3_model(config)
   with_ones = our_logits(model, ia3.insert_ia3(params, vectors), tokens, mask)
   tolerances.assert_close(with_ones, base)  # another program: other summation orders
 
@@ -318,15 +318,15 @@ def test_peft_ia3_adapter_gives_the_same_logits_both_ways(tmp_path, kind):
         p.copy_(torch.rand(p.shape, generator=gen) + 0.5)
   peft_model.eval().save_pretrained(tmp_path / "adapter")
   want = torch_logits(peft_model, tokens, mask)
-  vectors = decoder_adapters.import_peft_ia3(tmp_path / "adapter", config)
+  vectors = ia3_adapters.import_peft_adapter(tmp_path / "adapter", config)
   sites = ia3.sites_of(vectors)
   assert sites == {"llama": ("k", "v", "ff"), "qwen2": ("q", "v", "ff")}[kind]
-  model = decoder_adapters.ia3_model(config, sites)
+  model = ia3.ia3_model(config, sites)
   ours = our_logits(model, ia3.insert_ia3(params, vectors), tokens, mask)
   assert_valid_close(ours, want, mask, "peft -> ours")
   # ours -> peft
   mine = _random_vectors(vectors, 2)
-  out = decoder_adapters.export_peft_ia3(mine, config, tmp_path / "mine")
+  out = ia3_adapters.export_peft_adapter(mine, config, tmp_path / "mine")
   base = CLASSES[kind][1].from_pretrained(tmp_path / "base").eval()
   loaded = peft.PeftModel.from_pretrained(base, out).eval()
   ours = our_logits(model, ia3.insert_ia3(params, mine), tokens, mask)
@@ -336,13 +336,13 @@ def test_peft_ia3_adapter_gives_the_same_logits_both_ways(tmp_path, kind):
 def test_mixed_task_ia3_bank_serves_each_row_its_task():
   config = get_decoder_config("tiny_llama")
   params = decoder.init_params(decoder.DecoderOnly(config), jax.random.key(0))
-  bank = _random_vectors(decoder_adapters.init_ia3(config, num_tasks=2), 4)
+  bank = _random_vectors(ia3.init_ia3(config, num_tasks=2), 4)
   tokens, mask = padded_batch(11, "left", batch=2)
   task_id = jnp.array([1, 0])
-  mixed = decoder.forward(decoder_adapters.ia3_model(config, num_tasks=2),
+  mixed = decoder.forward(ia3.ia3_model(config, num_tasks=2),
                           ia3.insert_ia3(params, bank), jnp.asarray(tokens), jnp.asarray(mask),
                           task_id=task_id)
-  single = decoder_adapters.ia3_model(config)
+  single = ia3.ia3_model(config)
   for row, task in enumerate(task_id.tolist()):
     one = ia3.insert_ia3(params, ia3.select_task(bank, task))
     want = decoder.forward(single, one, jnp.asarray(tokens[row:row + 1]),
@@ -350,7 +350,7 @@ def test_mixed_task_ia3_bank_serves_each_row_its_task():
     tolerances.assert_close(np.asarray(mixed[row]), np.asarray(want[0]))
   # (IA)^3 size of a real shape: per layer 2 * kv_heads * head_dim + mlp_dim.
   big = get_decoder_config("llama_3_2_1b")
-  vectors = _abstract_ia3(decoder_adapters.ia3_model(big))
+  vectors = _abstract_ia3(ia3.ia3_model(big))
   assert sum(v.size for v in jax.tree.leaves(vectors)) == 16 * (2 * 8 * 64 + 8192)
 
 
@@ -380,10 +380,10 @@ def test_lora_and_bitfit_apply_to_the_decoder_blocks():
 def test_merged_ia3_with_biases_equals_the_adapted_model_and_exports(tmp_path):
   make_hf(tmp_path / "base", "qwen2")
   config, params = hf_decoder.load_hf_decoder(tmp_path / "base")
-  adapted = ia3.insert_ia3(params, _random_vectors(decoder_adapters.init_ia3(config), 3))
+  adapted = ia3.insert_ia3(params, _random_vectors(ia3.init_ia3(config), 3))
   tokens, mask = padded_batch(8, "right")
-  want = our_logits(decoder_adapters.ia3_model(config), adapted, tokens, mask)
-  merged, originals = decoder_adapters.merge_ia3(adapted)
+  want = our_logits(ia3.ia3_model(config), adapted, tokens, mask)
+  merged, originals = ia3.merge(adapted)
   assert_valid_close(our_logits(decoder.DecoderOnly(config), merged, tokens, mask), want,
                      mask, "merged")
   jax.tree.map(np.testing.assert_array_equal, ia3.unmerge(merged, originals), adapted)

@@ -22,15 +22,20 @@ def test_decoder_python_snippet_ranks_the_choices(capsys):
   assert str(predictions) in capsys.readouterr().out
 
 
-def test_decoder_train_command_on_a_tiny_hf_llama(tmp_path):
+def test_decoder_train_and_export_commands_on_a_tiny_hf_llama(tmp_path):
   make_hf(tmp_path / "models" / "tiny-llama", "llama")
   shutil.copytree(REPO / "examples" / "toy", tmp_path / "examples" / "toy")
-  model_dir = tmp_path / "run"
-  run_commands(readme_block("decoder-train"), tmp_path,
-               SMALL + [f"--gin.MODEL_DIR='{model_dir}'"], tmp_path / "bin")
+  model_dir = tmp_path / "runs" / "toy-llama"  # the block's MODEL_DIR, relative to tmp_path
+  run_commands(readme_block("decoder-train"), tmp_path, SMALL, tmp_path / "bin")
   results = json.loads((model_dir / "results.json").read_text())
   assert results["step"] == 2 and results["params"]["trainable"] == 2 * (16 + 16 + 48)
   assert results["eval"]["2"]["num_examples"] == 48  # 24 validation examples x 2 templates
+  run_commands(readme_block("decoder-export"), tmp_path, [], tmp_path / "bin",
+               command="ia3-jax merge")
+  adapter = json.loads((tmp_path / "adapters" / "toy-llama" / "adapter_config.json").read_text())
+  assert adapter["peft_type"] == "IA3" and adapter["task_type"] == "CAUSAL_LM"
+  merged = json.loads((tmp_path / "models" / "toy-llama-merged" / "config.json").read_text())
+  assert merged["architectures"] == ["LlamaForCausalLM"]  # logits: test_decoder_cli_adapters
 
 
 def test_decoder_counts_command(tmp_path):

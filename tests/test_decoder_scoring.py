@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from ia3_jax.interop import decoder_adapters, hf_decoder
+from ia3_jax.interop import hf_decoder
 from ia3_jax.model import decoder
 from ia3_jax.model.decoder_config import get_decoder_config
 from ia3_jax.objectives import losses, scoring
@@ -123,7 +123,7 @@ def test_one_token_choices_and_a_one_token_prompt():
 
 def test_gradients_through_the_prompt_cache_equal_the_full_forward():
   config = get_decoder_config("tiny_llama", num_layers=1)  # cheap to compile
-  model = decoder_adapters.ia3_model(config, num_tasks=2)
+  model = ia3.ia3_model(config, num_tasks=2)
   params = decoder.init_params(model, jax.random.key(2), with_task_id=True)
   vectors, base = ia3.extract_ia3(params)
   rng = np.random.default_rng(0)

@@ -9,7 +9,6 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from ia3_jax.interop import decoder_adapters
 from ia3_jax.model import decoder, families
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.decoder_config import get_decoder_config
@@ -62,7 +61,7 @@ def test_tfew_ia3_training_lowers_the_loss_and_changes_only_the_vectors(tmp_path
 
 
 def test_mixed_task_batch_equals_each_task_alone():
-  model = decoder_adapters.ia3_model(CONFIG, num_tasks=2)
+  model = ia3.ia3_model(CONFIG, num_tasks=2)
   tr = trainer.Trainer(model, trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(0.1),
                        use_task_id=True)
   assert tr.family is families.DECODER_ONLY
@@ -76,7 +75,7 @@ def test_mixed_task_batch_equals_each_task_alone():
   mixed = tr.model_batch(batch)
   keys = ("encoder_input_tokens", "choice_tokens", "choice_mask", "task_id")
   logp = choice_log_probs(model, params, {k: mixed[k] for k in keys})
-  single = decoder_adapters.ia3_model(CONFIG)
+  single = ia3.ia3_model(CONFIG)
   want = np.zeros(logp.shape, np.float32)
   for task in (0, 1):
     rows = mixed["task_id"] == task

@@ -55,8 +55,8 @@ RUN_MODEL_MACRO = "INITIAL_CHECKPOINT_PATH"
 
 
 def set_default_vocabulary(vocabulary: seqio.Vocabulary | str | None) -> None:
-  """Sets the vocabulary of tasks registered without one (a path is a SentencePiece model
-  or a model directory); None goes back to the model's own vocabulary."""
+  """Sets the vocabulary of tasks registered without one (a path is a SentencePiece model, an
+  HF tokenizer.json or a model directory); None goes back to the model's own vocabulary."""
   global _DEFAULT_VOCAB
   if isinstance(vocabulary, (str, os.PathLike)):
     vocabulary = _load_vocabulary(os.fspath(vocabulary))
@@ -65,8 +65,18 @@ def set_default_vocabulary(vocabulary: seqio.Vocabulary | str | None) -> None:
 
 @functools.lru_cache(maxsize=8)
 def _load_vocabulary(path: str) -> seqio.Vocabulary:
+  """A SentencePiece model or an HF `tokenizer.json` (a file, or a model directory with one
+  and no SentencePiece model: Llama 3, Qwen2)."""
+  from ia3_jax.data import hf_vocabulary  # pylint: disable=g-import-not-at-top
   from ia3_jax.interop import hf_checkpoints  # pylint: disable=g-import-not-at-top  (jax-free data layer)
-  return hf_checkpoints.load_vocabulary(path)
+  if os.path.basename(path) == hf_vocabulary.TOKENIZER_FILE:
+    return hf_vocabulary.HfTokenizerVocabulary(path)
+  try:
+    return hf_checkpoints.load_vocabulary(path)
+  except hf_checkpoints.CheckpointError:
+    if os.path.isfile(os.path.join(path, hf_vocabulary.TOKENIZER_FILE)):
+      return hf_vocabulary.HfTokenizerVocabulary(path)
+    raise
 
 
 def run_model_path() -> str | None:

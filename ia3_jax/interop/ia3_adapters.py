@@ -13,7 +13,8 @@ input. Both map onto our sites (`ia3.SITES`):
 Anything else (a wi/wi_0 output behind a nonlinearity, a q/k/v input, ...)
 cannot be represented and raises `AdapterError` naming the module.
 `load_adapter_bank` puts named adapters into the rows of a `peft.banks.AdapterBank`;
-`merge_checkpoint` folds an adapter into a base model on disk.
+`merge_checkpoint` folds an adapter into a base model on disk. All of it serves both model
+families (`model.families`): T5 and Llama / Mistral / Qwen2 (module names from `hf_families`).
 """
 
 from __future__ import annotations
@@ -28,11 +29,11 @@ import jax.numpy as jnp
 import numpy as np
 
 from ia3_jax.errors import AdapterError
-from ia3_jax.interop import hf_checkpoints
-from ia3_jax.interop.adapter_files import (ADAPTER_CONFIG, PEFT_PREFIX, hf_module_map,
-                                           load_state_dict, read_adapter_dir, strip_prefix,
+from ia3_jax.interop import hf_checkpoints, hf_families
+from ia3_jax.interop.adapter_files import (ADAPTER_CONFIG, PEFT_PREFIX, load_state_dict,
+                                           read_adapter_dir, strip_prefix,
                                            write_adapter_dir)
-from ia3_jax.model import network
+from ia3_jax.model import families, network
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config
 from ia3_jax.peft import banks, ia3
@@ -45,6 +46,17 @@ TFEW_PREFIXES = ("module.model.", "model.", PEFT_PREFIX)
 
 
 # --------------------------------------------------------------------------- (IA)^3 sites
+
+
+def hf_module_map(config: Any) -> dict[str, tuple[str, str]]:
+  """HF module name -> (block path, projection) of `config`'s family."""
+  return hf_families.of(config).module_map(config)
+
+
+def _model_name(config: Any) -> str:
+  if families.of(config) is families.DECODER_ONLY:
+    return f"decoder-only model ({config.num_layers} layers)"
+  return f"T5 model ({config.num_encoder_layers}+{config.num_decoder_layers} layers)"
 
 
 def _linear_branch(config: T5Config) -> Optional[str]:
@@ -97,8 +109,8 @@ def _assemble(found: Mapping[tuple[str, str], list[np.ndarray]], config: T5Confi
 def _module_site(config: T5Config, modules: Mapping[str, tuple[str, str]], module: str,
                  side: str, source: str) -> tuple[str, str]:
   if module not in modules:
-    raise AdapterError(f"{source}: module {module!r} is not a projection of this T5 model "
-                       f"({config.num_encoder_layers}+{config.num_decoder_layers} layers)")
+    raise AdapterError(f"{source}: module {module!r} is not a projection of this "
+                       f"{_model_name(config)}")
   block, projection = modules[module]
   site = site_for(config, projection, side)
   if site is None:
@@ -126,7 +138,8 @@ def import_peft_adapter(path: PathLike, config: T5Config, *,
   adapter_config, tensors = read_adapter_dir(path, peft_type="IA3")
   source = str(path)
   if adapter_config.get("fan_in_fan_out"):
-    raise AdapterError(f"{source}/{ADAPTER_CONFIG}: fan_in_fan_out=true is not a T5 layout")
+    raise AdapterError(f"{source}/{ADAPTER_CONFIG}: fan_in_fan_out=true is not a "
+                       f"{families.of(config).name} layout")
   modules = hf_module_map(config)
   found: dict[tuple[str, str], list[np.ndarray]] = {}
   others = [k for k in tensors if not k.endswith(".ia3_l")]
@@ -183,7 +196,7 @@ def export_peft_adapter(ia3_params: Mapping[str, Any], config: T5Config, out_dir
     if module is None:
       raise AdapterError(f"{path}: no HF module for {block}/{projection}")
     placed.append((path, module, side, vec))
-  return write_peft_ia3(placed, out_dir, task_type="SEQ_2_SEQ_LM",
+  return write_peft_ia3(placed, out_dir, task_type=hf_families.of(config).task_type,
                         base_model_name_or_path=base_model_name_or_path,
                         safe_serialization=safe_serialization)
 
@@ -298,8 +311,8 @@ def _from_tree(tree: Mapping[str, Any], config: T5Config, sites: Optional[Sequen
   expected = params_lib.flatten(ia3.init_ia3(config, ia3.sites_of(vectors), 1))
   for path, value in sorted(params_lib.flatten(vectors).items()):
     if path not in expected:
-      raise AdapterError(f"{source}: {path} is not an (IA)^3 param of this model "
-                         f"({config.num_encoder_layers}+{config.num_decoder_layers} layers)")
+      raise AdapterError(f"{source}: {path} is not an (IA)^3 param of this "
+                         f"{_model_name(config)}")
     if tuple(np.shape(value)) != tuple(expected[path].shape):
       raise AdapterError(f"{source}: {path} has shape {tuple(np.shape(value))}, the model expects "
                          f"{tuple(expected[path].shape)} (an adapter for another model shape?)")
@@ -405,18 +418,19 @@ def load_adapters_into_bank(sources: Sequence[PathLike], config: T5Config, *,
 
 
 def merge_checkpoint(base: Any, adapter: Any, out_dir: str | os.PathLike, *, task: int = 0,
-                     config: Optional[T5Config] = None, output_format: str = "hf",
-                     model_type: str = "t5") -> str:
+                     config: Optional[Any] = None, output_format: str = "hf",
+                     model_type: Optional[str] = None) -> str:
   """Writes base params with task `task`'s (IA)^3 vectors folded in.
 
-  `base`: an HF model directory, or a param tree (then pass `config`).
-  `adapter`: a peft IA3 adapter directory, a T-Few state dict file (`*.pt`/`*.bin`/
-  `*.safetensors`), an orbax checkpoint of the (IA)^3 params (or of a tree
+  `base`: an HF model directory (T5, or Llama / Mistral / Qwen2), or a param tree (then
+  pass `config`). `adapter`: a peft IA3 adapter directory, a T-Few state dict file
+  (`*.pt`/`*.bin`/`*.safetensors`), an orbax checkpoint of the (IA)^3 params (or of a tree
   holding them), or a param tree. `output_format`: "hf" (an HF directory that
-  `from_pretrained` loads) or "orbax". Returns the output path.
+  `from_pretrained` loads; `model_type` default: t5, or the decoder's own) or "orbax".
+  Returns the output path.
   """
   if isinstance(base, (str, os.PathLike)):
-    config, base = hf_checkpoints.load_hf_checkpoint(base)
+    config, base = hf_families.of_dir(base).load(base)
   elif config is None:
     raise ValueError("merge_checkpoint: pass `config` when `base` is a param tree")
   if isinstance(adapter, (str, os.PathLike)):
@@ -427,9 +441,11 @@ def merge_checkpoint(base: Any, adapter: Any, out_dir: str | os.PathLike, *, tas
     else:
       adapter = hf_checkpoints.restore_params(adapter)
   vectors, _ = ia3.extract_ia3(network.unscan_params(adapter))  # either layer layout
-  merged, _ = ia3.merge(ia3.insert_ia3(base, vectors), task)
+  hf = hf_families.of(config)
+  merged, _ = ia3.merge(ia3.insert_ia3(base, vectors), task)  # biases too (Qwen2)
   if output_format == "hf":
-    return str(hf_checkpoints.export_hf_checkpoint(merged, config, out_dir, model_type=model_type))
+    return str(hf.export(merged, config, out_dir,
+                         model_type=hf_families.model_type_for(config, model_type)))
   if output_format == "orbax":
     return str(hf_checkpoints.save_params(out_dir, merged))
   raise ValueError(f"merge_checkpoint: output_format must be 'hf' or 'orbax', "

@@ -1,4 +1,4 @@
-"""HF peft LoRA adapter directories <-> our LoRA params, for T5.
+"""HF peft LoRA adapter directories <-> our LoRA params, for T5 and decoder-only models.
 
 peft stores, per adapted `nn.Linear` (weight `[out, in]`),
 `base_model.model.<HF module>.lora_A.weight [r, in]` and `.lora_B.weight
@@ -6,7 +6,10 @@ peft stores, per adapted `nn.Linear` (weight `[out, in]`),
 `K [in, out]`) is `x @ A' @ B'` with `A' = lora_A.T [in, r]`,
 `B' = lora_B.T [r, out]`, stored as `<block>/<proj>_lora_a` / `_lora_b`.
 Scaling (`alpha / r`, or `alpha / sqrt(r)` with `use_rslora`) comes from
-`adapter_config.json`. Directory reading/writing reuses `ia3_jax.interop.adapter_files`.
+`adapter_config.json`. Directory reading/writing reuses `ia3_jax.interop.adapter_files`;
+the HF module names and peft `task_type` come from the model family (`hf_families`):
+T5 `encoder.block.0.layer.0.SelfAttention.q`, Llama / Mistral / Qwen2
+`model.layers.0.self_attn.q_proj` (gate_proj, up_proj, down_proj: wi_0, wi_1, wo).
 
 Not representable (raise `AdapterError`): per-module `rank_pattern` /
 `alpha_pattern`, DoRA, LoRA biases, `modules_to_save`, adapters on the LM head
@@ -25,10 +28,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from ia3_jax.errors import AdapterError
-from ia3_jax.interop import adapter_files
+from ia3_jax.interop import adapter_files, hf_families
 from ia3_jax.model import params as params_lib
-from ia3_jax.model.config import T5Config
-from ia3_jax.peft import lora, projection_targets
+from ia3_jax.model import families
+from ia3_jax.peft import lora
 
 PathLike = str | os.PathLike
 Params = dict[str, Any]
@@ -75,17 +78,24 @@ def _check_config(cfg: dict, source: str) -> None:
       raise AdapterError(f"{source}: {field} must be a positive number, got {cfg.get(field)!r}")
 
 
-def import_peft_lora(path: PathLike, config: T5Config) -> tuple[Params, LoraSettings]:
-  """(LoRA params as a sparse T5X tree, settings) from a peft LoRA adapter directory.
+def lora_model(config: Any, settings: LoraSettings) -> Any:
+  """The network of `config`'s family (T5 or decoder-only) with LoRA as `settings` say."""
+  blocks = lora.lora_blocks(config, **settings.blocks_kwargs())
+  return families.of(config).build(config, families.blocks_for(config, blocks))
+
+
+def import_peft_lora(path: PathLike, config: Any) -> tuple[Params, LoraSettings]:
+  """(LoRA params as a sparse tree, settings) from a peft LoRA adapter directory of a T5
+  (`T5Config`) or Llama / Mistral / Qwen2 (`DecoderConfig`) model.
 
   Combine with base params (`params.combine(base, lora_tree)`) and run with
-  `network.Transformer(config, blocks=lora.lora_blocks(**settings.blocks_kwargs()))`.
+  `lora_model(config, settings)`.
   """
   cfg, tensors = adapter_files.read_adapter_dir(path, peft_type="LORA")
   source = str(path)
   _check_config(cfg, f"{source}/{adapter_files.ADAPTER_CONFIG}")
   rank, alpha = int(cfg["r"]), float(cfg["lora_alpha"])
-  modules = adapter_files.hf_module_map(config)
+  modules = hf_families.of(config).module_map(config)
   flat: dict[str, np.ndarray] = {}
   for key, value in tensors.items():
     name = adapter_files.strip_prefix(key, (adapter_files.PEFT_PREFIX,))
@@ -95,11 +105,11 @@ def import_peft_lora(path: PathLike, config: T5Config) -> tuple[Params, LoraSett
         module = name[:-len(hf_suffix)]
         break
     else:
-      raise AdapterError(f"{source}: tensor {key!r} is not a LoRA A/B weight of a T5 projection")
+      raise AdapterError(f"{source}: tensor {key!r} is not a LoRA A/B weight of a projection")
     if module not in modules:
-      raise AdapterError(f"{source}: module {module!r} is not a projection of this T5 model "
-                         f"({config.num_encoder_layers}+{config.num_decoder_layers} layers); "
-                         "LoRA on embeddings or the LM head is not supported")
+      raise AdapterError(f"{source}: module {module!r} is not a projection of this "
+                         f"{families.of(config).name} model; LoRA on embeddings or the LM "
+                         "head is not supported")
     if value.ndim != 2 or any(w is not None and s != w for s, w in zip(value.shape, want)):
       raise AdapterError(f"{source}: {key} has shape {value.shape}; expected rank {rank} "
                          f"({'[r, in]' if ours == lora.SUFFIX_A else '[out, r]'})")
@@ -115,10 +125,11 @@ def import_peft_lora(path: PathLike, config: T5Config) -> tuple[Params, LoraSett
   return params_lib.unflatten({k: jnp.asarray(v) for k, v in flat.items()}), settings
 
 
-def _check_complete(flat: dict, config: T5Config, targets: tuple[str, ...], source: str) -> None:
+def _check_complete(flat: dict, config: Any, targets: tuple[str, ...], source: str) -> None:
   """Every targeted projection in every layer needs both A and B, with matching shapes."""
   want = {f"{block}/{proj}{suffix}"
-          for block, proj in adapter_files.hf_module_map(config).values() if proj in targets
+          for block, proj in hf_families.of(config).module_map(config).values()
+          if proj in targets
           for suffix in (lora.SUFFIX_A, lora.SUFFIX_B)}
   missing = sorted(want - set(flat))
   if missing:
@@ -127,7 +138,7 @@ def _check_complete(flat: dict, config: T5Config, targets: tuple[str, ...], sour
                        "(layers_to_transform) are not supported")
 
 
-def export_peft_lora(lora_params: Params, config: T5Config, out_dir: PathLike, *, alpha: float,
+def export_peft_lora(lora_params: Params, config: Any, out_dir: PathLike, *, alpha: float,
                      use_rslora: bool = False, dropout: float = 0.0,
                      base_model_name_or_path: Optional[str] = None,
                      safe_serialization: bool = True) -> pathlib.Path:
@@ -141,7 +152,8 @@ def export_peft_lora(lora_params: Params, config: T5Config, out_dir: PathLike, *
           if k.endswith(lora.SUFFIX_A) or k.endswith(lora.SUFFIX_B)}
   if not flat:
     raise AdapterError("export_peft_lora: no LoRA params (*_lora_a / *_lora_b) given")
-  by_target = {target: module for module, target in adapter_files.hf_module_map(config).items()}
+  hf = hf_families.of(config)
+  by_target = {target: module for module, target in hf.module_map(config).items()}
   ranks = {int(np.shape(v)[1]) for k, v in flat.items() if k.endswith(lora.SUFFIX_A)}
   if len(ranks) != 1:
     raise AdapterError(f"export_peft_lora: LoRA params have several ranks {sorted(ranks)}")
@@ -156,9 +168,9 @@ def export_peft_lora(lora_params: Params, config: T5Config, out_dir: PathLike, *
                          "this model")
     hf_suffix = ".lora_A.weight" if suffix == lora.SUFFIX_A else ".lora_B.weight"
     tensors[f"{adapter_files.PEFT_PREFIX}{module}{hf_suffix}"] = np.asarray(value, np.float32).T
-    short_names.add(projection_targets.T5X_TO_HF[proj])
+    short_names.add(module.rsplit(".", 1)[-1])  # q (T5), q_proj (Llama), ...
   adapter_config = {
-      "peft_type": "LORA", "task_type": "SEQ_2_SEQ_LM", "r": ranks.pop(),
+      "peft_type": "LORA", "task_type": hf.task_type, "r": ranks.pop(),
       "lora_alpha": alpha, "lora_dropout": dropout, "use_rslora": use_rslora,
       "target_modules": sorted(short_names), "bias": "none", "fan_in_fan_out": False,
       "init_lora_weights": True, "inference_mode": True, "modules_to_save": None,

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional
 
 from ia3_jax.model import decoder, network
 from ia3_jax.model.config import T5Config
@@ -51,6 +51,16 @@ def of(obj: Any) -> Family:
       return family
   raise TypeError(f"not a model, config or blocks of a known family (T5Config, "
                   f"DecoderConfig): {type(obj).__name__}")
+
+
+def config_from_dict(fields: Mapping[str, Any]) -> Any:
+  """The config that `config.to_dict()` wrote (a checkpoint's `model_config`), of its family."""
+  for family in FAMILIES[::-1]:  # a decoder dict has num_kv_heads, which T5Config lacks
+    names = {f.name for f in dataclasses.fields(family.config_cls)}
+    if set(fields) <= names:
+      return family.config_cls(**fields)
+  raise TypeError(f"model_config fields {sorted(fields)} are not those of a known family's "
+                  "config (T5Config, DecoderConfig)")
 
 
 _REBASED = ("attention", "mlp", "layer_norm")  # the blocks PEFT mixins extend

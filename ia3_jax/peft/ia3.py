@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ia3_jax.model import layers, network, storage
+from ia3_jax.model import families, layers, network, storage
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config
 from ia3_jax.peft import banks
@@ -109,29 +109,30 @@ def ia3_blocks(sites: Sequence[str] = DEFAULT_SITES, num_tasks: int = 1,
   return base.override("attention", IA3, **kw).override("mlp", IA3, **kw)
 
 
-def ia3_model(config: T5Config, sites: Sequence[str] = DEFAULT_SITES,
-              num_tasks: int = 1) -> network.Transformer:
-  return network.Transformer(config, blocks=ia3_blocks(sites, num_tasks))
+def ia3_model(config: Any, sites: Sequence[str] = DEFAULT_SITES, num_tasks: int = 1) -> Any:
+  """The network of `config` (T5 or decoder-only: `families.of`) with (IA)^3 blocks."""
+  family = families.of(config)
+  return family.build(config, ia3_blocks(sites, num_tasks, base=family.blocks_cls()))
 
 
 # --------------------------------------------------------------------------- param trees
 
 
-def abstract_ia3(config: T5Config, sites: Sequence[str] = DEFAULT_SITES,
+def abstract_ia3(config: Any, sites: Sequence[str] = DEFAULT_SITES,
                  num_tasks: int = 1) -> Params:
-  """Boxed ShapeDtypeStructs of the (IA)^3 params alone (no memory allocated)."""
+  """Boxed ShapeDtypeStructs of the (IA)^3 params alone (no memory allocated), either family."""
   model = ia3_model(config, sites, num_tasks)
-  abstract = network.abstract_params(model, with_task_id=num_tasks > 1)
+  abstract = families.of(config).abstract_params(model, with_task_id=num_tasks > 1)
   return extract_ia3(abstract)[0]
 
 
-def init_ia3(config: T5Config, sites: Sequence[str] = DEFAULT_SITES, num_tasks: int = 1) -> Params:
+def init_ia3(config: Any, sites: Sequence[str] = DEFAULT_SITES, num_tasks: int = 1) -> Params:
   """(IA)^3 params at their initial value (ones): the model equals the base model."""
   abstract = nn.unbox(abstract_ia3(config, sites, num_tasks))
   return jax.tree.map(lambda s: jnp.ones(s.shape, s.dtype), abstract)
 
 
-def count_ia3(config: T5Config, sites: Sequence[str] = DEFAULT_SITES, num_tasks: int = 1) -> int:
+def count_ia3(config: Any, sites: Sequence[str] = DEFAULT_SITES, num_tasks: int = 1) -> int:
   """Number of (IA)^3 scalars, computed with `jax.eval_shape` (works for 11B configs)."""
   return params_lib.count(abstract_ia3(config, sites, num_tasks))
 
@@ -211,6 +212,8 @@ def merge(params: Mapping[str, Any], task: int = 0) -> tuple[Params, Params]:
   A kernel stored quantised (`model.storage`, FROZEN_DTYPE int8 / int4) is dequantised,
   scaled and quantised again with its own scheme; `originals["requantization_error"]`
   then gives, per kernel, the largest |merged - exact fold| that the re-quantisation adds.
+  A projection with a bias (Qwen2's q/k/v) whose output a vector scales gets its bias
+  scaled too: `l * (x W + b)`.
   """
   ia3, base = extract_ia3(network.unscan_params(params))  # either layer layout
   if not params_lib.flatten(ia3):
@@ -239,6 +242,10 @@ def merge(params: Mapping[str, Any], task: int = 0) -> tuple[Params, Params]:
                                             - folded)))
     else:
       flat[kpath] = folded
+    bpath = f"{block}/{proj}/bias"
+    if side == "out" and bpath in flat:
+      originals.setdefault(bpath, flat[bpath])
+      flat[bpath] = jnp.asarray(flat[bpath]) * vec.astype(jnp.float32)
   out = {"kernels": params_lib.unflatten(originals), "ia3": ia3}
   if errors:
     out["requantization_error"] = errors
