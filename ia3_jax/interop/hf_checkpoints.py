@@ -309,7 +309,7 @@ def load_hf_checkpoint(path: PathLike, *, dtype: Any = jnp.float32,
   path = pathlib.Path(path)
   config = load_hf_config(path, dtype=activation_dtype)
   by_hf = {hf: (ours, transposed) for ours, (hf, transposed) in hf_name_map(config).items()}
-  expected = _expected_shapes(config)
+  expected = expected_shapes(config)
   params: dict = {}
   seen: set[str] = set()
   alias: Optional[np.ndarray] = None
@@ -378,16 +378,19 @@ def _host_copy(tensor: np.ndarray | HostTensor, dtype: Any) -> np.ndarray:
   return np.array(tensor, dtype=dtype, order="C")
 
 
-def _expected_shapes(config: T5Config) -> dict[tuple[str, ...], tuple[int, ...]]:
-  from ia3_jax.model import network
-  abstract = flax.linen.unbox(network.abstract_params(network.Transformer(config)))
+def expected_shapes(config: Any) -> dict[tuple[str, ...], tuple[int, ...]]:
+  """Param path -> shape of `config`'s network, either family, from `jax.eval_shape`."""
+  from ia3_jax.model import families
+  family = families.of(config)
+  abstract = flax.linen.unbox(family.abstract_params(family.build(config)))
   flat = flax.traverse_util.flatten_dict(abstract)
   return {k: tuple(v.shape) for k, v in flat.items()}
 
 
-def check_params_match(params: Params, config: T5Config, *, source: str = "params") -> None:
-  """Raises naming the first param whose name or shape differs from `config`'s tree."""
-  expected = _expected_shapes(config)
+def check_params_match(params: Params, config: Any, *, source: str = "params") -> None:
+  """Raises naming the first param whose name or shape differs from `config`'s tree (either
+  model family)."""
+  expected = expected_shapes(config)
   flat = flax.traverse_util.flatten_dict(flax.linen.unbox(params))
   for key in sorted(set(expected) | set(flat)):
     name = "/".join(key)

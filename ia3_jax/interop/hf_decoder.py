@@ -15,13 +15,11 @@ import pathlib
 import re
 from typing import Any, Callable, Mapping, Optional
 
-import flax
 import jax.numpy as jnp
 import numpy as np
 
 from ia3_jax.errors import CheckpointError
 from ia3_jax.interop import hf_checkpoints
-from ia3_jax.model import decoder
 from ia3_jax.model.decoder_config import DecoderConfig
 
 PathLike = str | os.PathLike
@@ -205,12 +203,6 @@ def hf_module_map(config: DecoderConfig) -> dict[str, tuple[str, str]]:
   return out
 
 
-def expected_shapes(config: DecoderConfig) -> dict[tuple[str, ...], tuple[int, ...]]:
-  """Our param path -> shape, from `jax.eval_shape` (no memory)."""
-  abstract = flax.linen.unbox(decoder.abstract_params(decoder.DecoderOnly(config)))
-  return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(abstract).items()}
-
-
 # --------------------------------------------------------------------------- reading
 
 
@@ -240,7 +232,7 @@ def load_hf_decoder(path: PathLike, *, dtype: Any = jnp.float32,
   path = pathlib.Path(path)
   config = load_hf_config(path, dtype=activation_dtype)
   by_hf = {hf: (ours, t) for ours, (hf, t) in hf_name_map(config).items()}
-  expected = expected_shapes(config)
+  expected = hf_checkpoints.expected_shapes(config)
   params: dict = {}
   seen, unexpected = set(), []
   for name, array in hf_checkpoints.iter_hf_tensors(path):
@@ -284,27 +276,12 @@ def load_initial_params(path: Optional[str | os.PathLike],
 # --------------------------------------------------------------------------- writing
 
 
-def check_params_match(params: Params, config: DecoderConfig, *, source: str = "params") -> None:
-  """Raises naming the first param whose name or shape differs from `config`'s tree."""
-  expected = expected_shapes(config)
-  flat = flax.traverse_util.flatten_dict(flax.linen.unbox(params))
-  for key in sorted(set(expected) | set(flat)):
-    name = "/".join(key)
-    if key not in flat:
-      raise CheckpointError(f"{source}: missing param {name} (shape {expected[key]})")
-    if key not in expected:
-      raise CheckpointError(f"{source}: param {name} is not part of this model")
-    if tuple(flat[key].shape) != expected[key]:
-      raise CheckpointError(f"{source}: param {name} has shape {tuple(flat[key].shape)}, "
-                            f"model expects {expected[key]}")
-
-
 def export_hf_decoder(params: Params, config: DecoderConfig, path: PathLike, *,
                       model_type: Optional[str] = None,
                       max_shard_bytes: int = 4 << 30) -> pathlib.Path:
   """Writes base params as an HF directory (float32 safetensors, sharded with an index
   above `max_shard_bytes`) that `AutoModelForCausalLM.from_pretrained` loads."""
   hf_config = config_to_hf(config, model_type)  # checks the model type first
-  check_params_match(params, config)
+  hf_checkpoints.check_params_match(params, config)
   return hf_checkpoints.write_hf_directory(params, hf_name_map(config), path, hf_config,
                                            max_shard_bytes=max_shard_bytes)

@@ -25,7 +25,9 @@ class HfFamily:
   """family: the `families.Family`; task_type: peft's; model_types: the HF `model_type`s it
   reads; module_map(config): HF module name -> (our block path, projection);
   load_config(path), load(path) -> (config, params), export(params, config, path,
-  model_type=): its HF directories; default_model_type(config): what `export` writes."""
+  model_type=): its HF directories; default_model_type(config): what `export` writes;
+  load_initial(path, convert=) -> (params, HF config or None): a run's base (HF directory or
+  orbax params)."""
 
   family: families.Family
   task_type: str
@@ -35,15 +37,17 @@ class HfFamily:
   load: Callable[..., tuple[Any, Any]]
   export: Callable[..., pathlib.Path]
   default_model_type: Callable[[Any], str]
+  load_initial: Callable[..., tuple[Any, Any]]
 
 
 T5 = HfFamily(families.T5, "SEQ_2_SEQ_LM", ("t5", "mt5"), adapter_files.hf_module_map,
               hf_checkpoints.load_hf_config, hf_checkpoints.load_hf_checkpoint,
-              hf_checkpoints.export_hf_checkpoint, lambda _: "t5")
+              hf_checkpoints.export_hf_checkpoint, lambda _: "t5",
+              hf_checkpoints.load_initial_params)
 DECODER_ONLY = HfFamily(families.DECODER_ONLY, "CAUSAL_LM", tuple(hf_decoder.ARCHITECTURES),
                         hf_decoder.hf_module_map, hf_decoder.load_hf_config,
                         hf_decoder.load_hf_decoder, hf_decoder.export_hf_decoder,
-                        hf_decoder.model_type_of)
+                        hf_decoder.model_type_of, hf_decoder.load_initial_params)
 HF_FAMILIES = (T5, DECODER_ONLY)
 
 

@@ -27,7 +27,7 @@ import optax
 from ia3_jax import files
 from ia3_jax.data.features import BatchSource
 from ia3_jax.errors import CheckpointError, DataError, TrainingDivergedError, TrainingInterrupted
-from ia3_jax.interop import hf_checkpoints, hf_decoder
+from ia3_jax.interop import hf_checkpoints, hf_families
 from ia3_jax.model import families, network, precision
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config
@@ -234,22 +234,14 @@ def build_model(config: T5Config | DecoderConfig, blocks: Optional[network.Block
   return family.build(config, blocks)
 
 
-# Model family -> (initial params of an HF directory or orbax params, the check naming the
-# first param that differs from the model).
-HF_LOADERS = {
-    families.T5.name: (hf_checkpoints.load_initial_params, hf_checkpoints.check_params_match),
-    families.DECODER_ONLY.name: (hf_decoder.load_initial_params, hf_decoder.check_params_match),
-}
-
-
 def load_base_params(trainer: Trainer, path: Optional[str]) -> Optional[Params]:
   """The base params at `path` (HF directory or orbax params; None: none), each tensor
   stored as `trainer` keeps it as it is read (no float32 copy of the model); an HF
   directory must hold the trainer's model (the error names the first differing param)."""
-  load, check = HF_LOADERS[trainer.family.name]
+  load = hf_families.of(trainer.model.config).load_initial
   base, hf_config = load(path, convert=trainer.store_base_tensor)
   if base is not None and hf_config is not None:
-    check(base, trainer.model.config, source=str(path))
+    hf_checkpoints.check_params_match(base, trainer.model.config, source=str(path))
   return base
 
 
