@@ -5,7 +5,7 @@
   ia3-jax eval   --gin_file=... [--gin.KEY=VALUE ...]   accuracy of a checkpoint (runs/eval.gin)
   ia3-jax score  --gin_file=... [--gin.KEY=VALUE ...]   per-choice scores (runs/score.gin)
   ia3-jax infer  --gin_file=... [--gin.KEY=VALUE ...]   predictions (runs/infer.gin)
-  ia3-jax convert SRC DST                               HF directory <-> orbax params
+  ia3-jax convert SRC DST                               HF directory <-> orbax params (both families)
   ia3-jax merge --base HF_DIR --ia3 CKPT --out DIR      fold (IA)^3 vectors into the kernels
   ia3-jax export-peft --checkpoint CKPT --out DIR       (IA)^3 vectors as an HF peft adapter
   ia3-jax combine --method M --adapters A B .. --out DIR  several (IA)^3 adapters -> one peft adapter
@@ -78,19 +78,20 @@ def _is_training_checkpoint(path: str) -> bool:
 
 def convert(argv: Sequence[str]) -> int:
   p = argparse.ArgumentParser(prog="ia3-jax convert", description=(
-      "HF T5/T0/mT5 directory -> orbax param checkpoint (fast, sharded loading as "
-      "INITIAL_CHECKPOINT_PATH), or orbax params -> HF directory (--to hf)."))
+      "HF directory (T5/T0/mT5, Llama/Mistral/Qwen2) -> orbax param checkpoint (fast, sharded "
+      "loading as INITIAL_CHECKPOINT_PATH), or orbax params -> HF directory (--to hf)."))
   p.add_argument("src", help="HF model directory (with config.json) or orbax param checkpoint")
   p.add_argument("dst", help="output directory")
   p.add_argument("--to", choices=("orbax", "hf"), default=None,
                  help="output format (default: the other one)")
   p.add_argument("--model", default=None, help="preset of an orbax source without "
                  "model_config.json (for --to hf)")
-  p.add_argument("--model_type", default="t5", choices=("t5", "mt5"),
-                 help="HF model class written with --to hf (mt5: MT5ForConditionalGeneration)")
+  p.add_argument("--model_type", default=None, choices=("t5", "mt5", "llama", "mistral", "qwen2"),
+                 help="HF model class written with --to hf (default: t5 for T5 models, the "
+                 "decoder-only config's own)")
   _add_verbose_flag(p)
   args = p.parse_args(argv)
-  from ia3_jax.interop import hf_checkpoints
+  from ia3_jax.interop import hf_checkpoints, hf_families
   src = pathlib.Path(args.src)
   src_is_hf = (src / "config.json").exists()
   to = args.to or ("orbax" if src_is_hf else "hf")
@@ -99,7 +100,7 @@ def convert(argv: Sequence[str]) -> int:
         f"{src}: no config.json (not an HF model directory) and no _METADATA (not an orbax "
         "param checkpoint)")
   if src_is_hf:
-    config, params = hf_checkpoints.load_hf_checkpoint(args.src)
+    config, params = hf_families.of_dir(src).load(args.src)
   else:
     params = hf_checkpoints.restore_params(args.src)
     meta_file = pathlib.Path(args.src) / "model_config.json"
@@ -111,7 +112,8 @@ def convert(argv: Sequence[str]) -> int:
     (pathlib.Path(args.dst) / "model_config.json").write_text(
         json.dumps(config.to_dict(), indent=2))
   else:
-    out = hf_checkpoints.export_hf_checkpoint(params, config, args.dst, model_type=args.model_type)
+    model_type = hf_families.model_type_for(config, args.model_type)
+    out = hf_families.of(config).export(params, config, args.dst, model_type=model_type)
   print(f"wrote {to} checkpoint {out}")
   return 0
 

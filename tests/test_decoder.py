@@ -267,8 +267,42 @@ def test_remat_gives_the_same_loss_and_gradients():
   want = loss(plain)
   got = loss(decoder.DecoderOnly(config, decoder.DecoderBlocks(remat="full")))
   jax.tree.map(tolerances.assert_close, got, want)
-  with pytest.raises(ValueError, match="scan_layers"):
-    decoder.DecoderBlocks(scan_layers=True)
+
+
+def test_scanned_layers_equal_the_unrolled_model():
+  """`DecoderBlocks(scan_layers=True)`: one `nn.scan` over stacked params (and a stacked
+  key/value cache) gives the unrolled model's logits, gradients, cached generation and
+  rank-classification scores."""
+  from ia3_jax.model import network
+  from ia3_jax.objectives import scoring
+  config = get_decoder_config("tiny_llama")
+  plain = decoder.DecoderOnly(config)
+  scanned = decoder.DecoderOnly(config, decoder.DecoderBlocks(scan_layers=True, remat="full"))
+  params = decoder.init_params(plain, jax.random.key(0))
+  stacked = network.scan_params(params)
+  shapes = jax.tree.map(np.shape, flax.linen.unbox(decoder.abstract_params(scanned)))
+  assert shapes == jax.tree.map(np.shape, stacked)
+  assert stacked["decoder"]["layers"]["mlp"]["wo"]["kernel"].shape == (
+      config.num_layers, config.mlp_dim, config.emb_dim)
+  tokens, mask = padded_batch(4, "right", length=7)
+  tolerances.assert_close(decoder.forward(scanned, stacked, tokens, mask),
+                          decoder.forward(plain, params, tokens, mask))
+
+  def grads(model, p):
+    return jax.jit(jax.grad(lambda p: jnp.mean(decoder.forward(model, p, tokens, mask) ** 2)))(p)
+  jax.tree.map(tolerances.assert_close, network.unscan_params(grads(scanned, stacked)),
+               grads(plain, params))
+  left, left_mask = padded_batch(3, "left", length=6)
+  np.testing.assert_array_equal(decoder.greedy_generate(scanned, stacked, left, left_mask, 4),
+                                decoder.greedy_generate(plain, params, left, left_mask, 4))
+  cache = decoder.init_cache(scanned, stacked, 3, 10)
+  assert cache["decoder"]["layers"]["self_attention"]["cached_key"].shape == (
+      config.num_layers, 3, 10, config.num_kv_heads, config.head_dim)
+  batch = {"encoder_input_tokens": tokens * mask,
+           "choice_tokens": np.array([[[11, 12, 0], [13, 0, 0]]] * 3),
+           "choice_mask": np.ones((3, 2), np.int32)}
+  tolerances.assert_close(scoring.RankClassifier(scanned)(stacked, batch)["scores"],
+                          scoring.RankClassifier(plain)(params, batch)["scores"])
 
 
 # --------------------------------------------------------------------------- (IA)^3 / peft
@@ -404,6 +438,68 @@ def test_greedy_generation_matches_hf_generate(tmp_path):
                          attention_mask=torch.tensor(mask, dtype=torch.long), max_new_tokens=5,
                          do_sample=False, pad_token_id=0)
   np.testing.assert_array_equal(np.asarray(ours), theirs[:, tokens.shape[1]:].numpy())
+
+
+def test_generation_stops_at_eos_like_hf_generate(tmp_path):
+  """With an EOS id, a row that emits it is done and padded, as HF `generate` pads it."""
+  hf = make_hf(tmp_path, "qwen2")
+  config, params = hf_decoder.load_hf_decoder(tmp_path)
+  model = decoder.DecoderOnly(config)
+  tokens, mask = padded_batch(4, "left", length=6)
+  free = np.asarray(decoder.greedy_generate(model, params, tokens, mask, 6))
+  eos = int(free[0, 2])  # row 0 emits it third; other rows may or may not
+  ours = np.asarray(decoder.generate(model, params, tokens, mask, 6, eos_id=eos, pad_id=0))
+  with torch.no_grad():
+    theirs = hf.generate(torch.tensor(tokens, dtype=torch.long),
+                         attention_mask=torch.tensor(mask, dtype=torch.long), max_new_tokens=6,
+                         do_sample=False, eos_token_id=eos, pad_token_id=0)
+  theirs = theirs[:, tokens.shape[1]:].numpy()
+  np.testing.assert_array_equal(ours[:, :theirs.shape[1]], theirs)
+  assert (ours[:, theirs.shape[1]:] == 0).all()
+  assert list(ours[0, 2:]) == [eos, 0, 0, 0]
+
+
+@pytest.mark.parametrize("temperature,top_k,top_p", [(0.7, 0, 1.0), (1.0, 5, 1.0),
+                                                     (1.3, 0, 0.8), (0.9, 7, 0.6)])
+def test_sampling_logits_equal_hf_warpers(temperature, top_k, top_p):
+  from transformers.generation import logits_process as lp
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((4, 50)).astype(np.float32) * 3
+  warpers = [lp.TemperatureLogitsWarper(temperature)]
+  warpers += [lp.TopKLogitsWarper(top_k)] if top_k else []
+  warpers += [lp.TopPLogitsWarper(top_p)] if top_p < 1 else []
+  want = torch.tensor(logits)
+  for w in warpers:
+    want = w(None, want)
+  got = np.asarray(decoder.sampling_logits(jnp.asarray(logits), temperature, top_k, top_p))
+  np.testing.assert_array_equal(np.isinf(got), np.isinf(want.numpy()))
+  kept = ~np.isinf(got)
+  tolerances.assert_close(got[kept], want.numpy()[kept])
+
+
+def test_sampling_draws_from_the_filtered_distribution():
+  config = get_decoder_config("tiny_llama")
+  model = decoder.DecoderOnly(config)
+  params = decoder.init_params(model, jax.random.key(3))
+  prompt = np.tile(np.array([[0, 5, 17, 42]], np.int32), (4000, 1))
+  mask = (prompt > 0).astype(np.int32)
+  logits = np.asarray(decoder.forward(model, params, prompt[:1], mask[:1]))[0, -1]
+  filtered = np.asarray(decoder.sampling_logits(jnp.asarray(logits), 0.8, top_k=4))
+  probs = np.exp(filtered - filtered.max())
+  probs /= probs.sum()
+  drawn = np.asarray(decoder.generate(model, params, prompt, mask, 1, temperature=0.8,
+                                      top_k=4, rng=jax.random.key(0)))[:, 0]
+  assert set(drawn) <= set(np.nonzero(probs)[0])
+  freq = np.bincount(drawn, minlength=probs.size) / drawn.size
+  np.testing.assert_allclose(freq, probs, atol=0.04)  # ~5 standard errors at 4,000 draws
+  greedy = decoder.greedy_generate(model, params, prompt[:3], mask[:3], 4)
+  top1 = decoder.generate(model, params, prompt[:3], mask[:3], 4, temperature=1.0, top_k=1,
+                          rng=jax.random.key(1))
+  np.testing.assert_array_equal(top1, greedy)
+  with pytest.raises(ValueError, match="rng"):
+    decoder.generate(model, params, prompt[:3], mask[:3], 4, temperature=1.0)
+  with pytest.raises(ValueError, match="top_p"):
+    decoder.generate(model, params, prompt[:3], mask[:3], 4, top_p=0.0)
 
 
 def test_bfloat16_activations_stay_close_to_float32():

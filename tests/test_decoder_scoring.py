@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from ia3_jax.interop import hf_decoder
-from ia3_jax.model import decoder
+from ia3_jax.model import decoder, network
 from ia3_jax.model.decoder_config import get_decoder_config
 from ia3_jax.objectives import losses, scoring
 from ia3_jax.peft import ia3
@@ -163,8 +163,16 @@ def test_gradients_through_the_prompt_cache_equal_the_full_forward():
     logp = scoring.choice_log_probs(remat, ia3.insert_ia3(base, v), batch)
     return jnp.sum(jnp.where(real, logp, 0.0))
 
+  scanned = decoder.DecoderOnly(config, ia3.ia3_blocks(num_tasks=2, base=decoder.DecoderBlocks(
+      remat="full", scan_layers=True)))
+
+  def scanned_layers(v):  # prompt cache and choice rows through nn.scan, stacked params
+    params = network.scan_params(ia3.insert_ia3(base, v))
+    logp = scoring.choice_log_probs(scanned, params, batch)
+    return jnp.sum(jnp.where(real, logp, 0.0))
+
   (want, want_grad), *others = (jax.jit(jax.value_and_grad(f))(vectors)
-                                for f in (full, cached, chunked, rematerialised))
+                                for f in (full, cached, chunked, rematerialised, scanned_layers))
   for got, got_grad in others:
     tolerances.assert_close(got, want)
     for g, w in zip(jax.tree.leaves(got_grad), jax.tree.leaves(want_grad)):

@@ -66,3 +66,23 @@ def test_a_task_tokenises_with_it_and_paths_load_it(tokenizer_dir):
   assert row[-1] == vocab.eos_id and vocab.encode(vocab.decode(row[:-1])) == row[:-1]
   with pytest.raises(DataError, match="no tokenizer.json"):
     HfTokenizerVocabulary(tokenizer_dir / "missing")
+
+
+def test_text_that_encodes_to_id_0_is_refused_not_read_as_padding(tmp_path):
+  """A tokenizer whose id 0 is a real token (byte-level BPE without special tokens: id 0 is
+  "!", as in Llama 3 and Qwen2): seqio pads with 0, so such text is a one-line DataError."""
+  tok = Tokenizer(models.BPE())
+  tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+  tok.decoder = decoders.ByteLevel()
+  tok.train_from_iterator(TEXTS + ["Hi! <|endoftext|>"], trainers.BpeTrainer(
+      vocab_size=300, special_tokens=[], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+  tok.add_special_tokens(["<|endoftext|>"])
+  tok.save(str(tmp_path / "tokenizer.json"))
+  assert tok.id_to_token(0) == "!"
+  vocab = HfTokenizerVocabulary(tmp_path)
+  assert vocab.encode("Hello world") == tok.encode("Hello world").ids  # no id 0: fine
+  with pytest.raises(DataError, match=r"tokenizer.json: 'Hi!' encodes to token id 0 \('!'\)"):
+    vocab.encode("Hi!")
+  import tensorflow as tf
+  with pytest.raises(tf.errors.OpError, match="reserves for padding"):
+    vocab.encode_tf(np.array(["fine", "Hi!"]))

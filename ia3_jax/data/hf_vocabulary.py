@@ -3,7 +3,9 @@ Llama 3, Qwen2, ...), so tasks tokenise for those models as for SentencePiece on
 
 Text is encoded without the tokenizer's special tokens (`add_special_tokens=False`: the task
 pipeline appends `eos_id`; a task that wants a BOS puts it in its inputs) and decoded with
-them kept. Token id 0 is seqio's padding id, as everywhere in ia3-jax.
+them kept. Token id 0 is seqio's padding id, as everywhere in ia3-jax: text that encodes to
+id 0 (a real token in some tokenizers: "!" in Llama 3's and Qwen2's) would be read as
+padding, so it is refused with a `DataError` naming the tokenizer, the token and the text.
 """
 
 from __future__ import annotations
@@ -61,7 +63,12 @@ class HfTokenizerVocabulary(seqio.Vocabulary):
     return self._tokenizer.get_vocab_size(with_added_tokens=True)
 
   def _encode(self, s: str) -> Sequence[int]:
-    return self._tokenizer.encode(s, add_special_tokens=False).ids
+    ids = self._tokenizer.encode(s, add_special_tokens=False).ids
+    if 0 in ids:
+      raise DataError(f"{self._file}: {s[:60]!r} encodes to token id 0 "
+                      f"({self._tokenizer.id_to_token(0)!r}), which ia3-jax reserves for "
+                      "padding; rephrase the text or template without it")
+    return ids
 
   def _decode(self, ids: Sequence[int]) -> str:
     return self._tokenizer.decode([int(i) for i in ids], skip_special_tokens=False)

@@ -159,16 +159,27 @@ class DecoderAttention(layers.Projecting):
     k = apply_rotary(self._split(k, cfg.num_kv_heads), cos, sin)
     v = self._split(v, cfg.num_kv_heads)
     if shared_cache:
-      out = prefix_attention(q, self.get_variable("cache", "cached_key"),
-                             self.get_variable("cache", "cached_value"), k, v, bias,
+      cached = self.get_variable("cache", "cached_key")
+      prompt = cached.shape[1]
+      k, v, own_bias = self.extend_kv(k, v, bias[..., prompt:], task_id)
+      out = prefix_attention(q, cached, self.get_variable("cache", "cached_value"), k, v,
+                             jnp.concatenate([bias[..., :prompt], own_bias], axis=-1),
                              cfg.head_dim ** -0.5, dtype)
     else:
       if decode:
         k, v = self._update_cache(k, v, cache_index)
+      k, v, bias = self.extend_kv(k, v, bias, task_id)
       out = grouped_attention(q, k, v, bias, cfg.head_dim ** -0.5, dtype)
     out = layers.constrain(out, ("batch", "length", "heads", "kv"))
     out = out.reshape(out.shape[:2] + (cfg.joined_kv,))
     return self.project(out, "out", cfg.emb_dim, ("joined_kv", "embed"), task_id)
+
+  def extend_kv(self, k: Array, v: Array, bias: Array,
+                task_id: Optional[Array]) -> tuple[Array, Array, Array]:
+    """Hook for methods that add keys/values (prefix tuning), after the rotary embedding and
+    the cache: `k, v [B, K, kv heads, D]`, `bias [B, 1, L, K]`. Identity here."""
+    del task_id
+    return k, v, bias
 
   def _split(self, x: Array, heads: int) -> Array:
     x = x.reshape(x.shape[:2] + (heads, self.config.head_dim))
@@ -249,8 +260,8 @@ class DecoderOnlyLayer(nn.Module):
 
   @nn.compact
   def __call__(self, x: Array, bias: Array, cos: Array, sin: Array,
-               task_id: Optional[Array] = None, decode: bool = False,
-               cache_index: Optional[Array] = None, shared_cache: bool = False) -> Array:
+               cache_index: Optional[Array] = None, task_id: Optional[Array] = None,
+               decode: bool = False, shared_cache: bool = False) -> Array:
     cfg, b = self.config, self.blocks
     norm = lambda name: b.layer_norm(cfg.rms_norm_eps, cfg.activation_dtype, name=name)
     y = norm("pre_self_attention_layer_norm")(x)
@@ -292,13 +303,18 @@ class DecoderOnlyStack(nn.Module):
     position_ids = jnp.broadcast_to(position_ids, (batch, length))
     cos, sin = rotary_tables(cfg, position_ids)
     x = layers.constrain(self.shared_embedding(tokens), ("batch", "length", "embed"))
+    caching = decode or shared_cache
+    if b.scan_layers:
+      x = network.scan_stack(b, b.decoder_layer, cfg, cfg.num_layers, x,
+                             (bias, cos, sin, cache_index), task_id, remat=not caching,
+                             decode=decode, shared_cache=shared_cache)
     layer_cls = b.decoder_layer
-    if b.remat != "none" and not decode:  # decode, shared_cache: static (self is arg 0)
+    if b.remat != "none" and not caching:  # decode, shared_cache: static (self is arg 0)
       layer_cls = nn.remat(layer_cls, prevent_cse=True, policy=network.REMAT_POLICIES[b.remat],
-                           static_argnums=(6, 8))
-    for i in range(cfg.num_layers):
+                           static_argnums=(7, 8))
+    for i in range(0 if b.scan_layers else cfg.num_layers):
       layer = layer_cls(cfg, b, name=f"layers_{i}")
-      x = layer(x, bias, cos, sin, task_id, decode, cache_index, shared_cache)
+      x = layer(x, bias, cos, sin, cache_index, task_id, decode, shared_cache)
     if logits_index is not None:  # only these positions reach the output layer
       x = jnp.take_along_axis(x, logits_index.reshape((batch, -1, 1)), axis=1)
     x = b.layer_norm(cfg.rms_norm_eps, cfg.activation_dtype, name="decoder_norm")(x)
@@ -356,7 +372,8 @@ class DecoderBlocks(network.Blocks):
   """`network.Blocks` for decoder-only models: its `replace`/`override` (so `ia3_blocks`,
   `lora_blocks`, `bitfit_blocks` take it as `base=`), with the decoder-only classes.
   `decoder_layer` is one layer, `decoder` the stack; the encoder fields are unused.
-  `remat` rematerialises each layer ("none", "full", "dots"); no `scan_layers`."""
+  `remat` rematerialises each layer ("none", "full", "dots"); `scan_layers` runs them with
+  `nn.scan` (params and the key/value cache stacked under `decoder/layers`), as for T5."""
 
   attention: Callable[..., nn.Module] = DecoderAttention
   mlp: Callable[..., nn.Module] = GatedMlp
@@ -366,9 +383,6 @@ class DecoderBlocks(network.Blocks):
       if getattr(self, field) is None:
         object.__setattr__(self, field, cls)
     super().__post_init__()
-    if self.scan_layers:
-      raise ValueError("DecoderBlocks.scan_layers=True is not supported by the decoder-only "
-                       "model; use scan_layers=False")
 
 
 class DecoderOnly(nn.Module):
@@ -441,30 +455,91 @@ def forward(model: DecoderOnly, params: Any, tokens: Array,
   return model.apply({"params": params}, tokens, attention_mask, position_ids, task_id=task_id)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens"))
-def greedy_generate(model: DecoderOnly, params: Any, tokens: Array, attention_mask: Array,
-                    max_new_tokens: int, task_id: Optional[Array] = None) -> Array:
-  """Greedy continuation [B, max_new_tokens] of left-padded prompts `tokens [B, P]`: the
-  prompt fills the key/value cache in one chunk, then one token per step (`lax.scan`); no
-  stop at EOS (cut the rows afterwards)."""
+def sampling_logits(logits: Array, temperature: float = 1.0, top_k: int = 0,
+                    top_p: float = 1.0) -> Array:
+  """`logits [..., V]` as sampling draws from them: divided by `temperature`, then all but
+  the `top_k` largest (ties kept; 0: no limit) and all outside the smallest set whose
+  probability reaches `top_p` set to -inf (HF's Temperature, TopK and TopP warpers, in
+  that order; at least one token stays)."""
+  logits = logits.astype(jnp.float32) / temperature
+  if top_k:
+    kth = jax.lax.top_k(logits, min(top_k, logits.shape[-1]))[0][..., -1:]
+    logits = jnp.where(logits < kth, -jnp.inf, logits)
+  if top_p < 1.0:
+    order = jnp.argsort(-logits, axis=-1)
+    probs = jax.nn.softmax(jnp.take_along_axis(logits, order, axis=-1), axis=-1)
+    above = jnp.cumsum(probs, axis=-1) - probs  # probability of the more likely tokens
+    keep = (above < top_p).at[..., 0].set(True)
+    keep = jnp.put_along_axis(jnp.zeros_like(keep), order, keep, axis=-1, inplace=False)
+    logits = jnp.where(keep, logits, -jnp.inf)
+  return logits
+
+
+def _check_sampling(temperature: float, top_k: int, top_p: float, rng: Optional[Array]) -> None:
+  if temperature < 0:
+    raise ValueError(f"generate: temperature must be >= 0 (0: greedy), got {temperature}")
+  if top_k < 0 or not 0.0 < top_p <= 1.0:
+    raise ValueError(f"generate: top_k must be >= 0 and top_p in (0, 1], got top_k={top_k}, "
+                     f"top_p={top_p}")
+  if temperature > 0 and rng is None:
+    raise ValueError("generate: sampling (temperature > 0) needs rng=jax.random.key(...)")
+
+
+@functools.partial(jax.jit, static_argnames=("model", "max_new_tokens", "eos_id", "pad_id",
+                                             "temperature", "top_k", "top_p"))
+def _generate(model, params, tokens, attention_mask, rng, task_id, *, max_new_tokens, eos_id,
+              pad_id, temperature, top_k, top_p):
   batch, prompt = tokens.shape
   cache = init_cache(model, params, batch, prompt + max_new_tokens, task_id=task_id)
 
-  def run(cache, chunk, mask):
+  def pick(logits, t):
+    if temperature == 0:
+      return jnp.argmax(logits, axis=-1).astype(tokens.dtype)  # ties: lowest id, as HF
+    filtered = sampling_logits(logits, temperature, top_k, top_p)
+    return jax.random.categorical(jax.random.fold_in(rng, t), filtered).astype(tokens.dtype)
+
+  def run(cache, chunk, mask, t, done):
     logits, mutated = model.apply({"params": params, "cache": cache}, chunk, mask,
                                   task_id=task_id, decode=True, mutable=["cache"])
-    return mutated["cache"], jnp.argmax(logits[:, -1], axis=-1).astype(tokens.dtype)
+    token = jnp.where(done, pad_id, pick(logits[:, -1], t))
+    return mutated["cache"], token, done | (token == eos_id if eos_id is not None else done)
 
-  cache, first = run(cache, tokens, attention_mask)
+  done = jnp.zeros((batch,), bool)
+  cache, first, done = run(cache, tokens, attention_mask, 0, done)
   ones = jnp.ones((batch, 1), attention_mask.dtype)
 
-  def step(carry, _):
-    cache, last = carry
-    cache, nxt = run(cache, last[:, None], ones)
-    return (cache, nxt), nxt
+  def step(carry, t):
+    cache, last, done = carry
+    cache, nxt, done = run(cache, last[:, None], ones, t, done)
+    return (cache, nxt, done), nxt
 
-  _, rest = jax.lax.scan(step, (cache, first), None, length=max_new_tokens - 1)
+  _, rest = jax.lax.scan(step, (cache, first, done), jnp.arange(1, max_new_tokens))
   return jnp.concatenate([first[:, None], rest.T], axis=1)
+
+
+def generate(model: DecoderOnly, params: Any, tokens: Array, attention_mask: Array,
+             max_new_tokens: int, *, eos_id: Optional[int] = None, pad_id: int = 0,
+             temperature: float = 0.0, top_k: int = 0, top_p: float = 1.0,
+             rng: Optional[Array] = None, task_id: Optional[Array] = None) -> Array:
+  """Continuations [B, max_new_tokens] of left-padded prompts `tokens [B, P]`, as HF
+  `generate`: the prompt fills the key/value cache in one chunk, then one token per step
+  (`lax.scan`, one jitted program). Greedy at `temperature=0`; else sampled from
+  `sampling_logits(temperature, top_k, top_p)` with `rng` (one key per step, folded in).
+  A row that emits `eos_id` is done: its later tokens are `pad_id`."""
+  _check_sampling(temperature, top_k, top_p, rng)
+  if max_new_tokens < 1:
+    raise ValueError(f"generate: max_new_tokens must be >= 1, got {max_new_tokens}")
+  return _generate(model, params, tokens, attention_mask, rng, task_id,
+                   max_new_tokens=int(max_new_tokens), eos_id=eos_id, pad_id=int(pad_id),
+                   temperature=float(temperature), top_k=int(top_k), top_p=float(top_p))
+
+
+def greedy_generate(model: DecoderOnly, params: Any, tokens: Array, attention_mask: Array,
+                    max_new_tokens: int, task_id: Optional[Array] = None,
+                    eos_id: Optional[int] = None) -> Array:
+  """Greedy `generate` (no stop at EOS unless `eos_id` is given)."""
+  return generate(model, params, tokens, attention_mask, max_new_tokens, eos_id=eos_id,
+                  task_id=task_id)
 
 
 def prefill(model: DecoderOnly, params: Any, tokens: Array, attention_mask: Array, *,

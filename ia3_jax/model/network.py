@@ -128,25 +128,31 @@ def _after(x: Any, *deps: Array) -> Any:
   return x + zero.astype(x.dtype)
 
 
-def _scan_layers(blocks: "Blocks", layer_cls: Callable[..., nn.Module], cfg: T5Config, n: int,
-                 x: Array, args: tuple, task_id: Optional[Array], deterministic: bool) -> Array:
-  """`n` layers of `layer_cls` as one `nn.scan` named "layers" (params stacked on axis 0,
-  logical axis "layers"); `args` and `task_id` are the same for every layer."""
+def scan_stack(blocks: "Blocks", layer_cls: Callable[..., nn.Module], cfg: Any, n: int,
+               x: Array, args: tuple, task_id: Optional[Array], *, remat: bool = True,
+               **static: Any) -> Array:
+  """`n` layers of `layer_cls` as one `nn.scan` named "layers": params (and a decoding
+  cache) stacked on axis 0, logical axis "layers". Each layer runs
+  `layer(x, *args, task_id=task_id, **static)`: `args` and `task_id` are the same for every
+  layer, `static` holds the Python-valued keywords. Rematerialised per `blocks.remat`
+  unless `remat=False` (decoding)."""
 
   class Step(layer_cls):  # (carry, *broadcast) -> (carry, None), as nn.scan wants
-    deterministic_: bool = True
+    static_: tuple = ()
 
     def __call__(self, carry, *broadcast):
       *rest, tid = broadcast
-      return super().__call__(carry, *rest, task_id=tid, deterministic=self.deterministic_), None
+      return super().__call__(carry, *rest, task_id=tid, **dict(self.static_)), None
 
   step = Step
-  if blocks.remat != "none":
+  if remat and blocks.remat != "none":
     step = nn.remat(step, prevent_cse=False, policy=REMAT_POLICIES[blocks.remat])
-  scanned = nn.scan(step, variable_axes={"params": 0}, split_rngs={"params": True, "dropout": True},
+  scanned = nn.scan(step, variable_axes={"params": 0, "cache": 0},
+                    split_rngs={"params": True, "dropout": True},
                     in_axes=(nn.broadcast,) * (len(args) + 1), length=n,
                     metadata_params={nn.PARTITION_NAME: "layers"})
-  x, _ = scanned(cfg, blocks, deterministic_=deterministic, name="layers")(x, *args, task_id)
+  x, _ = scanned(cfg, blocks, static_=tuple(sorted(static.items())), name="layers")(
+      x, *args, task_id)
   return x
 
 
@@ -262,8 +268,8 @@ class Encoder(nn.Module):
     bias = _relpos(cfg)(positions, positions, bidirectional=True)
     bias = bias + layers.mask_to_bias(layers.padding_mask(valid, valid), cfg.activation_dtype)
     if self.blocks.scan_layers:
-      x = _scan_layers(self.blocks, self.blocks.encoder_layer, cfg, cfg.num_encoder_layers,
-                       x, (bias,), task_id, deterministic)
+      x = scan_stack(self.blocks, self.blocks.encoder_layer, cfg, cfg.num_encoder_layers,
+                     x, (bias,), task_id, deterministic=deterministic)
     for i in range(0 if self.blocks.scan_layers else cfg.num_encoder_layers):
       layer = self.blocks.encoder_layer(cfg, self.blocks, name=f"layers_{i}")
       x = _call_layer(self.blocks, layer, (x, bias), task_id, deterministic=deterministic)
@@ -325,8 +331,8 @@ class Decoder(nn.Module):
       if decode:
         raise ValueError("decoding with Blocks(scan_layers=True): decode with the unrolled "
                          "model (Blocks(scan_layers=False), params through unscan_params)")
-      x = _scan_layers(self.blocks, self.blocks.decoder_layer, cfg, cfg.num_decoder_layers,
-                       x, (encoded, self_bias, cross_bias), task_id, deterministic)
+      x = scan_stack(self.blocks, self.blocks.decoder_layer, cfg, cfg.num_decoder_layers,
+                     x, (encoded, self_bias, cross_bias), task_id, deterministic=deterministic)
     for i in range(0 if self.blocks.scan_layers else cfg.num_decoder_layers):
       layer = self.blocks.decoder_layer(cfg, self.blocks, name=f"layers_{i}")
       if decode:

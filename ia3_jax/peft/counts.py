@@ -20,8 +20,8 @@ from ia3_jax.model import decoder_config, families, network
 from ia3_jax.model import params as params_lib
 from ia3_jax.peft import registry
 
-# Methods that change the input or the attention's keys in the T5 way only.
-T5_ONLY = ("prompt_tuning", "prefix_tuning")
+# Methods that change the encoder's input, which a decoder-only model does not have.
+T5_ONLY = ("prompt_tuning",)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -15,6 +15,14 @@ T-Few repo instead places prefix keys at positions 0..P-1 and shifts the real
 tokens; results differ only in this bias.) Note T5 cross-attention has no
 position bias anyway.
 
+Decoder-only models (`model.decoder`): the prefixes sit in every layer's
+self-attention ("decoder" site), one per key/value head (grouped-query
+attention), after the rotary embedding, so they are memory slots there too and
+serve the cached prompt of rank classification and generation. peft's
+`PrefixTuningConfig` instead hands them to the model as P cached positions (its
+real tokens start at position P); rotary embeddings being relative, a peft
+prefix key k equals our key rotated back by P positions (tested: same logits).
+
 Direct parameterisation (no MLP reparameterisation), initialised
 N(0, init_scale^2): a prefix cannot start as the identity (attention mass moves
 to it), so its first output is checked against an explicit reference instead.
@@ -54,7 +62,8 @@ class Prefix(layers.Projecting):
     if self.name not in self.scopes:
       return k, v, bias
     cfg = self.config
-    shape = (self.num_tasks, self.length, cfg.num_heads, cfg.head_dim)
+    heads = getattr(cfg, "num_kv_heads", cfg.num_heads)  # decoder-only: one per kv head
+    shape = (self.num_tasks, self.length, heads, cfg.head_dim)
     init = layers.logical(nn.initializers.normal(self.init_scale), (banks.TASKS_AXIS, None, "heads", "kv"))
     batch = k.shape[0]
     pk = banks.task_rows(self.param(KEY, init, shape, jnp.float32), task_id, batch,

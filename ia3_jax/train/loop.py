@@ -220,7 +220,7 @@ def build_model(config: T5Config | DecoderConfig, blocks: Optional[network.Block
   """The network of `config`'s family (T5 `network.Transformer`, decoder-only
   `decoder.DecoderOnly`) with `blocks` (PEFT overrides, moved to the config's family by
   `families.blocks_for`); dropout and layer scanning overridden when given. Decoder-only
-  models have no dropout (a rate is ignored, with a warning) and no scanned layers."""
+  models have no dropout (a rate is ignored, with a warning)."""
   family = families.of(config)
   if family is families.DECODER_ONLY:
     if dropout_rate:
