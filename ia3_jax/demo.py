@@ -49,7 +49,8 @@ from ia3_jax.objectives import metrics
 
 _ASSETS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "assets")
 # The bundled models, one per family, sharing one 512-piece SentencePiece vocabulary.
-BUNDLED_MODELS = {"t5": os.path.join(_ASSETS, "demo"), "llama": os.path.join(_ASSETS, "demo_llama")}
+BUNDLED_MODELS = {"t5": os.path.join(_ASSETS, "demo"),
+                  "llama": os.path.join(_ASSETS, "demo_llama")}
 BUNDLED_MODEL_DIR = BUNDLED_MODELS["t5"]
 
 # The bundled models' shapes and how scripts/train_demo_model.py trains them.
@@ -61,8 +62,8 @@ MODEL_SHAPE = dict(emb_dim=128, num_heads=4, head_dim=32, num_encoder_layers=3,
 DECODER_SHAPE = dict(emb_dim=128, num_heads=4, num_kv_heads=2, head_dim=32, num_layers=4,
                      mlp_dim=512, rms_norm_eps=1e-6, rope_theta=10000.0,
                      tie_word_embeddings=False, max_position_embeddings=256)
-PRETRAIN = dict(train_steps={"t5": 4000, "llama": 3000}, batch_size=32, learning_rate=1e-3, vocab_size=512,
-                feature_lengths={"inputs": 64, "targets": 8})
+PRETRAIN = dict(train_steps={"t5": 4000, "llama": 3000}, batch_size=32, learning_rate=1e-3,
+                vocab_size=512, feature_lengths={"inputs": 64, "targets": 8})
 
 # The demo's T-Few run (see the module docstring for the differences from the paper).
 DEMO_RECIPE = dict(num_shots=32, seeds=(0, 1, 2), train_steps=300, batch_size=8,
@@ -149,8 +150,9 @@ class FewShotRunner:
     frozen_dtype: storage of the frozen base ("float32", "bfloat16", "int8", "int4").
   """
 
-  def __init__(self, config: T5Config | DecoderConfig, base_params: Mapping[str, Any], *, method: str = "ia3",
-               method_kwargs: Optional[Mapping[str, Any]] = None, loss=None, optimizer=None,
+  def __init__(self, config: T5Config | DecoderConfig, base_params: Mapping[str, Any], *,
+               method: str = "ia3", method_kwargs: Optional[Mapping[str, Any]] = None,
+               loss=None, optimizer=None,
                train_steps: int = DEMO_RECIPE["train_steps"],
                batch_size: int = DEMO_RECIPE["batch_size"], dropout_rate: float = 0.0,
                eval_batch_size: int = EVAL_BATCH_SIZE, seed: int = 0,
@@ -257,8 +259,9 @@ class FewShotRunner:
     return jax.device_get(params_lib.partition(params, self.trainer.mask)[0])
 
 
-def pretrain_ia3(config: T5Config | DecoderConfig, base_params: Mapping[str, Any], model_dir: str, *,
-                 train_steps: int = 500, batch_size: int = 16, learning_rate: float = 3e-3,
+def pretrain_ia3(config: T5Config | DecoderConfig, base_params: Mapping[str, Any],
+                 model_dir: str, *, train_steps: int = 500, batch_size: int = 16,
+                 learning_rate: float = 3e-3,
                  sites: Sequence[str] = DEMO_RECIPE["sites"], seed: int = 0):
   """(IA)^3 vectors pre-trained on the multitask mixture of the training families.
 
@@ -426,7 +429,7 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model: str = "t5",
   if attention_impl != "einsum":
     if not isinstance(config, T5Config):
       raise ConfigError(f"DEMO_ATTENTION_IMPL={attention_impl!r}: decoder-only models run the "
-                       "einsum attention core only")
+                        "einsum attention core only")
     config = config.replace(attention_impl=attention_impl)
   say(precision.describe_dtype(dtype))
   register_tasks(vocabulary, families=families, seeds=seeds, num_shots=num_shots,

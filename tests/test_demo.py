@@ -145,16 +145,16 @@ def test_regeneration_script_makes_a_loadable_model(tmp_path):
   script = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(script)
   out = tmp_path / "model"
-  assert script.main(["--out", str(out), "--work_dir", str(tmp_path / "work"), "--steps", "3",
+  assert script.main(["--out", str(out), "--work_dir", str(tmp_path / "work"), "--steps", "1",
                       "--batch_size", "4", "--vocab_size", "160", "--corpus_size", "60",
-                      "--eval_size", "8"]) == 0
+                      "--eval_size", "8", "--eval_families", "topic,alive"]) == 0
   config, params, vocabulary = demo.load_model(out)
   assert vocabulary.vocab_size == 160 and config == demo.demo_model_config(160)
   record = json.loads((out / "training.json").read_text())
-  assert record["settings"]["steps"] == 3 and "out" not in record["settings"]
+  assert record["settings"]["steps"] == 1 and "out" not in record["settings"]
   assert record["num_params"] == sum(np.size(x) for x in jax.tree.leaves(params))
   assert np.isfinite(record["first_loss"]) and np.isfinite(record["last_loss"])
-  assert set(record["zero_shot_accuracy"]) == set(synthetic.FAMILIES)
+  assert set(record["zero_shot_accuracy"]) == {"topic", "alive"}  # a training, a held-out family
 
 
 def test_runner_over_an_int8_base_stores_it_so_and_evaluates(bundled):

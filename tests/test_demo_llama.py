@@ -55,12 +55,13 @@ def test_bundled_llama_loads_in_transformers(bundled):
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-  """`ia3-jax demo --gin.DEMO_MODEL="'llama'"` with small settings."""
-  from ia3_jax import cli
-  out = tmp_path_factory.mktemp("demo_llama")
-  assert cli.main(["demo", "--gin.DEMO_MODEL='llama'", f"--gin.MODEL_DIR='{out}'",
-                   "--gin.DEMO_TASKS=('edible',)", "--gin.DEMO_SEEDS=(1,)",
-                   "--gin.DEMO_EVAL_SIZE=100"]) == 0
+  """The README's `ia3-jax demo --gin.DEMO_MODEL="'llama'"`, as written, on one task and seed."""
+  from tests.test_readme import readme_block, run_commands
+  root = tmp_path_factory.mktemp("demo_llama")
+  out = root / "out"
+  run_commands(readme_block("demo-llama"), root, [
+      f"--gin.MODEL_DIR='{out}'", "--gin.DEMO_TASKS=('edible',)", "--gin.DEMO_SEEDS=(1,)",
+      "--gin.DEMO_EVAL_SIZE=100"], root / "bin", command="ia3-jax demo")
   return out, json.loads((out / "results.json").read_text())
 
 
@@ -69,7 +70,8 @@ def test_llama_demo_trains_the_vectors_and_beats_zero_shot(small_run, bundled):
   lifts the median accuracy over templates by at least 20 points."""
   from ia3_jax.peft import ia3
   out, saved = small_run
-  assert saved["model_path"] == ASSETS and saved["model_config"]["num_kv_heads"] == 2
+  assert saved["model_path"].endswith(os.path.join("assets", "demo_llama"))
+  assert saved["model_config"]["num_kv_heads"] == 2
   assert saved["num_trainable"] == ia3.count_ia3(bundled[0])
   adapter = json.loads((out / "adapters" / "edible_seed1" / "adapter_config.json").read_text())
   assert adapter["task_type"] == "CAUSAL_LM" and adapter["peft_type"] == "IA3"
@@ -95,12 +97,12 @@ def test_regeneration_script_makes_a_loadable_llama(tmp_path):
   spec.loader.exec_module(script)
   out = tmp_path / "model"
   assert script.main(["--model", "llama", "--out", str(out), "--work_dir", str(tmp_path / "w"),
-                      "--steps", "3", "--batch_size", "4", "--eval_size", "8",
+                      "--steps", "1", "--batch_size", "4", "--eval_size", "8",
                       "--eval_families", "edible"]) == 0
   config, params, vocabulary = demo.load_model(out)
   assert config == demo.demo_model_config(vocabulary.vocab_size, "llama")
   with open(out / "tokenizer.model", "rb") as a, open(T5_SPM, "rb") as b:
     assert a.read() == b.read()
   record = json.loads((out / "training.json").read_text())
-  assert record["settings"]["model"] == "llama" and record["settings"]["steps"] == 3
+  assert record["settings"]["model"] == "llama" and record["settings"]["steps"] == 1
   assert set(record["zero_shot_accuracy"]) == {"edible"}

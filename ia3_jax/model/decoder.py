@@ -281,15 +281,28 @@ class DecoderOnlyStack(nn.Module):
   blocks: "DecoderBlocks"
   shared_embedding: nn.Module
 
+  def prepend(self, x: Array, valid: Array, position_ids: Optional[Array],
+              task_id: Optional[Array]) -> tuple[Array, Array, Optional[Array], int]:
+    """Hook for methods that put vectors before a new sequence (prompt tuning): returns
+    (embeddings, validity, positions or None, how many were put before). Identity here."""
+    del task_id
+    return x, valid, position_ids, 0
+
   @nn.compact
   def __call__(self, tokens: Array, attention_mask: Optional[Array] = None,
                position_ids: Optional[Array] = None, *, task_id: Optional[Array] = None,
                decode: bool = False, shared_cache: bool = False,
-               logits_index: Optional[Array] = None) -> Array:
+               logits_index: Optional[Array] = None,
+               new_sequence: Optional[bool] = None) -> Array:
     cfg, b = self.config, self.blocks
     batch, length = tokens.shape
     valid = (jnp.ones((batch, length), bool) if attention_mask is None
              else attention_mask.astype(bool))
+    x = self.shared_embedding(tokens)
+    added = 0
+    if not shared_cache and (new_sequence if new_sequence is not None else not decode):
+      x, valid, position_ids, added = self.prepend(x, valid, position_ids, task_id)
+      length = x.shape[1]
     index, key_valid = jnp.arange(length), valid
     cache_index = None
     if shared_cache:
@@ -302,7 +315,7 @@ class DecoderOnlyStack(nn.Module):
       bias = attention_bias(index, key_valid, cfg)
     position_ids = jnp.broadcast_to(position_ids, (batch, length))
     cos, sin = rotary_tables(cfg, position_ids)
-    x = layers.constrain(self.shared_embedding(tokens), ("batch", "length", "embed"))
+    x = layers.constrain(x, ("batch", "length", "embed"))
     caching = decode or shared_cache
     if b.scan_layers:
       x = network.scan_stack(b, b.decoder_layer, cfg, cfg.num_layers, x,
@@ -316,7 +329,9 @@ class DecoderOnlyStack(nn.Module):
       layer = layer_cls(cfg, b, name=f"layers_{i}")
       x = layer(x, bias, cos, sin, cache_index, task_id, decode, shared_cache)
     if logits_index is not None:  # only these positions reach the output layer
-      x = jnp.take_along_axis(x, logits_index.reshape((batch, -1, 1)), axis=1)
+      x = jnp.take_along_axis(x, logits_index.reshape((batch, -1, 1)) + added, axis=1)
+    elif added:  # logits of the tokens only
+      x = x[:, added:]
     x = b.layer_norm(cfg.rms_norm_eps, cfg.activation_dtype, name="decoder_norm")(x)
     if cfg.tie_word_embeddings:
       logits = self.shared_embedding.attend(x)
@@ -399,9 +414,13 @@ class DecoderOnly(nn.Module):
   def __call__(self, tokens: Array, attention_mask: Optional[Array] = None,
                position_ids: Optional[Array] = None, *, task_id: Optional[Array] = None,
                decode: bool = False, shared_cache: bool = False,
-               logits_index: Optional[Array] = None) -> Array:
+               logits_index: Optional[Array] = None,
+               new_sequence: Optional[bool] = None) -> Array:
     """Float32 logits [B, L, vocab] of `tokens [B, L]` ([B, K, vocab] at the positions
     `logits_index [B, K]` alone when given: the others never reach the output layer).
+    `new_sequence` (default: not decoding) marks a call that starts its sequences: the
+    first chunk written to a cache, and the call that allocates it, pass True; methods
+    that put vectors before a sequence (prompt tuning) do it there only.
 
     `attention_mask [B, L]` (1 = token, 0 = pad; default all ones) masks padded keys;
     `position_ids [B, L]` default to the valid tokens counted from 0. With `decode=True`
@@ -411,7 +430,8 @@ class DecoderOnly(nn.Module):
     rows of `tokens` continue the prompts, k rows each, reading the cache without writing.
     """
     return self.decoder(tokens, attention_mask, position_ids, task_id=task_id, decode=decode,
-                        shared_cache=shared_cache, logits_index=logits_index)
+                        shared_cache=shared_cache, logits_index=logits_index,
+                        new_sequence=new_sequence)
 
 
 def init_params(model: DecoderOnly, rng: Array, *, batch_size: int = 1, length: int = 4,
@@ -440,10 +460,12 @@ def logical_axes(model: DecoderOnly, *, with_task_id: bool = False) -> Any:
 
 def init_cache(model: DecoderOnly, params: Any, batch_size: int, max_length: int, *,
                task_id: Optional[Array] = None) -> Any:
-  """A zero key/value cache for `max_length` tokens (prompt and generated together)."""
+  """A zero key/value cache for `max_length` tokens (prompt and generated together; plus
+  the slots of the vectors a method puts before each sequence, e.g. a soft prompt)."""
   dummy = jnp.zeros((batch_size, max_length), jnp.int32)
   shapes = jax.eval_shape(lambda: model.apply({"params": params}, dummy, task_id=task_id,
-                                              decode=True, mutable=["cache"])[1]["cache"])
+                                              decode=True, new_sequence=True,
+                                              mutable=["cache"])[1]["cache"])
   return jax.tree.map(lambda s: jnp.zeros(s.shape, s.dtype), shapes)
 
 
@@ -498,14 +520,15 @@ def _generate(model, params, tokens, attention_mask, rng, task_id, *, max_new_to
     filtered = sampling_logits(logits, temperature, top_k, top_p)
     return jax.random.categorical(jax.random.fold_in(rng, t), filtered).astype(tokens.dtype)
 
-  def run(cache, chunk, mask, t, done):
+  def run(cache, chunk, mask, t, done, first=False):
     logits, mutated = model.apply({"params": params, "cache": cache}, chunk, mask,
-                                  task_id=task_id, decode=True, mutable=["cache"])
+                                  task_id=task_id, decode=True, new_sequence=first,
+                                  mutable=["cache"])
     token = jnp.where(done, pad_id, pick(logits[:, -1], t))
     return mutated["cache"], token, done | (token == eos_id if eos_id is not None else done)
 
   done = jnp.zeros((batch,), bool)
-  cache, first, done = run(cache, tokens, attention_mask, 0, done)
+  cache, first, done = run(cache, tokens, attention_mask, 0, done, first=True)
   ones = jnp.ones((batch, 1), attention_mask.dtype)
 
   def step(carry, t):
@@ -550,7 +573,7 @@ def prefill(model: DecoderOnly, params: Any, tokens: Array, attention_mask: Arra
   cache = init_cache(model, params, tokens.shape[0], tokens.shape[1], task_id=task_id)
   logits, mutated = model.apply({"params": params, "cache": cache}, tokens, attention_mask,
                                 task_id=task_id, decode=True, logits_index=logits_index,
-                                mutable=["cache"])
+                                new_sequence=True, mutable=["cache"])
   return logits, mutated["cache"]
 
 

@@ -101,9 +101,17 @@ def blocks_for(config: Any, blocks: Optional[network.Blocks]) -> network.Blocks:
   plain = of(blocks).blocks_cls()
   out = family.blocks_cls(remat=blocks.remat, scan_layers=blocks.scan_layers)
   for field in ("encoder", "decoder", "encoder_layer", "decoder_layer"):
-    if getattr(blocks, field) != getattr(plain, field):
-      raise ValueError(f"PEFT_BLOCKS replace Blocks.{field}, which a {family.name} model "
-                       f"does not have (this method supports T5 models only)")
+    value = getattr(blocks, field)
+    if value == getattr(plain, field):
+      continue
+    cls, kw = ((value.func, value.keywords) if isinstance(value, functools.partial)
+               else (value, {}))
+    stack = getattr(cls, "decoder_only_stack", None)  # e.g. prompt tuning's encoder
+    if field == "encoder" and stack is not None and family is DECODER_ONLY:
+      out = out.replace(decoder=functools.partial(stack, **kw))
+      continue
+    raise ValueError(f"PEFT_BLOCKS replace Blocks.{field}, which a {family.name} model "
+                     f"does not have (this method supports T5 models only)")
   for name in _REBASED:
     mixins, kw = _mixins(getattr(blocks, name), getattr(plain, name))
     for mixin in reversed(mixins):

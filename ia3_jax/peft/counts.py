@@ -20,10 +20,6 @@ from ia3_jax.model import decoder_config, families, network
 from ia3_jax.model import params as params_lib
 from ia3_jax.peft import registry
 
-# Methods that change the encoder's input, which a decoder-only model does not have.
-T5_ONLY = ("prompt_tuning",)
-
-
 @dataclasses.dataclass(frozen=True)
 class Count:
   method: str
@@ -61,17 +57,11 @@ def _describe(kw: dict) -> str:
   return " ".join(f"{k}={fmt(v)}" for k, v in kw.items()) or "-"
 
 
-def default_methods(config: Any) -> tuple[str, ...]:
-  """Every method for T5; those that apply to a decoder-only model (not `T5_ONLY`)."""
-  if families.of(config) is families.T5:
-    return registry.method_names()
-  return tuple(m for m in registry.method_names() if m not in T5_ONLY)
-
-
 def count_all(config: Any, methods: Optional[Sequence[str]] = None) -> list[Count]:
-  """Counts for `methods` (default: `default_methods`) with their default hyper-parameters."""
+  """Counts for `methods` (default: every registered method) with their default
+  hyper-parameters; every method applies to both model families."""
   cache: dict = {}  # methods without module overrides share the base model's shapes
-  return [count_method(config, name, _cache=cache) for name in (methods or default_methods(config))]
+  return [count_method(config, name, _cache=cache) for name in (methods or registry.method_names())]
 
 
 def get_config(name: str) -> Any:
@@ -108,20 +98,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       f"{', '.join(sorted(config_lib.PRESETS))}; decoder-only: "
                       f"{', '.join(sorted(decoder_config.PRESETS))})")
   parser.add_argument("--methods", default=None,
-                      help="comma-separated methods (default: all that apply to the model)")
+                      help="comma-separated methods (default: all)")
   args = parser.parse_args(argv)
   try:
     config = get_config(args.model)
-    methods = [m.strip() for m in (args.methods or ",".join(default_methods(config))).split(",")
+    methods = [m.strip() for m in (args.methods or ",".join(registry.method_names())).split(",")
                if m.strip()]
     for m in methods:
       registry.get_method(m)
   except KeyError as e:
     parser.error(str(e.args[0]))
-  unusable = [m for m in methods if m not in default_methods(config)]
-  if unusable:
-    parser.error(f"--methods {','.join(unusable)}: T5 only (not for the decoder-only "
-                 f"{args.model})")
   print(markdown_table(count_all(config, methods), args.model))
   return 0
 

@@ -1,4 +1,5 @@
-"""Prompt tuning (Lester et al. 2021): a learned soft prompt before the encoder input.
+"""Prompt tuning (Lester et al. 2021): a learned soft prompt before the encoder input
+(T5), or before each new sequence of a decoder-only model.
 
 Each task has P prompt vectors; each example prepends the vectors of its task
 (`task_id`), so one batch may mix tasks. The encoder sees `[prompt; tokens]`
@@ -20,6 +21,12 @@ equals the base model fed `[t_1..t_P; tokens]`. With the embedding frozen this
 is prompt tuning exactly (same gradients; use an optimizer without
 parameter-scaled updates, as T-Few's `scale_parameter: false` does, for the
 same updates). `prompt_vectors` gives the effective prompts.
+
+Decoder-only models (`model.decoder`): the prompt vectors go before the tokens of
+every new sequence (a full forward pass, the prompt pass that fills a key/value
+cache; not the tokens that continue it), at positions 0..P-1, the tokens from P
+on, as peft's `PromptTuningConfig` does (tested: same logits); the param is
+`decoder/prompt_delta`, and the logits are the tokens' only.
 """
 
 from __future__ import annotations
@@ -32,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ia3_jax.model import layers, network
+from ia3_jax.model import decoder, layers, network
 from ia3_jax.model.config import T5Config
 from ia3_jax.peft import banks, projection_targets
 
@@ -40,7 +47,7 @@ Array = jax.Array
 Params = Any
 
 PARAM = "prompt_delta"
-TRAINABLE_PATTERNS = (r"encoder/prompt_delta",)
+TRAINABLE_PATTERNS = (r"(encoder|decoder)/prompt_delta",)
 INIT_VOCAB_RANGE = (3, 5003)
 
 
@@ -69,26 +76,51 @@ def prompt_init_ids(vocab_size: int, length: int, num_tasks: int = 1, *, init_se
   return np.random.default_rng(init_seed).integers(low, high, size=(num_tasks, length))
 
 
-class PromptEncoder(network.Encoder):
-  """Encoder that prepends a per-task soft prompt to the token embeddings."""
+class SoftPrompt(nn.Module):
+  """Mixin: the per-task soft prompts `[B, P, E]` of a batch (param `prompt_delta`)."""
 
   length: int = 100
   num_tasks: int = 1
   init_seed: int = 0
   init_token_ids: Optional[tuple] = None
 
-  def embed_inputs(self, tokens: Array, task_id: Optional[Array]) -> tuple[Array, Array]:
+  def soft_prompt(self, batch: int, task_id: Optional[Array]) -> Array:
     shape = (self.num_tasks, self.length, self.config.emb_dim)
     delta = self.param(PARAM, layers.logical(nn.initializers.zeros, (banks.TASKS_AXIS, None, "embed")),
                        shape, jnp.float32)
     ids = prompt_init_ids(self.config.vocab_size, self.length, self.num_tasks,
                           init_seed=self.init_seed, init_token_ids=self.init_token_ids)
     bank = jnp.take(self.shared_embedding.embedding, jnp.asarray(ids, jnp.int32), axis=0) + delta
+    return banks.task_rows(bank, task_id, batch, "prompt_tuning")
+
+
+class PromptEncoder(SoftPrompt, network.Encoder):
+  """Encoder that prepends a per-task soft prompt to the token embeddings."""
+
+  def embed_inputs(self, tokens: Array, task_id: Optional[Array]) -> tuple[Array, Array]:
     x, valid = super().embed_inputs(tokens, task_id)
-    prompt = banks.task_rows(bank, task_id, tokens.shape[0], "prompt_tuning")
+    prompt = self.soft_prompt(tokens.shape[0], task_id)
     x = jnp.concatenate([prompt.astype(x.dtype), x], axis=1)
     valid = jnp.concatenate([jnp.ones((tokens.shape[0], self.length), bool), valid], axis=1)
     return x, valid
+
+
+class PromptDecoderStack(SoftPrompt, decoder.DecoderOnlyStack):
+  """Decoder-only stack that puts a per-task soft prompt before every new sequence."""
+
+  def prepend(self, x: Array, valid: Array, position_ids: Optional[Array],
+              task_id: Optional[Array]) -> tuple[Array, Array, Optional[Array], int]:
+    batch = x.shape[0]
+    x = jnp.concatenate([self.soft_prompt(batch, task_id).astype(x.dtype), x], axis=1)
+    valid = jnp.concatenate([jnp.ones((batch, self.length), bool), valid], axis=1)
+    if position_ids is not None:  # the prompt at 0..P-1, the given positions after it
+      position_ids = jnp.broadcast_to(position_ids, valid[:, self.length:].shape)
+      prompt = jnp.broadcast_to(jnp.arange(self.length), (batch, self.length))
+      position_ids = jnp.concatenate([prompt, position_ids + self.length], axis=1)
+    return x, valid, position_ids, self.length
+
+
+PromptEncoder.decoder_only_stack = PromptDecoderStack  # what `families.blocks_for` moves it to
 
 
 def _as_tuple(ids: Optional[Sequence]) -> Optional[tuple]:
@@ -113,9 +145,11 @@ def prompt_tuning_blocks(config: Optional[T5Config] = None, *, length: int = 100
     prompt_init_ids(config.vocab_size, length, num_tasks, init_seed=init_seed,
                     init_token_ids=init_token_ids)
   base = base or network.Blocks()
-  return base.replace(encoder=functools.partial(
-      PromptEncoder, length=length, num_tasks=int(num_tasks), init_seed=int(init_seed),
-      init_token_ids=_as_tuple(init_token_ids)))
+  field, cls = (("decoder", PromptDecoderStack) if isinstance(base, decoder.DecoderBlocks)
+                else ("encoder", PromptEncoder))
+  return base.replace(**{field: functools.partial(
+      cls, length=length, num_tasks=int(num_tasks), init_seed=int(init_seed),
+      init_token_ids=_as_tuple(init_token_ids))})
 
 
 def prompt_vectors(params: Params, config: T5Config, *, length: int = 100, num_tasks: int = 1,
@@ -128,9 +162,10 @@ def prompt_vectors(params: Params, config: T5Config, *, length: int = 100, num_t
   del unused
   ids = prompt_init_ids(config.vocab_size, length, num_tasks, init_seed=init_seed,
                         init_token_ids=init_token_ids)
-  delta = params["encoder"][PARAM]
+  stack = "encoder" if PARAM in params.get("encoder", {}) else "decoder"
+  delta = params[stack][PARAM]
   if delta.shape != ids.shape + (config.emb_dim,):
-    raise ValueError(f"prompt_vectors: encoder/{PARAM} has shape {delta.shape}; expected "
+    raise ValueError(f"prompt_vectors: {stack}/{PARAM} has shape {delta.shape}; expected "
                      f"{ids.shape + (config.emb_dim,)} (same length/num_tasks as the model?)")
   embedding = jnp.asarray(params["token_embedder"]["embedding"])
   return jnp.take(embedding, jnp.asarray(ids, jnp.int32), axis=0) + delta

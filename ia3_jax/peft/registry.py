@@ -81,7 +81,7 @@ METHODS: dict[str, Method] = {m.name: m for m in [
            description="LayerNorm: the layer-norm scales"),
     Method("prompt_tuning", prompt_tuning.prompt_tuning_blocks, prompt_tuning.TRAINABLE_PATTERNS,
            True, dict(length=100, init_seed=0),
-           description="Prompt tuning: a soft prompt before the encoder input"),
+           description="Prompt tuning: a soft prompt before the input"),
     Method("prefix_tuning", prefix_tuning.prefix_tuning_blocks, prefix_tuning.TRAINABLE_PATTERNS,
            True, dict(length=10, sites=tuple(prefix_tuning.SITES), init_scale=1.0),
            description="Prefix tuning: learned key/value prefixes in every attention"),
