@@ -55,13 +55,16 @@ def test_bundled_llama_loads_in_transformers(bundled):
 
 @pytest.fixture(scope="module")
 def small_run(tmp_path_factory):
-  """The README's `ia3-jax demo --gin.DEMO_MODEL="'llama'"`, as written, on one task and seed."""
-  from tests.test_readme import readme_block, run_commands
-  root = tmp_path_factory.mktemp("demo_llama")
-  out = root / "out"
-  run_commands(readme_block("demo-llama"), root, [
-      f"--gin.MODEL_DIR='{out}'", "--gin.DEMO_TASKS=('edible',)", "--gin.DEMO_SEEDS=(1,)",
-      "--gin.DEMO_EVAL_SIZE=100"], root / "bin", command="ia3-jax demo")
+  """The README's `ia3-jax demo --gin.DEMO_MODEL="'llama'"`, its words as written (in this
+  process), on one task and seed."""
+  import shlex
+  from ia3_jax import cli
+  from tests.test_readme import readme_block
+  argv = shlex.split(readme_block("demo-llama"))
+  assert argv[:2] == ["ia3-jax", "demo"]
+  out = tmp_path_factory.mktemp("demo_llama")
+  assert cli.main(argv[1:] + [f"--gin.MODEL_DIR='{out}'", "--gin.DEMO_TASKS=('edible',)",
+                              "--gin.DEMO_SEEDS=(1,)", "--gin.DEMO_EVAL_SIZE=100"]) == 0
   return out, json.loads((out / "results.json").read_text())
 
 
