@@ -25,7 +25,6 @@ import pytest
 SLOW_FIRST = ("test_notebooks.py::test_notebook_runs[ablations]",
               "test_cli_errors.py::test_sigterm_saves_exits_0_and_the_same_command_resumes_exactly",
               "test_demo.py::test_regeneration_script_makes_a_loadable_model",
-              "test_demo_llama.py::test_regeneration_script_makes_a_loadable_llama",
               "test_tasks.py::test_pretraining_mixture_yields_lm_batches")
 
 

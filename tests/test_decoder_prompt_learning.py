@@ -137,18 +137,20 @@ def test_cached_scoring_and_mixed_tasks(method):
   choices = np.array([[[11, 12], [13, 0]], [[14, 15], [16, 17]]], np.int32)
   batch = {"encoder_input_tokens": prompt, "choice_tokens": choices,
            "choice_mask": np.ones((2, 2), np.int32)}
+  rows = [(b, c) for b in range(2) for c in range(2)]  # each prompt + choice, right-padded
+  pieces = [(prompt[b][prompt[b] > 0], choices[b, c][choices[b, c] > 0]) for b, c in rows]
+  seqs = np.zeros((len(rows), 8), np.int32)
+  for i, (p, ch) in enumerate(pieces):
+    seqs[i, :len(p) + len(ch)] = np.concatenate([p, ch])
   for task in (0, 1):
     task_id = np.full((2,), task, np.int32)
     got = np.asarray(scoring.choice_log_probs(model, params, {**batch, "task_id": task_id}))
-    for b in range(2):
-      for c in range(2):
-        p = prompt[b][prompt[b] > 0]
-        ch = choices[b, c][choices[b, c] > 0]
-        seq = np.concatenate([p, ch])[None]
-        logits = decoder.forward(model, params, seq, task_id=task_id[:1])
-        logp = jax.nn.log_softmax(logits[0, len(p) - 1:-1])
-        want = np.asarray(logp[np.arange(len(ch)), ch])
-        tolerances.assert_close(got[b, c, :len(ch)], want)
+    logits = decoder.forward(model, params, seqs, (seqs > 0).astype(np.int32),
+                             task_id=np.full((len(rows),), task, np.int32))
+    logp = np.asarray(jax.nn.log_softmax(logits, axis=-1))
+    for i, ((b, c), (p, ch)) in enumerate(zip(rows, pieces)):
+      want = logp[i, np.arange(len(p) - 1, len(p) - 1 + len(ch)), ch]
+      tolerances.assert_close(got[b, c, :len(ch)], want)
   mixed = scoring.choice_log_probs(model, params, {**batch, "task_id": np.array([1, 0])})
   alone = [scoring.choice_log_probs(model, params, {**batch, "task_id": np.full((2,), t)})
            for t in (1, 0)]

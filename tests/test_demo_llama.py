@@ -88,24 +88,3 @@ def test_unknown_demo_model_is_a_one_line_error(capsys):
   assert cli.main(["demo", "--gin.DEMO_MODEL='gpt'", "--gin.DEMO_TASKS=('edible',)"]) == 1
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and "DEMO_MODEL='gpt'" in err[0] and "llama" in err[0]
-
-
-def test_regeneration_script_makes_a_loadable_llama(tmp_path):
-  """scripts/train_demo_model.py --model llama, tiny: the T5's vocabulary, multitask training
-  of the decoder-only model, HF Llama export."""
-  import importlib.util
-  path = os.path.join(os.path.dirname(os.path.dirname(__file__)), "scripts", "train_demo_model.py")
-  spec = importlib.util.spec_from_file_location("train_demo_model", path)
-  script = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(script)
-  out = tmp_path / "model"
-  assert script.main(["--model", "llama", "--out", str(out), "--work_dir", str(tmp_path / "w"),
-                      "--steps", "1", "--batch_size", "4", "--eval_size", "8",
-                      "--eval_families", "edible"]) == 0
-  config, params, vocabulary = demo.load_model(out)
-  assert config == demo.demo_model_config(vocabulary.vocab_size, "llama")
-  with open(out / "tokenizer.model", "rb") as a, open(T5_SPM, "rb") as b:
-    assert a.read() == b.read()
-  record = json.loads((out / "training.json").read_text())
-  assert record["settings"]["model"] == "llama" and record["settings"]["steps"] == 1
-  assert set(record["zero_shot_accuracy"]) == {"edible"}
