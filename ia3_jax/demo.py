@@ -76,20 +76,19 @@ INPUT_LENGTHS = {"edible": 32, "alive": 32}
 EVAL_BATCH_SIZE = 100
 
 
-def demo_model_config(vocab_size: int, model: str = "t5") -> T5Config | DecoderConfig:
-  """The shape of the bundled `model` ("t5" or "llama") for a vocabulary of `vocab_size`."""
-  if model == "t5":
-    return T5Config(vocab_size=vocab_size, **MODEL_SHAPE)
-  if model == "llama":
-    return DecoderConfig(vocab_size=vocab_size, **DECODER_SHAPE)
-  raise ConfigError(f"DEMO_MODEL={model!r}: choose one of {', '.join(BUNDLED_MODELS)}")
-
-
 def bundled_model_path(model: str) -> str:
   """The directory of the bundled `model` ("t5" or "llama")."""
   if model not in BUNDLED_MODELS:
     raise ConfigError(f"DEMO_MODEL={model!r}: choose one of {', '.join(BUNDLED_MODELS)}")
   return BUNDLED_MODELS[model]
+
+
+def demo_model_config(vocab_size: int, model: str = "t5") -> T5Config | DecoderConfig:
+  """The shape of the bundled `model` ("t5" or "llama") for a vocabulary of `vocab_size`."""
+  bundled_model_path(model)  # a known model
+  if model == "t5":
+    return T5Config(vocab_size=vocab_size, **MODEL_SHAPE)
+  return DecoderConfig(vocab_size=vocab_size, **DECODER_SHAPE)
 
 
 def load_model(path: str | os.PathLike = BUNDLED_MODEL_DIR):

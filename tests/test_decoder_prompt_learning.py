@@ -32,25 +32,33 @@ def prompt_model(config, num_tasks: int = 1) -> decoder.DecoderOnly:
   return decoder.DecoderOnly(config, families.blocks_for(config, blocks))
 
 
+def peft_logits(tmp_path, peft_config, seed: int):
+  """(config, our params of the same tiny HF Llama, peft's prompt table [rows, width] drawn
+  at random, tokens, mask, peft's logits) of `peft_config` on a right-padded batch."""
+  import peft
+  hf = make_hf(tmp_path, "llama")
+  config, params = hf_decoder.load_hf_decoder(tmp_path)
+  model = peft.get_peft_model(hf, peft_config).eval()
+  embedding = model.prompt_encoder["default"].embedding.weight
+  torch.manual_seed(1)
+  with torch.no_grad():
+    embedding.normal_(0.0, 1.0)
+  tokens, mask = padded_batch(seed, "right", length=8)
+  with torch.no_grad():
+    theirs = model(input_ids=torch.tensor(tokens, dtype=torch.long),
+                   attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+  return config, params, embedding.detach().numpy(), tokens, mask, theirs
+
+
 def test_prefix_tuning_equals_peft_prefix_tuning(tmp_path):
   """peft hands its prefix to the model as P cached positions (keys stored as given, real
   tokens at positions P, P+1, ...); ours are memory slots (no position; real tokens from 0).
   Rotary embeddings are relative, so the two agree exactly once each peft prefix key is
   rotated back by P positions: the logits must be equal."""
   import peft
-  hf = make_hf(tmp_path, "llama")
-  config, params = hf_decoder.load_hf_decoder(tmp_path)
-  model = peft.get_peft_model(hf, peft.PrefixTuningConfig(task_type="CAUSAL_LM",
-                                                          num_virtual_tokens=P)).eval()
-  embedding = model.prompt_encoder["default"].embedding.weight
-  torch.manual_seed(1)
-  with torch.no_grad():
-    embedding.normal_(0.0, 1.0)
-  tokens, mask = padded_batch(3, "right", length=8)
-  with torch.no_grad():
-    theirs = model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                   attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
-  kv = embedding.detach().numpy().reshape(P, config.num_layers * 2, config.num_kv_heads,
+  config, params, table, tokens, mask, theirs = peft_logits(
+      tmp_path, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P), 3)
+  kv = table.reshape(P, config.num_layers * 2, config.num_kv_heads,
                                           config.head_dim)
   cos, sin = decoder.rotary_tables(config, jnp.full((1, P), -P))
   for layer in range(config.num_layers):
@@ -66,28 +74,18 @@ def test_prefix_tuning_equals_peft_prefix_tuning(tmp_path):
 def test_prompt_tuning_equals_peft_prompt_tuning(tmp_path):
   """peft puts the soft prompt before the token embeddings at positions 0..P-1, as ours."""
   import peft
-  hf = make_hf(tmp_path, "llama")
-  config, params = hf_decoder.load_hf_decoder(tmp_path)
-  model = peft.get_peft_model(hf, peft.PromptTuningConfig(task_type="CAUSAL_LM",
-                                                          num_virtual_tokens=P)).eval()
-  embedding = model.prompt_encoder["default"].embedding.weight
-  torch.manual_seed(1)
-  with torch.no_grad():
-    embedding.normal_(0.0, 1.0)
-  tokens, mask = padded_batch(5, "right", length=8)
-  with torch.no_grad():
-    theirs = model(input_ids=torch.tensor(tokens, dtype=torch.long),
-                   attention_mask=torch.tensor(mask, dtype=torch.long)).logits.numpy()
+  config, params, prompt, tokens, mask, theirs = peft_logits(
+      tmp_path, peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P), 5)
   assert theirs.shape[1] == P + tokens.shape[1]
   ids = prompt_tuning.prompt_init_ids(config.vocab_size, P)
   table = params["token_embedder"]["embedding"]
-  params["decoder"][prompt_tuning.PARAM] = (embedding.detach().numpy() - table[ids[0]])[None]
+  params["decoder"][prompt_tuning.PARAM] = (prompt - table[ids[0]])[None]
   ours = prompt_model(config)
   got = np.asarray(decoder.forward(ours, params, tokens, mask))
   valid = mask.astype(bool)
   tolerances.assert_close(got[valid], theirs[:, P:][valid])
   vectors = prompt_tuning.prompt_vectors(params, config, length=P)
-  tolerances.assert_close(np.asarray(vectors)[0], embedding.detach().numpy())
+  tolerances.assert_close(np.asarray(vectors)[0], prompt)
 
 
 def test_a_soft_prompt_goes_before_each_new_sequence_only():

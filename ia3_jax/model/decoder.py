@@ -525,7 +525,9 @@ def _generate(model, params, tokens, attention_mask, rng, task_id, *, max_new_to
                                   task_id=task_id, decode=True, new_sequence=first,
                                   mutable=["cache"])
     token = jnp.where(done, pad_id, pick(logits[:, -1], t))
-    return mutated["cache"], token, done | (token == eos_id if eos_id is not None else done)
+    if eos_id is not None:
+      done = done | (token == eos_id)
+    return mutated["cache"], token, done
 
   done = jnp.zeros((batch,), bool)
   cache, first, done = run(cache, tokens, attention_mask, 0, done, first=True)
