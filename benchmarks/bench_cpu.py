@@ -36,10 +36,6 @@ from ia3_jax.model import config as config_lib  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def _log(msg: str) -> None:
-  print(f"[bench {datetime.datetime.now():%H:%M:%S}] {msg}", file=sys.stderr, flush=True)
-
-
 # --------------------------------------------------------------------------- sections
 
 
@@ -170,7 +166,7 @@ def bench_memory(w: H.Workload, torch_side: bool, threads: int, steps: int,
            "--torch-device", torch_device, "--torch-autocast", torch_autocast] + extra
     env = dict(os.environ)
     env["XLA_FLAGS"] = " ".join(f for f in (env.get("XLA_FLAGS", ""), flags) if f)
-    _log(f"memory: {side} {mode} {config} ({w.preset})")
+    H.log(f"memory: {side} {mode} {config} ({w.preset})")
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env)
     line = [l for l in proc.stdout.splitlines() if l.startswith("MEMORY_JSON ")]
     if proc.returncode or not line:
@@ -243,11 +239,11 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
   dev = a.torch_device
   skip = {s for s in a.skip.split(",") if s}
   machine = H.machine_info()
-  _log(f"CPU: {machine['cpu_summary']}")
+  H.log(f"CPU: {machine['cpu_summary']}")
   dtypes, dtype_notes = H.plan_dtypes([d for d in a.dtypes.split(",") if d],
                                       allow_emulated_bf16=a.allow_emulated_bf16)
   for note in dtype_notes:
-    _log(note)
+    H.log(note)
   if not dtypes:
     raise SystemExit("bench: no dtype left to time (" + "; ".join(dtype_notes) + ")")
   w = H.Workload(a.preset, a.batch_size, a.input_length, a.target_length, a.max_choices,
@@ -261,21 +257,21 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
       "peak_reference": a.peak_reference, "dtype_notes": dtype_notes,
       "iters": a.iters, "warmup": a.warmup, "dtypes": dtypes,
       "load_before": H.load_average(), "busy_before": H.busy_processes()}
-  _log(f"workload: {w.describe()}; load {res['load_before']}")
+  H.log(f"workload: {w.describe()}; load {res['load_before']}")
   res["peaks"] = bench_peaks(max(3, a.iters + 2), a.peak_size, dev)
-  _log("peaks: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in res["peaks"].items()
-                             if k != "size"))
+  H.log("peaks: " + ", ".join(f"{k} {v / 1e9:.0f} GFLOP/s" for k, v in res["peaks"].items()
+                              if k != "size"))
   batch = H.make_batch(w)
   builder = lambda: tr.build_model(w.config, ia3=True, seed=w.seed, device=dev)  # noqa: E731
   base = tr.jax_params(builder(), w.config)
   if "train" not in skip:
     res["train"] = {}
     for loss in ("lm", "tfew"):
-      _log(f"training ({loss})")
+      H.log(f"training ({loss})")
       res["train"][loss] = bench_training(w, batch, builder, base, loss, dtypes, a.warmup,
                                           a.iters, dev)
   if "rank" not in skip:
-    _log("rank classification")
+    H.log("rank classification")
     res["rank"] = bench_rank(w, batch, builder(), base, dtypes, a.warmup, a.iters, dev)
   res["load_after_speed"] = H.load_average()
   if "memory" not in skip and a.memory_preset != "none":

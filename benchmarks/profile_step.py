@@ -2,12 +2,17 @@
 
   python benchmarks/profile_step.py --loss tfew --dtype float32
 
+  python benchmarks/profile_step.py --preset t0_3b --dtype bfloat16 \
+      --attention-impl dot_product_attention --dpa-implementation cudnn   # on a GPU
+
 Traces a few steps with `jax.profiler`, reads the trace back
-(`jax.profiler.ProfileData`), and charges every XLA thunk's time to its HLO
-instruction in the compiled module. Dot fusions get their FLOPs from the dot
-inside (so each gets an achieved GFLOP/s), and everything is grouped by the
+(`jax.profiler.ProfileData`), and charges the time of every XLA thunk (CPU)
+or kernel (GPU: the device plane's "XLA Ops" line) to its HLO instruction in
+the compiled module. Dot fusions and cuBLAS gemm calls get their FLOPs from
+the dot (so each gets an achieved GFLOP/s), and everything is grouped by the
 source op (`op_name` metadata: encoder/decoder, layer kind, projection) and
-by kind (matmul, elementwise fusion, transpose/copy, ...).
+by kind (matmul, fused attention, elementwise fusion, transpose/copy, ...).
+`--trace-dir` keeps the trace and the compiled HLO for a later look.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import os
 import re
 import sys
 import tempfile
+import time
 from typing import Optional
 
 if __package__ in (None, ""):
@@ -28,13 +34,17 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 
 from benchmarks import harness as H  # noqa: E402
+from ia3_jax.model import config as config_lib  # noqa: E402
 
-_INSTR = re.compile(r"^\s*(?:ROOT )?%(\S+) = (\S+?)(?:\{[^}]*\})? (\S+?)\((.*?)\)(.*)$")
+_INSTR = re.compile(
+    r"^\s*(?:ROOT )?%(\S+) = (\([^)]*\)|\S+?)(?:\{[^}]*\})? (\S+?)\((.*?)\)(.*)$")
+_GEMM_TARGETS = ("__cublas$gemm", "__cublas$lt$matmul")
 _SHAPE = re.compile(r"^[a-z0-9]+\[([0-9,]*)\]")
 
 
 def _shape(s: str) -> tuple[int, ...]:
-  m = _SHAPE.match(s)
+  """Dimensions of an HLO shape; of its first element for a tuple (a gemm's result)."""
+  m = _SHAPE.match(s.lstrip("("))
   return tuple(int(d) for d in m.group(1).split(",") if d) if m else ()
 
 
@@ -58,10 +68,14 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
     instrs[name] = {"opcode": opcode, "shape": shapes[name], "comp": comp,
                     "calls": calls.group(1) if calls else None,
                     "op_name": op_name.group(1) if op_name else ""}
-    if opcode == "dot" and comp is not None:
+    gemm = opcode == "custom-call" and any(f'"{t}"' in rest for t in _GEMM_TARGETS)
+    if opcode == "custom-call" and "__cudnn$fmha" in rest:
+      instrs[name]["fused_attention"] = True
+    if (opcode == "dot" or gemm) and comp is not None:
       lhs = operands.split(",")[0].strip().lstrip("%").split(" ")[-1].lstrip("%")
-      contracting = re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest)
-      dims = [int(d) for d in contracting.group(1).split(",") if d] if contracting else []
+      contracting = (re.search(r"lhs_contracting_dims=\{([0-9,]*)\}", rest) or
+                     re.search(r'"lhs_contracting_dimensions":\[([^\]]*)\]', rest))
+      dims = [int(d) for d in re.findall(r"\d+", contracting.group(1))] if contracting else []
       lshape = shapes.get(lhs, ())
       k = float(np.prod([lshape[d] for d in dims])) if lshape and dims else 1.0
       instrs[name]["flops"] = 2.0 * float(np.prod(shapes[name] or (1,))) * k
@@ -72,6 +86,8 @@ def parse_hlo(text: str) -> tuple[dict, dict]:
 def _kind(name: str, info: Optional[dict], flops: float) -> str:
   if flops > 0:
     return "matmul"
+  if info and info.get("fused_attention"):
+    return "fused attention"
   base = re.sub(r"\.\d+$", "", name)
   if "transpose" in base or "copy" in base:
     return "transpose/copy"
@@ -100,29 +116,51 @@ def _site(op_name: str) -> str:
   return f"{stack} {block} {proj} {bwd}".replace("  ", " ").strip()
 
 
-def profile(fn, steps: int, compiled_text: str) -> dict:
-  d = tempfile.mkdtemp(prefix="ia3jax_trace_")
+def op_times(data, steps: int) -> tuple[collections.Counter, float]:
+  """(ns per step by HLO instruction, executor / module wall ns per step) from a trace.
+
+  CPU: thunk events on the XLA pool threads; a thunk that runs on several
+  threads at once shows up on each of them, so it is charged the longest
+  per-thread total, once. GPU: kernel events on the device plane's "XLA Ops"
+  line, the module's time from its "XLA Modules" line.
+  """
+  per_line: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
+  wall = 0.0
+  for plane in data.planes:
+    gpu = plane.name.startswith("/device:GPU")
+    for line in plane.lines:
+      for ev in line.events:
+        if gpu and line.name == "XLA Ops":
+          per_line[ev.name.lstrip("%")][plane.name] += ev.duration_ns / steps
+        elif gpu and line.name == "XLA Modules":
+          wall += ev.duration_ns / steps
+        elif "XLAEigen" in line.name and not ev.name.startswith(
+            ("ThunkExecutor", "SlinkyThreadPool", "end: ")):
+          per_line[ev.name][line.name] += ev.duration_ns / steps
+        elif "XLAPjRtCpuClient" in line.name and ev.name.startswith("ThunkExecutor::Execute"):
+          wall += ev.duration_ns / steps
+  return collections.Counter({k: max(v.values()) for k, v in per_line.items()}), wall
+
+
+def profile(fn, steps: int, compiled_text: str, trace_dir: Optional[str] = None) -> dict:
+  """Times `steps` calls of `fn` (after one untraced call) and traces them."""
+  d = trace_dir or tempfile.mkdtemp(prefix="ia3jax_trace_")
+  H.log("first call (compiles)")
   fn()
+  H.log(f"{steps} untraced + {steps} traced calls")
+  t0 = time.perf_counter()
+  for _ in range(steps):
+    fn()
+  host = (time.perf_counter() - t0) / steps
   with jax.profiler.trace(d):
     for _ in range(steps):
       fn()
   f = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
-  data = jax.profiler.ProfileData.from_file(f)
-  # A thunk that runs on several pool threads at once shows up on each of
-  # them: charge it the longest per-thread total, once.
-  per_line: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
-  wall = 0.0
-  for plane in data.planes:
-    for line in plane.lines:
-      for ev in line.events:
-        if "XLAEigen" in line.name and not ev.name.startswith(("ThunkExecutor", "SlinkyThreadPool",
-                                                                  "end: ")):
-          per_line[ev.name][line.name] += ev.duration_ns / steps
-        if "XLAPjRtCpuClient" in line.name and ev.name.startswith("ThunkExecutor::Execute"):
-          wall += ev.duration_ns / steps
-  per = collections.Counter({k: max(v.values()) for k, v in per_line.items()})
+  H.log(f"reading {f} ({os.path.getsize(f) / 1e6:.1f} MB)")
+  per, wall = op_times(jax.profiler.ProfileData.from_file(f), steps)
   instrs, comp_flops = parse_hlo(compiled_text)
-  return {"per": per, "instrs": instrs, "comp_flops": comp_flops, "wall_ns": wall}
+  return {"per": per, "instrs": instrs, "comp_flops": comp_flops, "wall_ns": wall,
+          "host_s": host}
 
 
 def report(p: dict, top: int = 25) -> str:
@@ -144,8 +182,9 @@ def report(p: dict, top: int = 25) -> str:
       by_site[site] += ns
       site_flops[site] += flops
     rows.append((ns, name, kind, flops, site, info["shape"] if info else ()))
-  out = [f"step wall (executor) {p['wall_ns'] / 1e6:.1f} ms; sum of thunk times "
-         f"{total / 1e6:.1f} ms (more than the wall when independent thunks overlap)", "",
+  out = [f"step {p['host_s'] * 1e3:.1f} ms untraced (host clock); traced, executor / module "
+         f"{p['wall_ns'] / 1e6:.1f} ms; sum of op times {total / 1e6:.1f} ms (more than the "
+         "wall when independent ops overlap, less when the device idles)", "",
          "| kind | ms | share |", "|---|---|---|"]
   out += [f"| {k} | {v / 1e6:.1f} | {100 * v / total:.1f}% |" for k, v in by_kind.most_common()]
   mm_ns, mm_fl = by_kind["matmul"], sum(site_flops.values())
@@ -178,18 +217,27 @@ def main(argv: Optional[list[str]] = None) -> int:
   ap.add_argument("--target-length", type=int, default=16)
   ap.add_argument("--steps", type=int, default=2)
   ap.add_argument("--top", type=int, default=25)
+  ap.add_argument("--attention-impl", default="einsum", choices=config_lib.ATTENTION_IMPLS)
+  ap.add_argument("--dpa-implementation", default=None, choices=("xla", "cudnn"))
+  ap.add_argument("--trace-dir", help="keep the trace here, with the compiled HLO (step.hlo.txt)")
   a = ap.parse_args(argv)
-  w = H.Workload(a.preset, a.batch_size, a.input_length, a.target_length, dtype=a.dtype)
+  w = H.Workload(a.preset, a.batch_size, a.input_length, a.target_length, dtype=a.dtype,
+                 attention_impl=a.attention_impl, dpa_implementation=a.dpa_implementation)
   batch = H.make_batch(w)
   if a.loss == "rank":
-    rc = H.JaxRankClassification(H.JaxTraining(w, batch), batch)
+    rc = H.JaxRankClassification(H.JaxTraining(w, batch, base=H.random_base(w)), batch)
     fn, text = (lambda: jax.block_until_ready(rc())), rc.compiled().as_text()
   else:
     t = H.JaxTraining(w, H.correct_choice_batch(batch) if a.loss == "lm" else batch,
-                      loss=H.LM_ONLY if a.loss == "lm" else H.TFEW)
+                      loss=H.LM_ONLY if a.loss == "lm" else H.TFEW, base=H.random_base(w))
     fn, text = t.step, t.compiled().as_text()
-  print(f"{w.describe()}, {a.loss}; load {H.load_average()}")
-  print(report(profile(fn, a.steps, text), a.top))
+  H.log(f"{w.describe()}, {a.loss}: compiled; profiling")
+  if a.trace_dir:
+    os.makedirs(a.trace_dir, exist_ok=True)
+    with open(os.path.join(a.trace_dir, "step.hlo.txt"), "w") as f:
+      f.write(text)
+  print(f"{w.describe()}, {a.loss} on {jax.default_backend()}; load {H.load_average()}")
+  print(report(profile(fn, a.steps, text, a.trace_dir), a.top))
   return 0
 
 

@@ -176,3 +176,51 @@ def test_attention_check_compares_every_core_with_einsum(tmp_path, capsys):
   assert rows[1]["loss"] == pytest.approx(rows[0]["loss"], rel=1e-6)
   assert "| dot_product_attention (xla) |" in capsys.readouterr().out
   assert attention_check.cores("gpu")[-1] == ("dot_product_attention", "cudnn")
+
+
+def test_profile_step_charges_the_step_to_its_matmuls(tmp_path, capsys):
+  """benchmarks/profile_step.py on CPU (tiny): thunk times charged to HLO instructions, the
+  matmuls' FLOPs from their dots; the trace and the compiled HLO kept with --trace-dir."""
+  from benchmarks import profile_step
+  assert profile_step.main(["--preset", "tiny", "--batch-size", "2", "--input-length", "16",
+                            "--target-length", "4", "--steps", "1", "--top", "3",
+                            "--trace-dir", str(tmp_path)]) == 0
+  text = capsys.readouterr().out
+  assert "| matmul |" in text and "matmul thunks:" in text and "untraced" in text
+  assert (tmp_path / "step.hlo.txt").stat().st_size > 0
+  assert list(tmp_path.glob("**/*.xplane.pb"))
+
+
+def test_profile_step_reads_cublas_gemms_and_cudnn_attention():
+  """GPU HLO: a cuBLAS gemm call (tuple result) gets 2 * M * N * K FLOPs from its backend
+  config's contracting dims; cuDNN's fused attention is its own kind."""
+  from benchmarks import profile_step
+  hlo = ('ENTRY %main (p.1: bf16[8,4], q.2: bf16[4,16]) -> bf16[8,16] {\n'
+         '  %p.1 = bf16[8,4]{1,0} parameter(0)\n'
+         '  %q.2 = bf16[4,16]{1,0} parameter(1)\n'
+         '  %custom-call.3 = (bf16[8,16]{1,0}, s8[1024]{0}) custom-call(%p.1, %q.2), '
+         'custom_call_target="__cublas$gemm", metadata={op_name="jit(f)/encoder/mlp/wi_0/dot"}, '
+         'backend_config={"gemm_backend_config":{"dot_dimension_numbers":'
+         '{"lhs_contracting_dimensions":["1"],"rhs_contracting_dimensions":["0"]}}}\n'
+         '  %custom-call.4 = (bf16[8,16]{1,0}, u8[0]{0}) custom-call(%p.1, %q.2), '
+         'custom_call_target="__cudnn$fmhaScaleBiasSoftmax"\n'
+         '}\n')
+  instrs, _ = profile_step.parse_hlo(hlo)
+  gemm, attention = instrs["custom-call.3"], instrs["custom-call.4"]
+  assert gemm["flops"] == 2 * 8 * 16 * 4 and gemm["shape"] == (8, 16)
+  assert profile_step._kind("custom-call.4", attention, 0.0) == "fused attention"
+
+
+def test_step_sweep_times_each_batch_and_frozen_storage(tmp_path, capsys):
+  """benchmarks/step_sweep.py on CPU (tiny): a row per (batch size, frozen dtype), twice the
+  FLOPs for twice the batch."""
+  from benchmarks import step_sweep
+  out = tmp_path / "sweep.json"
+  assert step_sweep.main(["--preset", "tiny", "--batch-sizes", "2,4", "--frozen-dtypes",
+                          "bfloat16", "--input-length", "16", "--target-length", "4", "--iters",
+                          "1", "--warmup", "0", "--peak-size", "128", "--json", str(out)]) == 0
+  rows = json.loads(out.read_text())["rows"]
+  assert [(r["batch_size"], r["frozen_dtype"]) for r in rows] == [(2, "bfloat16"), (4, "bfloat16")]
+  assert rows[1]["matmul_gflop"] == pytest.approx(2 * rows[0]["matmul_gflop"], rel=0.05)
+  assert all(r["s_per_step"] > 0 and r["gflops"] > 0 for r in rows)
+  assert "| 4 | bfloat16 |" in capsys.readouterr().out

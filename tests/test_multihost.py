@@ -21,7 +21,8 @@ STEPS = 4
 
 PROCESS = """
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=2")
 from ia3_jax.train import partitioning
 process_id, port, model_dir, steps = int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4])
 partitioning.initialize_distributed(f"127.0.0.1:{port}", 2, process_id, initialization_timeout=120)

@@ -23,7 +23,8 @@ STEPS = 6
 
 EIGHT_DEVICES = """
 import json, os, sys
-os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "")
+                           + " --xla_force_host_platform_device_count=8")
 import jax
 from ia3_jax.model import params as params_lib
 from ia3_jax.train import partitioning

@@ -45,7 +45,9 @@ def child_env(cache_dir: pathlib.Path, **extra: str) -> dict:
              JAX_COMPILATION_CACHE_DIR=str(cache_dir),
              JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0",
              JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0", **extra)
-  env.pop("XLA_FLAGS", None)
+  # The session's XLA flags (conftest) without a fake device count: a script sets its own.
+  env["XLA_FLAGS"] = " ".join(f for f in os.environ.get("XLA_FLAGS", "").split()
+                              if "device_count" not in f)
   return env
 
 

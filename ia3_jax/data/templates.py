@@ -38,6 +38,7 @@ from __future__ import annotations
 from ia3_jax.errors import DataError, EmptyRenderError  # re-exported: ia3_jax.errors is its home
 
 import dataclasses
+import functools
 import hashlib
 import os
 import random
@@ -81,6 +82,13 @@ def _make_env() -> jinja2.sandbox.SandboxedEnvironment:
 
 
 _ENV = _make_env()
+
+
+@functools.lru_cache(maxsize=4096)
+def _compiled(source: str) -> jinja2.Template:
+  """The sandboxed template of `source`, compiled once (`from_string` compiles on every call:
+  most of a render's time)."""
+  return _ENV.from_string(source)
 
 
 def _shown(value: Any) -> str:
@@ -170,7 +178,7 @@ class Template:
     """The choices when they do not depend on the example, else None."""
     if self.answer_choices is None or _fields_used(self.answer_choices):
       return None
-    return tuple(c.strip() for c in _ENV.from_string(self.answer_choices).render().split(SEPARATOR))
+    return tuple(c.strip() for c in _compiled(self.answer_choices).render().split(SEPARATOR))
 
   def render(self, example: Mapping[str, Any], *, where: str = "example",
              labeled: bool = True) -> Rendered:
@@ -230,7 +238,7 @@ class Template:
     env_fields = dict(fields)
     env_fields.setdefault("answer_choices", None)
     try:
-      template = _ENV.from_string(source)
+      template = _compiled(source)
       rng = random.Random(_stable_seed(self.id or self.name, example))
       return template.render(**env_fields, __rng__=rng)
     except jinja2.UndefinedError as e:
