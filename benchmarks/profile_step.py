@@ -173,7 +173,7 @@ def report(p: dict, top: int = 25) -> str:
   for name, ns in per.items():
     info = instrs.get(name)
     flops = comp_flops.get(info["calls"], 0.0) if info and info["calls"] else 0.0
-    if info and info["opcode"] == "dot":
+    if info and "flops" in info:  # a dot, or a cuBLAS gemm call
       flops = info["flops"]
     kind = _kind(name, info, flops)
     by_kind[kind] += ns

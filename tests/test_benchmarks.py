@@ -1,5 +1,6 @@
 """Smoke test: the CPU benchmark runs end to end on the tiny preset (no timing assertions)."""
 
+import collections
 import json
 
 import pytest
@@ -205,10 +206,15 @@ def test_profile_step_reads_cublas_gemms_and_cudnn_attention():
          '  %custom-call.4 = (bf16[8,16]{1,0}, u8[0]{0}) custom-call(%p.1, %q.2), '
          'custom_call_target="__cudnn$fmhaScaleBiasSoftmax"\n'
          '}\n')
-  instrs, _ = profile_step.parse_hlo(hlo)
-  gemm, attention = instrs["custom-call.3"], instrs["custom-call.4"]
+  instrs, comp_flops = profile_step.parse_hlo(hlo)
+  gemm = instrs["custom-call.3"]
   assert gemm["flops"] == 2 * 8 * 16 * 4 and gemm["shape"] == (8, 16)
-  assert profile_step._kind("custom-call.4", attention, 0.0) == "fused attention"
+  text = profile_step.report({"per": collections.Counter({"custom-call.3": 1000,
+                                                          "custom-call.4": 3000}),
+                              "instrs": instrs, "comp_flops": comp_flops, "wall_ns": 4000.0,
+                              "host_s": 5e-6}, top=2)
+  assert "| fused attention | 0.0 | 75.0% |" in text and "| matmul | 0.0 | 25.0% |" in text
+  assert "| encoder mlp wi_0 fwd | 0.0 | 0.00 | 1 |" in text  # 1024 FLOP in 1000 ns
 
 
 def test_step_sweep_times_each_batch_and_frozen_storage(tmp_path, capsys):

@@ -137,6 +137,22 @@ def test_rendering_is_sandboxed():
     t.render({})
 
 
+def test_each_template_source_is_compiled_once(monkeypatch):
+  """Rendering many examples compiles the template's Jinja (and its answer choices) once, in
+  the sandbox; the renders are those of a fresh compilation."""
+  import jinja2.sandbox
+  compiled, real = [], jinja2.sandbox.SandboxedEnvironment.from_string
+  monkeypatch.setattr(jinja2.sandbox.SandboxedEnvironment, "from_string",
+                      lambda self, source, *a, **k: compiled.append(source) or real(self, source,
+                                                                                   *a, **k))
+  t = tpl.Template(name="once", jinja="{{ x }} {{ 7 * 6 }} ||| {{ answer_choices[label] }}",
+                   answer_choices="{{ a }} ||| {{ b }} ||| {{ x }}")
+  rows = [t.render({"x": f"row {i}", "a": "A", "b": "B", "label": i % 3}) for i in range(20)]
+  assert sorted(compiled) == sorted([t.jinja, t.answer_choices])
+  assert [r.inputs for r in rows] == [f"row {i} 42" for i in range(20)]
+  assert [r.target for r in rows] == [("A", "B", f"row {i}")[i % 3] for i in range(20)]
+
+
 def test_choice_filter_is_seeded_per_example():
   t = tpl.Template(name="pick", jinja="{{ options | choice }} ||| {{ options | choice }}")
   ex = {"options": [str(i) for i in range(50)]}
