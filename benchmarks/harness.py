@@ -257,9 +257,10 @@ def random_base(w: Workload) -> dict[str, Any]:
   """Random params of `w`'s plain network, initialised in the scanned layer layout.
 
   One random program per stacked param: T0-3B's init compiles in about 2 s on
-  2 CPU cores, against 50 s for the unrolled model's ~400 (and over two
-  minutes on a GPU host). `Trainer.init_state` takes either layout. (While
-  the trainer unrolls it, both copies are alive: not for peak-RSS runs.)
+  2 CPU cores, against 50 s for the unrolled model's ~400 (the likely reason
+  an H200 run of the trainer's own init did not reach its first step in two
+  minutes). `Trainer.init_state` takes either layout. (While the trainer
+  unrolls it, both copies are alive: not for peak-RSS runs.)
   """
   model = network.Transformer(w.config, blocks=network.Blocks(scan_layers=True))
   return jax.jit(lambda rng: network.init_params(model, rng))(jax.random.key(w.seed))

@@ -38,18 +38,26 @@ def _ints(text: str) -> list[int]:
 
 
 def sweep(a: argparse.Namespace) -> list[dict]:
-  """One row per (batch size, frozen dtype): median seconds per step and achieved FLOP/s."""
-  rows = []
+  """One row per (batch size, frozen dtype): median seconds per step and achieved FLOP/s.
+
+  The base params are drawn once, and a batch size's FLOPs counted once: neither depends
+  on the frozen base's storage.
+  """
+  workloads = [H.Workload(a.preset, bs, a.input_length, a.target_length, dtype=a.dtype,
+                          attention_impl=a.attention_impl,
+                          dpa_implementation=a.dpa_implementation)
+               for bs in _ints(a.batch_sizes)]
+  base, flops_of, rows = H.random_base(workloads[0]), {}, []
   for frozen in a.frozen_dtypes.split(","):
-    for bs in _ints(a.batch_sizes):
-      w = H.Workload(a.preset, bs, a.input_length, a.target_length, dtype=a.dtype,
-                     attention_impl=a.attention_impl, dpa_implementation=a.dpa_implementation)
+    for w in workloads:
       H.log(f"{w.describe()}, frozen base {frozen}")
-      t = H.JaxTraining(w, H.make_batch(w), frozen_dtype=frozen, base=H.random_base(w))
+      t = H.JaxTraining(w, H.make_batch(w), frozen_dtype=frozen, base=base)
       secs = H.median(H.interleaved_times({"step": t.step}, warmup=a.warmup,
                                           iters=a.iters)["step"])
-      flops = t.matmul_flops()
-      rows.append({"batch_size": bs, "frozen_dtype": frozen, "s_per_step": secs,
+      if w.batch_size not in flops_of:
+        flops_of[w.batch_size] = t.matmul_flops()
+      flops = flops_of[w.batch_size]
+      rows.append({"batch_size": w.batch_size, "frozen_dtype": frozen, "s_per_step": secs,
                    "matmul_gflop": flops / 1e9, "gflops": flops / secs / 1e9,
                    "loss": t.last_metrics["loss"]})
       H.log(f"  {secs * 1e3:.1f} ms / step, {flops / secs / 1e9:.0f} GFLOP/s")

@@ -58,8 +58,7 @@ def test_prefix_tuning_equals_peft_prefix_tuning(tmp_path):
   import peft
   config, params, table, tokens, mask, theirs = peft_logits(
       tmp_path, peft.PrefixTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=P), 3)
-  kv = table.reshape(P, config.num_layers * 2, config.num_kv_heads,
-                                          config.head_dim)
+  kv = table.reshape(P, config.num_layers * 2, config.num_kv_heads, config.head_dim)
   cos, sin = decoder.rotary_tables(config, jnp.full((1, P), -P))
   for layer in range(config.num_layers):
     attention = params["decoder"][f"layers_{layer}"]["self_attention"]

@@ -102,8 +102,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
   args = parser.parse_args(argv)
   try:
     config = get_config(args.model)
-    methods = [m.strip() for m in (args.methods or ",".join(registry.method_names())).split(",")
-               if m.strip()]
+    methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
+               else list(registry.method_names()))
     for m in methods:
       registry.get_method(m)
   except KeyError as e:
