@@ -212,9 +212,21 @@ def test_profile_step_reads_cublas_gemms_and_cudnn_attention():
   text = profile_step.report({"per": collections.Counter({"custom-call.3": 1000,
                                                           "custom-call.4": 3000}),
                               "instrs": instrs, "comp_flops": comp_flops, "wall_ns": 4000.0,
-                              "host_s": 5e-6}, top=2)
+                              "overlapped_ns": 0.0, "host_s": 5e-6}, top=2)
   assert "| fused attention | 0.0 | 75.0% |" in text and "| matmul | 0.0 | 25.0% |" in text
   assert "| encoder mlp wi_0 fwd | 0.0 | 0.00 | 1 |" in text  # 1024 FLOP in 1000 ns
+
+
+def test_profile_step_shares_the_time_of_concurrent_ops():
+  """Ops that run at once share each instant: two 2 ms products side by side cost 1 ms each,
+  a thunk on two threads counts once, and the charges add up to the busy wall time."""
+  from benchmarks import profile_step
+  shares, overlapped = profile_step.wall_shares([
+      (0.0, 2.0, "wi_0"), (0.0, 2.0, "wi_1"),        # concurrent: 1 each
+      (2.0, 5.0, "wo"), (2.5, 4.0, "wo"),            # one thunk on two threads: 3
+      (4.0, 6.0, "gelu"), (9.0, 10.0, "norm")])      # gelu overlaps wo for 1; 3 idle
+  assert shares == pytest.approx({"wi_0": 1.0, "wi_1": 1.0, "wo": 2.5, "gelu": 1.5, "norm": 1.0})
+  assert overlapped == pytest.approx(3.0) and sum(shares.values()) == pytest.approx(7.0)
 
 
 def test_step_sweep_times_each_batch_and_frozen_storage(tmp_path, capsys):

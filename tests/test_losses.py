@@ -160,6 +160,23 @@ def test_token_log_probs_keeps_precision_near_one():
   np.testing.assert_allclose(got, [want], rtol=1e-5)
 
 
+def test_token_log_probs_with_ties_at_the_maximum():
+  """Tied maxima (all-equal rows, as from a zero-initialised head; two-way ties with the
+  target on and off them; a -inf logit): log p and its gradient onehot - softmax as NumPy's."""
+  logits = np.array([[0.0] * 6,
+                     [3.0, 3.0, 1.0, -2.0, 0.5, 3.0],
+                     [3.0, 3.0, 1.0, -2.0, 0.5, 2.0],
+                     [-np.inf, 7.0, 7.0, 1.0, 0.0, 0.0]], np.float32)
+  targets = np.array([2, 5, 4, 2])
+  got, grad = jax.jit(jax.value_and_grad(
+      lambda z: losses.token_log_probs(z, targets).sum()))(logits)
+  log_softmax = np_log_softmax(logits.astype(np.float64))
+  want = np.take_along_axis(log_softmax, targets[:, None], -1)[:, 0]
+  tolerances.assert_close(losses.token_log_probs(logits, targets), want, scale_tol=1e-6)
+  tolerances.assert_close(got, want.sum(), scale_tol=1e-6)
+  tolerances.assert_close(grad, np.eye(6)[targets] - np.exp(log_softmax), scale_tol=1e-6)
+
+
 def test_token_log_probs_rejects_bad_shapes():
   with pytest.raises(ValueError, match="targets shape"):
     losses.token_log_probs(jnp.zeros((2, 3, 5)), jnp.zeros((2, 4), jnp.int32))

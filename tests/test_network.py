@@ -186,8 +186,8 @@ def _dots(jaxpr):
 # free dimensions, so a transposed cotangent would still have the right shape.
 BF16_EINSUMS = [
     ("...k,kn->...n", (2, 3, 8), (8, 8), (True, False)),       # projections (`matmul`)
-    ("bqhd,bkhd->bhqk", (2, 8, 2, 8), (2, 8, 2, 8), (True, False)),  # attention logits
-    ("bhqk,bkhd->bqhd", (2, 2, 8, 8), (2, 8, 2, 8), (True, False)),  # attention outputs
+    ("bhqd,bhkd->bhqk", (2, 2, 8, 8), (2, 2, 8, 8), (True, False)),  # attention logits
+    ("bhqk,bhkd->bhqd", (2, 2, 8, 8), (2, 2, 8, 8), (True, False)),  # attention outputs
 ]
 
 

@@ -55,27 +55,56 @@ _LOG_HALF = -math.log(2.0)
 # ---------------------------------------------------------------------------
 
 
+@jax.custom_vjp
 def _target_log_probs(logits: Array, targets: Array) -> tuple[Array, Array]:
   """(log p(target), log Z) over the last axis of float32 logits.
 
   The usual `z_t - max - log(sum exp(z - max))` rounds `log(1 + eps)` to 0 for
   eps < 6e-8 in float32, so a near-certain token gets log p = 0 exactly, and
   its gradient 1 - p cancels to 0. Here the sum leaves out (one copy of) the
-  maximum and uses log1p, and when the target is that maximum log p is
-  written as -log1p(rest) without the `z_t - max` term, so both the value
-  (-eps) and the gradient (eps, not 1 + eps - 1) stay accurate: that is what
-  keeps the unlikelihood gradient right as p -> 1. Only reductions and
-  elementwise ops over V (XLA fuses them); no one-hot.
+  maximum and uses log1p, so log p of a near-certain target is -eps, and the
+  gradient at the target is -expm1(log p) = eps, not 1 + eps - 1: that is
+  what keeps the unlikelihood gradient right as p -> 1. Only reductions and
+  elementwise ops over V, in forms XLA:CPU runs as vectorised multi-threaded
+  library reductions (no argmax, no compare-and-select); no one-hot.
   """
+  return _target_log_probs_fwd(logits, targets)[0]
+
+
+def _target_log_probs_fwd(logits: Array, targets: Array):
   targets = targets[..., None].astype(jnp.int32)
-  top = jnp.argmax(logits, axis=-1)[..., None]
-  maximum = jnp.take_along_axis(logits, top, axis=-1)
-  not_top = jax.lax.broadcasted_iota(jnp.int32, logits.shape, logits.ndim - 1) != top
-  log1p_rest = jnp.log1p(jnp.sum(jnp.where(not_top, jnp.exp(logits - maximum), 0.0), axis=-1))
+  maximum = jnp.max(logits, axis=-1, keepdims=True)
+  x = logits - maximum
+  # -sign(x) is 1 below the maximum and 0 at it (x == 0), so this sums the
+  # non-maximal terms exactly, without a 1 + eps rounding.
+  rest = jnp.sum(-jnp.sign(x) * jnp.exp(x), axis=-1)
+  # Ties at the maximum add 1 each, all but one: their count is the full sum
+  # minus `rest`, an integer. A second reduction, behind a barrier: XLA:CPU
+  # would otherwise merge the two into one slow multi-output loop.
+  logits_b, maximum_b = jax.lax.optimization_barrier((logits, maximum))
+  ties = jnp.round(jnp.sum(jnp.exp(logits_b - maximum_b), axis=-1) - rest)
+  log1p_rest = jnp.log1p(rest + (ties - 1.0))
   target_logit = jnp.take_along_axis(logits, targets, axis=-1)[..., 0]
-  is_top = (targets == top)[..., 0]
-  logp = jnp.where(is_top, -log1p_rest, (target_logit - maximum[..., 0]) - log1p_rest)
-  return logp, maximum[..., 0] + log1p_rest
+  # The target at the maximum: z_t - max = 0 exactly, so log p = -log1p(rest).
+  logp = (target_logit - maximum[..., 0]) - log1p_rest
+  log_z = maximum[..., 0] + log1p_rest
+  return (logp, log_z), (logits, targets, logp, log_z)
+
+
+def _target_log_probs_bwd(residuals, cotangents):
+  """d log p_t / dz = onehot(t) - softmax(z), d log Z / dz = softmax(z); at the
+  target 1 - p_t is taken as -expm1(log p_t), exact as p_t -> 1."""
+  logits, targets, logp, log_z = residuals
+  g_logp, g_logz = cotangents
+  probs = jnp.exp(logits - log_z[..., None])
+  grad = (g_logz - g_logp)[..., None] * probs
+  at_target = g_logp * -jnp.expm1(logp) + g_logz * jnp.exp(logp)
+  rows = grad.reshape(-1, grad.shape[-1])
+  rows = rows.at[jnp.arange(rows.shape[0]), targets.reshape(-1)].set(at_target.reshape(-1))
+  return rows.reshape(grad.shape), None
+
+
+_target_log_probs.defvjp(_target_log_probs_fwd, _target_log_probs_bwd)
 
 
 def token_log_probs(logits: Array, targets: Array) -> Array:
