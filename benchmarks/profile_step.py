@@ -9,10 +9,11 @@ Traces a few steps with `jax.profiler`, reads the trace back
 (`jax.profiler.ProfileData`), and charges the time of every XLA thunk (CPU)
 or kernel (GPU: the device plane's "XLA Ops" line) to its HLO instruction in
 the compiled module; ops that run at the same time share it, so the charges
-add up to the step's wall time. Dot fusions and cuBLAS gemm calls get their FLOPs from
-the dot (so each gets an achieved GFLOP/s), and everything is grouped by the
-source op (`op_name` metadata: encoder/decoder, layer kind, projection) and
-by kind (matmul, fused attention, elementwise fusion, transpose/copy, ...).
+add up to the time during which something ran. Dot fusions and cuBLAS gemm
+calls get their FLOPs from the dot (so each gets an achieved GFLOP/s), and
+everything is grouped by the source op (`op_name` metadata: encoder/decoder,
+layer kind, projection) and by kind (matmul, fused attention, elementwise
+fusion, transpose/copy, ...).
 `--trace-dir` keeps the trace and the compiled HLO for a later look.
 """
 
@@ -164,7 +165,8 @@ def op_times(data, steps: int) -> tuple[collections.Counter, float, float]:
             "XLAPjRtCpuClient" in line.name and ev.name.startswith("ThunkExecutor::Execute")):
           wall += ev.duration_ns
   shares, overlapped = wall_shares(intervals)
-  return collections.Counter({k: v / steps for k, v in shares.items()}), wall / steps, overlapped / steps
+  per = collections.Counter({k: v / steps for k, v in shares.items()})
+  return per, wall / steps, overlapped / steps
 
 
 def profile(fn, steps: int, compiled_text: str, trace_dir: Optional[str] = None) -> dict:
