@@ -130,10 +130,9 @@ def wall_shares(intervals: list[tuple[float, float, str]]) -> tuple[collections.
                   key=lambda p: (p[0], p[1]))
   active: collections.Counter = collections.Counter()
   shares: collections.Counter = collections.Counter()
-  overlapped = 0.0
-  last = None
+  overlapped, last = 0.0, 0.0
   for t, step, name in points:
-    if active and last is not None and t > last:
+    if active and t > last:  # `active` is empty before the first point
       for n in active:
         shares[n] += (t - last) / len(active)
       overlapped += (t - last) if len(active) > 1 else 0.0
@@ -251,13 +250,13 @@ def main(argv: Optional[list[str]] = None) -> int:
   a = ap.parse_args(argv)
   w = H.Workload(a.preset, a.batch_size, a.input_length, a.target_length, dtype=a.dtype,
                  attention_impl=a.attention_impl, dpa_implementation=a.dpa_implementation)
-  batch = H.make_batch(w)
+  batch, base = H.make_batch(w), H.random_base(w)
   if a.loss == "rank":
-    rc = H.JaxRankClassification(H.JaxTraining(w, batch, base=H.random_base(w)), batch)
+    rc = H.JaxRankClassification(H.JaxTraining(w, batch, base=base), batch)
     fn, text = (lambda: jax.block_until_ready(rc())), rc.compiled().as_text()
   else:
     t = H.JaxTraining(w, H.correct_choice_batch(batch) if a.loss == "lm" else batch,
-                      loss=H.LM_ONLY if a.loss == "lm" else H.TFEW, base=H.random_base(w))
+                      loss=H.LM_ONLY if a.loss == "lm" else H.TFEW, base=base)
     fn, text = t.step, t.compiled().as_text()
   H.log(f"{w.describe()}, {a.loss}: compiled; profiling")
   if a.trace_dir:

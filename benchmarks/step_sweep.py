@@ -40,18 +40,19 @@ def _ints(text: str) -> list[int]:
 def sweep(a: argparse.Namespace) -> list[dict]:
   """One row per (batch size, frozen dtype): median seconds per step and achieved FLOP/s.
 
-  The base params are drawn once, and a batch size's FLOPs counted once: neither depends
-  on the frozen base's storage.
+  The base params and each batch size's batch are made once, and its FLOPs counted once:
+  none depends on the frozen base's storage.
   """
   workloads = [H.Workload(a.preset, bs, a.input_length, a.target_length, dtype=a.dtype,
                           attention_impl=a.attention_impl,
                           dpa_implementation=a.dpa_implementation)
                for bs in _ints(a.batch_sizes)]
   base, flops_of, rows = H.random_base(workloads[0]), {}, []
+  batches = {w.batch_size: H.make_batch(w) for w in workloads}
   for frozen in a.frozen_dtypes.split(","):
     for w in workloads:
       H.log(f"{w.describe()}, frozen base {frozen}")
-      t = H.JaxTraining(w, H.make_batch(w), frozen_dtype=frozen, base=base)
+      t = H.JaxTraining(w, batches[w.batch_size], frozen_dtype=frozen, base=base)
       secs = H.median(H.interleaved_times({"step": t.step}, warmup=a.warmup,
                                           iters=a.iters)["step"])
       if w.batch_size not in flops_of:
