@@ -226,20 +226,23 @@ def build_parser(description: str = __doc__.splitlines()[0], **defaults) -> argp
   ap.add_argument("--torch-device", default="cpu")
   ap.add_argument("--peak-reference", default="xla_fp32", choices=("xla_fp32", "xla_bf16"),
                   help="the measured peak that achieved FLOP/s are a fraction of")
+  ap.add_argument("--host-memory", choices=("reuse", "system"), default="reuse",
+                  help=H.HOST_MEMORY_HELP)
   ap.add_argument("--out", help="write the markdown report here")
   ap.add_argument("--json", help="write the raw results here")
   ap.set_defaults(**defaults)
   return ap
 
 
-def run(a: argparse.Namespace) -> dict[str, Any]:
+def run(a: argparse.Namespace, host_memory: str = "host memory: not set") -> dict[str, Any]:
+  """All sections; `host_memory`: `H.set_host_memory`'s line (`main` sets it first)."""
   import torch
   from benchmarks import torch_reference as tr
   torch.set_num_threads(a.torch_threads)
   dev = a.torch_device
   skip = {s for s in a.skip.split(",") if s}
-  machine = H.machine_info()
-  H.log(f"CPU: {machine['cpu_summary']}")
+  machine = {**H.machine_info(), "host_memory": host_memory}
+  H.log(f"CPU: {machine['cpu_summary']}; {host_memory}")
   dtypes, dtype_notes = H.plan_dtypes([d for d in a.dtypes.split(",") if d],
                                       allow_emulated_bf16=a.allow_emulated_bf16)
   for note in dtype_notes:
@@ -286,7 +289,7 @@ def run(a: argparse.Namespace) -> dict[str, Any]:
 
 def main(argv: Optional[list[str]] = None, parser: Optional[argparse.ArgumentParser] = None) -> int:
   a = (parser or build_parser()).parse_args(argv)
-  res = run(a)
+  res = run(a, H.set_host_memory(a.host_memory))
   if a.json:
     with open(a.json, "w") as f:
       json.dump(res, f, indent=1, default=float)

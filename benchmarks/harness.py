@@ -28,6 +28,7 @@ import numpy as np
 from ia3_jax.model import config as config_lib
 from ia3_jax.model import network, precision, storage
 from ia3_jax.objectives import losses
+from ia3_jax.train import host_memory
 from ia3_jax.peft import ia3
 from ia3_jax.train import loop, optimizers, trainer
 
@@ -359,6 +360,20 @@ class JaxRankClassification:
 
 
 # --------------------------------------------------------------------------- machine
+
+
+HOST_MEMORY_HELP = ("'reuse' (the default, as `python -m ia3_jax.main` does): XLA:CPU steps reuse "
+                    "their host buffers (`train.host_memory`; PyTorch, in the same process, runs "
+                    "under the same malloc settings); 'system': malloc and JAX's dispatch as "
+                    "they are")
+
+
+def set_host_memory(mode: str) -> str:
+  """`host_memory.reuse_step_buffers` for mode "reuse" (call it before anything starts the
+  backend); the line the report prints."""
+  if mode == "system":
+    return "host memory: left to the system (--host-memory system)"
+  return host_memory.reuse_step_buffers()
 
 
 def machine_info() -> dict[str, Any]:

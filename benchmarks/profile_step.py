@@ -160,8 +160,9 @@ def op_times(data, steps: int) -> tuple[collections.Counter, float, float]:
         if (gpu and line.name == "XLA Ops") or ("XLAEigen" in line.name and not ev.name.startswith(
             ("ThunkExecutor", "SlinkyThreadPool", "end: "))):
           intervals.append((ev.start_ns, ev.start_ns + ev.duration_ns, ev.name.lstrip("%")))
-        elif (gpu and line.name == "XLA Modules") or (
-            "XLAPjRtCpuClient" in line.name and ev.name.startswith("ThunkExecutor::Execute")):
+        elif (gpu and line.name == "XLA Modules") or (  # CPU: launch + wait on the caller's
+            not gpu and "XLAEigen" not in line.name  # thread (PjRt's, or Python's if synchronous)
+            and ev.name.startswith("ThunkExecutor::Execute")):
           wall += ev.duration_ns
   shares, overlapped = wall_shares(intervals)
   per = collections.Counter({k: v / steps for k, v in shares.items()})
@@ -247,7 +248,10 @@ def main(argv: Optional[list[str]] = None) -> int:
   ap.add_argument("--attention-impl", default="einsum", choices=config_lib.ATTENTION_IMPLS)
   ap.add_argument("--dpa-implementation", default=None, choices=("xla", "cudnn"))
   ap.add_argument("--trace-dir", help="keep the trace here, with the compiled HLO (step.hlo.txt)")
+  ap.add_argument("--host-memory", choices=("reuse", "system"), default="reuse",
+                  help=H.HOST_MEMORY_HELP)
   a = ap.parse_args(argv)
+  memory_line = H.set_host_memory(a.host_memory)
   w = H.Workload(a.preset, a.batch_size, a.input_length, a.target_length, dtype=a.dtype,
                  attention_impl=a.attention_impl, dpa_implementation=a.dpa_implementation)
   batch, base = H.make_batch(w), H.random_base(w)
@@ -263,7 +267,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     os.makedirs(a.trace_dir, exist_ok=True)
     with open(os.path.join(a.trace_dir, "step.hlo.txt"), "w") as f:
       f.write(text)
-  print(f"{w.describe()}, {a.loss} on {jax.default_backend()}; load {H.load_average()}")
+  print(f"{w.describe()}, {a.loss} on {jax.default_backend()}; load {H.load_average()}; "
+        f"{memory_line}")
   print(report(profile(fn, a.steps, text, a.trace_dir), a.top))
   return 0
 

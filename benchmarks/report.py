@@ -97,7 +97,8 @@ def render(res: dict[str, Any]) -> str:
       f"- Machine: {_machine_line(m)}; "
       f"JAX {m['jax']} ({m['jax_backend']}), PyTorch {res['torch']} with "
       f"{res['torch_threads']} threads on {res.get('torch_device', 'cpu')}; "
-      f"XLA_FLAGS={m['xla_flags'] or '(none)'}; devices: {', '.join(m['devices'][:2])}",
+      f"XLA_FLAGS={m['xla_flags'] or '(none)'}; devices: {', '.join(m['devices'][:2])}"
+      + (f"; {m['host_memory']}" if m.get("host_memory") else ""),
       "- Precision, like for like: " + "; ".join(
           f"ia3-jax {SHORT.get(d, d)} vs PyTorch {'fp32' if d == 'float32' else 'autocast(' + d + ')'}"
           for d in res.get("dtypes", [])) + "".join(f"; {n}" for n in res.get("dtype_notes", [])),

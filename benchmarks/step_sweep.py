@@ -90,14 +90,18 @@ def main(argv: Optional[list[str]] = None) -> int:
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--peak-size", type=int, default=2048, help="n of the n^3 peak matmul")
   ap.add_argument("--json", help="also write the rows here")
+  ap.add_argument("--host-memory", choices=("reuse", "system"), default="reuse",
+                  help=H.HOST_MEMORY_HELP)
   a = ap.parse_args(argv)
+  memory_line = H.set_host_memory(a.host_memory)
   peak = H.matmul_peak(jnp.dtype(a.dtype), a.peak_size)
   H.log(f"peak {a.dtype} matmul {peak / 1e9:.0f} GFLOP/s on {jax.default_backend()}")
   rows = sweep(a)
   header = (f"{a.preset}, T-Few loss, {a.dtype} activations, attention {a.attention_impl}"
             f"{f' ({a.dpa_implementation})' if a.dpa_implementation else ''}, {a.input_length} "
             f"input tokens, on {jax.devices()[0].device_kind}; {a.dtype} matmul peak "
-            f"{peak / 1e9:.0f} GFLOP/s ({a.peak_size}^3); medians of {a.iters} steps")
+            f"{peak / 1e9:.0f} GFLOP/s ({a.peak_size}^3); medians of {a.iters} steps; "
+            f"{memory_line}")
   print(render(rows, header, peak))
   if a.json:
     with open(a.json, "w") as f:

@@ -207,6 +207,11 @@ def build_parser(prog: str = "python -m ia3_jax.main",
                  help="this process's index in a multi-process run (0 .. num_processes-1)")
   p.add_argument("--cpu_collectives", default="gloo",
                  help="cross-process collectives on CPU (gloo or mpi)")
+  p.add_argument("--host_memory", choices=("reuse", "system"), default="reuse",
+                 help="on CPU, reuse each step's host buffers instead of glibc mapping and "
+                      "zeroing fresh pages every step (15-20%% of a t5-small step), at the "
+                      "price of keeping freed memory in the process; 'system' leaves "
+                      "malloc and JAX's dispatch as they are")
   p.add_argument("--print_config", action="store_true",
                  help="print the parsed gin configuration and exit")
   p.add_argument("--log_level", default="INFO", help="Python log level (DEBUG shows library "
@@ -526,6 +531,9 @@ def run(argv: Sequence[str], *, action: Optional[str] = None,
   files = _ensure_run_file(list(args.gin_file), action)
   if not files:
     parser.error("no --gin_file given (e.g. --gin_file=runs/finetune.gin)")
+  if args.host_memory == "reuse":
+    from ia3_jax.train import host_memory
+    log.info(host_memory.reuse_step_buffers())
   _init_processes(args)
   import_tensorflow_quietly(verbose)  # before anything imports it (gin's modules, the data)
   import gin

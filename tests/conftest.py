@@ -22,7 +22,13 @@ if "xla_backend_optimization_level" not in os.environ.get("XLA_FLAGS", ""):
 
 import sys
 
+import jax
 import pytest
+
+# The backend starts here, before any test: entry points that a test calls in-process
+# (`main.main`, the benchmarks' `main`) then cannot switch process-wide settings such as
+# `train.host_memory`'s, whatever the order the tests run in (subprocesses get them).
+jax.devices()
 
 
 # The longest tests (about a minute or more on 2 cores) start first, so that with `-n 2` the

@@ -2,10 +2,16 @@
 
 import collections
 import json
+import pathlib
+import re
+import subprocess
+import sys
 
 import pytest
 
 from benchmarks import attention_check, bench_cpu, bench_gpu, harness, memory, report
+
+REPO = pathlib.Path(__file__).resolve().parents[1]
 
 TINY = ["--preset", "tiny", "--batch-size", "2", "--input-length", "16", "--target-length", "4",
         "--iters", "1", "--warmup", "0", "--peak-size", "128"]
@@ -188,8 +194,21 @@ def test_profile_step_charges_the_step_to_its_matmuls(tmp_path, capsys):
                             "--trace-dir", str(tmp_path)]) == 0
   text = capsys.readouterr().out
   assert "| matmul |" in text and "matmul thunks:" in text and "untraced" in text
+  assert float(re.search(r"executor / module ([0-9.]+) ms", text).group(1)) > 0
   assert (tmp_path / "step.hlo.txt").stat().st_size > 0
   assert list(tmp_path.glob("**/*.xplane.pb"))
+
+
+def test_profile_step_finds_the_step_when_dispatch_is_synchronous():
+  """With `--host-memory reuse` (a fresh process: it applies) XLA:CPU runs the step on the
+  Python thread, whose executor events then give the step's wall time."""
+  out = subprocess.run([sys.executable, "benchmarks/profile_step.py", "--preset", "tiny",
+                        "--batch-size", "2", "--input-length", "16", "--target-length", "4",
+                        "--steps", "1", "--top", "3"], cwd=REPO, capture_output=True, text=True,
+                       timeout=600)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert "host memory: step buffers reused" in out.stdout
+  assert float(re.search(r"executor / module ([0-9.]+) ms", out.stdout).group(1)) > 0
 
 
 def test_profile_step_reads_cublas_gemms_and_cudnn_attention():

@@ -3,6 +3,7 @@
 merge / convert)."""
 
 import json
+import logging
 import os
 import pathlib
 import shutil
@@ -129,6 +130,26 @@ def test_unknown_gin_file_lists_the_shipped_ones(capsys):
 def test_cli_rejects_another_runs_file(capsys):
   rc, _, err = _run_main([*LAYERS, "--gin_file=runs/finetune.gin"], capsys, action="eval")
   assert rc == 2 and "eval uses runs/eval.gin" in err
+
+
+@pytest.mark.parametrize("mode", ["reuse", "system"])
+def test_host_memory_flag(mode, capsys, caplog):
+  import jax
+  jax.devices()  # started, as in every test process: an in-process run can only say so
+  with caplog.at_level(logging.INFO, logger="ia3_jax"):
+    rc, _, err = _run_main([*LAYERS, *REQUIRED, f"--host_memory={mode}", "--print_config"],
+                           capsys, action="train")
+  assert rc == 0, err
+  said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("host memory")]
+  assert said == (["host memory: left to the system (the JAX backend has already started)"]
+                  if mode == "reuse" else [])
+
+
+def test_host_memory_flag_names_its_choices(capsys):
+  with pytest.raises(SystemExit) as e:
+    main.main([*LAYERS, *REQUIRED, "--host_memory=pool"], action="train")
+  assert e.value.code == 2
+  assert "--host_memory: invalid choice: 'pool' (choose from" in capsys.readouterr().err
 
 
 def test_gin_flag_splitting():
