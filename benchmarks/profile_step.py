@@ -27,7 +27,7 @@ import re
 import sys
 import tempfile
 import time
-from typing import Optional
+from typing import Collection, Optional
 
 if __package__ in (None, ""):
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -143,25 +143,29 @@ def wall_shares(intervals: list[tuple[float, float, str]]) -> tuple[collections.
   return shares, overlapped
 
 
-def op_times(data, steps: int) -> tuple[collections.Counter, float, float]:
+def op_times(data, steps: int, instructions: Collection[str] = ()
+             ) -> tuple[collections.Counter, float, float]:
   """(wall ns charged to each HLO instruction, executor / module wall ns, ns with ops
   overlapping; all per step) from a trace.
 
-  CPU: thunk events on the XLA pool threads; GPU: kernel events on the device
-  plane's "XLA Ops" line, the module's time from its "XLA Modules" line.
-  Concurrent ops share the time (`wall_shares`).
+  CPU: thunk events on the XLA pool threads, and on the caller's thread those named
+  after one of `instructions` (with synchronous dispatch the caller runs thunks too);
+  GPU: kernel events on the device plane's "XLA Ops" line, the module's time from
+  its "XLA Modules" line. Concurrent ops share the time (`wall_shares`).
   """
   intervals: list[tuple[float, float, str]] = []
   wall = 0.0
   for plane in data.planes:
     gpu = plane.name.startswith("/device:GPU")
     for line in plane.lines:
+      pool = "XLAEigen" in line.name
       for ev in line.events:
-        if (gpu and line.name == "XLA Ops") or ("XLAEigen" in line.name and not ev.name.startswith(
-            ("ThunkExecutor", "SlinkyThreadPool", "end: "))):
-          intervals.append((ev.start_ns, ev.start_ns + ev.duration_ns, ev.name.lstrip("%")))
+        name = ev.name.lstrip("%")
+        if (gpu and line.name == "XLA Ops") or (pool and not ev.name.startswith(
+            ("ThunkExecutor", "SlinkyThreadPool", "end: "))) or (not gpu and name in instructions):
+          intervals.append((ev.start_ns, ev.start_ns + ev.duration_ns, name))
         elif (gpu and line.name == "XLA Modules") or (  # CPU: launch + wait on the caller's
-            not gpu and "XLAEigen" not in line.name  # thread (PjRt's, or Python's if synchronous)
+            not gpu and not pool  # thread (PjRt's, or Python's if synchronous)
             and ev.name.startswith("ThunkExecutor::Execute")):
           wall += ev.duration_ns
   shares, overlapped = wall_shares(intervals)
@@ -184,8 +188,8 @@ def profile(fn, steps: int, compiled_text: str, trace_dir: Optional[str] = None)
       fn()
   f = glob.glob(os.path.join(d, "**", "*.xplane.pb"), recursive=True)[0]
   H.log(f"reading {f} ({os.path.getsize(f) / 1e6:.1f} MB)")
-  per, wall, overlapped = op_times(jax.profiler.ProfileData.from_file(f), steps)
   instrs, comp_flops = parse_hlo(compiled_text)
+  per, wall, overlapped = op_times(jax.profiler.ProfileData.from_file(f), steps, instrs)
   return {"per": per, "instrs": instrs, "comp_flops": comp_flops, "wall_ns": wall,
           "overlapped_ns": overlapped, "host_s": host}
 

@@ -248,6 +248,22 @@ def test_profile_step_shares_the_time_of_concurrent_ops():
   assert overlapped == pytest.approx(3.0) and sum(shares.values()) == pytest.approx(7.0)
 
 
+def test_profile_step_reads_thunks_on_the_callers_thread():
+  """Synchronous dispatch: the Python thread launches the step, runs some thunks itself and
+  waits for the pool's; its own thunks count as ops, its Python frames do not."""
+  from types import SimpleNamespace as NS
+  from benchmarks import profile_step
+  ev = lambda name, start, dur: NS(name=name, start_ns=start, duration_ns=dur)  # noqa: E731
+  data = NS(planes=[NS(name="/host:CPU", lines=[
+      NS(name="python", events=[ev("$train.py:10 step", 0, 100), ev("PjitFunction(step)", 1, 98),
+                                ev("ThunkExecutor::Execute", 2, 20), ev("%fusion.1", 5, 10),
+                                ev("ThunkExecutor::Execute (wait for completion)", 22, 70)]),
+      NS(name="tf_XLAEigen/1", events=[ev("ThunkExecutor::Execute", 20, 70),
+                                       ev("ynn_fusion.2", 25, 60), ev("end: ynn_fusion.2", 85, 1)])])])
+  per, wall, overlapped = profile_step.op_times(data, 1, {"fusion.1", "ynn_fusion.2"})
+  assert per == {"fusion.1": 10, "ynn_fusion.2": 60} and wall == 90 and overlapped == 0
+
+
 def test_step_sweep_times_each_batch_and_frozen_storage(tmp_path, capsys):
   """benchmarks/step_sweep.py on CPU (tiny): a row per (batch size, frozen dtype), twice the
   FLOPs for twice the batch."""
