@@ -28,9 +28,8 @@ import numpy as np
 from ia3_jax.model import config as config_lib
 from ia3_jax.model import network, precision, storage
 from ia3_jax.objectives import losses
-from ia3_jax.train import host_memory
 from ia3_jax.peft import ia3
-from ia3_jax.train import loop, optimizers, trainer
+from ia3_jax.train import host_memory, loop, optimizers, trainer
 
 Batch = dict[str, np.ndarray]
 

@@ -21,7 +21,9 @@ from ia3_jax.train import host_memory
 status = host_memory.reuse_step_buffers() if sys.argv[1] == "reuse" else "untouched"
 import jax, jax.numpy as jnp
 if sys.argv[2:] == ["status"]:  # without starting the backend
-  sys.exit(print(json.dumps({"status": status, "async": jax.config.values["jax_cpu_enable_async_dispatch"]})))
+  print(json.dumps({"status": status,
+                    "async": jax.config.values["jax_cpu_enable_async_dispatch"]}))
+  sys.exit()
 f = jax.jit(lambda a, b: jnp.sin(a @ b).sum())
 a, b = jnp.ones((4096, 64)), jnp.ones((64, 4096))
 temp = f.lower(a, b).compile().memory_analysis().temp_size_in_bytes

@@ -27,13 +27,10 @@ from __future__ import annotations
 import ctypes
 import importlib.metadata
 import importlib.util
-import logging
 import platform
 from typing import Optional
 
 import jax
-
-log = logging.getLogger(__name__)
 
 # glibc <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -71,12 +68,12 @@ def reuse_step_buffers() -> str:
   JAX backend has not started yet (the dispatch mode is fixed when it starts):
   call it first thing, once.
   """
+  libc = _glibc()
   reason = ("a GPU/TPU backend may be used" if _accelerator_possible()
             else "the JAX backend has already started" if _backend_started()
-            else None if _glibc() is not None else "the C library is not glibc")
+            else "the C library is not glibc" if libc is None else None)
   if reason:
     return f"host memory: left to the system ({reason})"
-  libc = _glibc()
   if not (libc.mallopt(_M_MMAP_MAX, 0) and libc.mallopt(_M_TRIM_THRESHOLD, _INT_MAX)):
     return "host memory: left to the system (mallopt refused the settings)"
   jax.config.update("jax_cpu_enable_async_dispatch", False)
