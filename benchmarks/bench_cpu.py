@@ -226,8 +226,7 @@ def build_parser(description: str = __doc__.splitlines()[0], **defaults) -> argp
   ap.add_argument("--torch-device", default="cpu")
   ap.add_argument("--peak-reference", default="xla_fp32", choices=("xla_fp32", "xla_bf16"),
                   help="the measured peak that achieved FLOP/s are a fraction of")
-  ap.add_argument("--host-memory", choices=("reuse", "system"), default="reuse",
-                  help=H.HOST_MEMORY_HELP)
+  H.add_host_memory_flag(ap)
   ap.add_argument("--out", help="write the markdown report here")
   ap.add_argument("--json", help="write the raw results here")
   ap.set_defaults(**defaults)

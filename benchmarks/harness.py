@@ -10,6 +10,7 @@ the FLOP/memory accounting.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import datetime
 import os
@@ -361,10 +362,13 @@ class JaxRankClassification:
 # --------------------------------------------------------------------------- machine
 
 
-HOST_MEMORY_HELP = ("'reuse' (the default, as `python -m ia3_jax.main` does): XLA:CPU steps reuse "
-                    "their host buffers (`train.host_memory`; PyTorch, in the same process, runs "
-                    "under the same malloc settings); 'system': malloc and JAX's dispatch as "
-                    "they are")
+def add_host_memory_flag(ap: argparse.ArgumentParser) -> None:
+  """`--host-memory`, which `set_host_memory` applies."""
+  ap.add_argument("--host-memory", choices=host_memory.MODES, default="reuse",
+                  help="'reuse' (the default, as `python -m ia3_jax.main` does): XLA:CPU steps "
+                  "reuse their host buffers (`train.host_memory`; PyTorch, in the same process, "
+                  "runs under the same malloc settings); 'system': malloc and JAX's dispatch as "
+                  "they are")
 
 
 def set_host_memory(mode: str) -> str:

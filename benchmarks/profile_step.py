@@ -252,8 +252,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   ap.add_argument("--attention-impl", default="einsum", choices=config_lib.ATTENTION_IMPLS)
   ap.add_argument("--dpa-implementation", default=None, choices=("xla", "cudnn"))
   ap.add_argument("--trace-dir", help="keep the trace here, with the compiled HLO (step.hlo.txt)")
-  ap.add_argument("--host-memory", choices=("reuse", "system"), default="reuse",
-                  help=H.HOST_MEMORY_HELP)
+  H.add_host_memory_flag(ap)
   a = ap.parse_args(argv)
   memory_line = H.set_host_memory(a.host_memory)
   w = H.Workload(a.preset, a.batch_size, a.input_length, a.target_length, dtype=a.dtype,

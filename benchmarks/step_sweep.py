@@ -90,8 +90,7 @@ def main(argv: Optional[list[str]] = None) -> int:
   ap.add_argument("--iters", type=int, default=5)
   ap.add_argument("--peak-size", type=int, default=2048, help="n of the n^3 peak matmul")
   ap.add_argument("--json", help="also write the rows here")
-  ap.add_argument("--host-memory", choices=("reuse", "system"), default="reuse",
-                  help=H.HOST_MEMORY_HELP)
+  H.add_host_memory_flag(ap)
   a = ap.parse_args(argv)
   memory_line = H.set_host_memory(a.host_memory)
   peak = H.matmul_peak(jnp.dtype(a.dtype), a.peak_size)

@@ -207,7 +207,8 @@ def build_parser(prog: str = "python -m ia3_jax.main",
                  help="this process's index in a multi-process run (0 .. num_processes-1)")
   p.add_argument("--cpu_collectives", default="gloo",
                  help="cross-process collectives on CPU (gloo or mpi)")
-  p.add_argument("--host_memory", choices=("reuse", "system"), default="reuse",
+  from ia3_jax.train import host_memory
+  p.add_argument("--host_memory", choices=host_memory.MODES, default="reuse",
                  help="on CPU, reuse each step's host buffers instead of glibc mapping and "
                       "zeroing fresh pages every step (15-20%% of a t5-small step), at the "
                       "price of keeping freed memory in the process; 'system' leaves "

@@ -99,9 +99,7 @@ def _target_log_probs_bwd(residuals, cotangents):
   probs = jnp.exp(logits - log_z[..., None])
   grad = (g_logz - g_logp)[..., None] * probs
   at_target = g_logp * -jnp.expm1(logp) + g_logz * jnp.exp(logp)
-  rows = grad.reshape(-1, grad.shape[-1])
-  rows = rows.at[jnp.arange(rows.shape[0]), targets.reshape(-1)].set(at_target.reshape(-1))
-  return rows.reshape(grad.shape), None
+  return jnp.put_along_axis(grad, targets, at_target[..., None], axis=-1, inplace=False), None
 
 
 _target_log_probs.defvjp(_target_log_probs_fwd, _target_log_probs_bwd)

@@ -30,7 +30,8 @@ import importlib.util
 import platform
 from typing import Optional
 
-import jax
+# The entry points' flag: `reuse_step_buffers`, or malloc and JAX's dispatch left alone.
+MODES = ("reuse", "system")
 
 # glibc <malloc.h>
 _M_TRIM_THRESHOLD = -1
@@ -38,10 +39,9 @@ _M_MMAP_MAX = -4
 _INT_MAX = 2 ** 31 - 1
 
 
-def _accelerator_possible() -> bool:
-  """Whether JAX may pick a GPU/TPU backend: a platform list not led by "cpu", or
-  (no list) an installed accelerator plugin or libtpu."""
-  platforms = jax.config.jax_platforms
+def _accelerator_possible(platforms: Optional[str]) -> bool:
+  """Whether JAX may pick a GPU/TPU backend: a platform list (`jax_platforms`) not led by
+  "cpu", or (no list) an installed accelerator plugin or libtpu."""
   if platforms:
     return platforms.split(",")[0].strip() != "cpu"
   return bool(importlib.metadata.entry_points(group="jax_plugins")) or any(
@@ -68,8 +68,9 @@ def reuse_step_buffers() -> str:
   JAX backend has not started yet (the dispatch mode is fixed when it starts):
   call it first thing, once.
   """
+  import jax  # here: the command line's parser reads `MODES` without importing jax
   libc = _glibc()
-  reason = ("a GPU/TPU backend may be used" if _accelerator_possible()
+  reason = ("a GPU/TPU backend may be used" if _accelerator_possible(jax.config.jax_platforms)
             else "the JAX backend has already started" if _backend_started()
             else "the C library is not glibc" if libc is None else None)
   if reason:
