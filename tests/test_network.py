@@ -242,6 +242,58 @@ def test_float32_einsum_is_plain_einsum():
   np.testing.assert_allclose(ga, jax.grad(lambda x: jnp.sum((x @ b) ** 2))(a), rtol=1e-6)
 
 
+def _softmax_weighted_sum(q, k, v, bias, logits_dtype=np.float64):
+  """NumPy, float64: softmax(q k^T + bias) v over the last axis (no 1/sqrt(d), as T5).
+  With float32 logits a NEG_INF bias swallows the product, as in the model."""
+  q, k, v = (np.asarray(t, np.float64) for t in (q, k, v))
+  logits = np.einsum("bhqd,bhkd->bhqk", q, k).astype(logits_dtype) + np.asarray(bias, logits_dtype)
+  logits = logits.astype(np.float64)
+  weights = np.exp(logits - logits.max(-1, keepdims=True))
+  return np.einsum("bhqk,bhkd->bhqd", weights / weights.sum(-1, keepdims=True), v)
+
+
+def test_attention_core_normalises_after_the_sum_and_trains_as_before():
+  """`attention_core`: softmax(q k^T + bias) v, evaluated with the normalisation after the
+  product in float32 (a masked key, a fully masked query row), with the normalised weights
+  rounded in bf16, differentiated exactly as `attention_weights` then `weighted_sum`."""
+  rng = np.random.default_rng(2)
+  q, k, v = (jnp.asarray(rng.standard_normal((2, 3, 5, 4)), jnp.float32) for _ in range(3))
+  bias = rng.standard_normal((1, 3, 5, 5))
+  bias[..., -1] = layers.NEG_INF  # a masked key
+  bias = jnp.asarray(bias, jnp.float32)
+  masked_row = np.broadcast_to(bias, (2, 3, 5, 5)).copy()
+  masked_row[1, :, 2, :] = layers.NEG_INF  # a query row that sees no key: uniform weights
+  tolerances.assert_close(layers.attention_core(q, k, v, masked_row, jnp.float32),
+                          _softmax_weighted_sum(q, k, v, masked_row, np.float32))
+  reference = _softmax_weighted_sum(q, k, v, bias)
+  tolerances.assert_close(layers.attention_core(q, k, v, bias, jnp.float32), reference)
+  low = layers.attention_core(q, k, v, bias, jnp.bfloat16)  # bf16 products, float32 sums
+  assert low.dtype == jnp.float32
+  np.testing.assert_allclose(low, reference, rtol=0, atol=2e-2 * np.abs(reference).max())
+  weights = layers.attention_weights(q, k, bias, jnp.bfloat16)
+  assert weights.dtype == jnp.bfloat16  # as jax.nn.dot_product_attention rounds them
+  np.testing.assert_array_equal(low, layers.weighted_sum(weights, v, jnp.bfloat16))
+
+  def weights_then_sum(q, k, v, bias):
+    return layers.weighted_sum(layers.attention_weights(q, k, bias, jnp.float32), v, jnp.float32)
+
+  w = jnp.asarray(rng.standard_normal(reference.shape), jnp.float32)
+  grads = jax.grad(lambda *a: jnp.sum(w * layers.attention_core(*a, jnp.float32)),
+                   argnums=(0, 1, 2, 3))(q, k, v, bias)
+  before = jax.grad(lambda *a: jnp.sum(w * weights_then_sum(*a)), argnums=(0, 1, 2, 3))(
+      q, k, v, bias)
+  for g, b in zip(grads, before):
+    np.testing.assert_array_equal(g, b)
+  # The NumPy value's slope along a random direction (central differences, float64).
+  direction = [rng.standard_normal(t.shape) for t in (q, k, v)]
+  eps = 1e-4
+  plus, minus = ([t + s * eps * d for t, d in zip((q, k, v), direction)] for s in (1, -1))
+  slope = np.sum(np.asarray(w, np.float64) * (_softmax_weighted_sum(*plus, bias)
+                                              - _softmax_weighted_sum(*minus, bias))) / (2 * eps)
+  ours = sum(np.sum(np.asarray(g, np.float64) * d) for g, d in zip(grads, direction))
+  np.testing.assert_allclose(ours, slope, rtol=1e-3)  # float32 sums; a wrong gradient is off by O(1)
+
+
 def test_grouped_attention_equals_repeated_and_drops_out_per_row():
   """Grouped cross-attention (g query rows per key/value row) equals the repeated call;
   with dropout, the rows of a group draw independent masks, as repeated rows would."""
