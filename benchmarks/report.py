@@ -103,7 +103,8 @@ def render(res: dict[str, Any]) -> str:
           f"ia3-jax {SHORT.get(d, d)} vs PyTorch {'fp32' if d == 'float32' else 'autocast(' + d + ')'}"
           for d in res.get("dtypes", [])) + "".join(f"; {n}" for n in res.get("dtype_notes", [])),
       f"- Workload: {res['workload']}; {res['warmup']} warm-up + {res['iters']} timed "
-      "iterations per case, frameworks alternating in one process; medians.",
+      "iterations per case, frameworks alternating in one process; medians (training also "
+      "compares each side's fastest iteration, the least disturbed on a shared machine).",
       f"- Load average (1/5/15 min) before: {_load(res['load_before'])}, after the speed runs: "
       f"{_load(res.get('load_after_speed'))}, at the end: {_load(res.get('load_after'))}. "
       "Other processes may have been running (below when busy).",
@@ -125,14 +126,17 @@ def render(res: dict[str, Any]) -> str:
   if "train" in res:
     lines += ["#### (IA)^3 training", "",
               "| loss | precision (ia3-jax / PyTorch) | PyTorch steps/s | ia3-jax steps/s | "
-              "speedup | first-step loss (PyTorch / ia3-jax) |", "|---|---|---|---|---|---|"]
+              "speedup | fastest vs fastest | first-step loss (PyTorch / ia3-jax) |",
+              "|---|---|---|---|---|---|---|"]
     for loss, r in res["train"].items():
       s = {k: _med(v) for k, v in r["seconds"].items()}
+      fastest = {k: min(v, default=math.nan) for k, v in r["seconds"].items()}
       for d in _dtypes(res, s):
         jk, tk = f"jax_{d}", f"torch_{d}"
         first = " / ".join(f"{r['losses'][k][0]:.4f}" for k in (tk, jk) if r["losses"].get(k))
         lines.append(f"| {LOSS_NAMES[loss]} | {PRECISION.get(d, d)} | {_rate(s, tk)} | "
                      f"{_rate(s, jk)} | {_x(_div(s.get(tk, math.nan), s.get(jk, math.nan)))} | "
+                     f"{_x(_div(fastest.get(tk, math.nan), fastest.get(jk, math.nan)))} | "
                      f"{first} |")
       d = _best_dtype(res, s, bf16_ok)
       if d:

@@ -45,6 +45,16 @@ def test_both_frameworks_compute_the_same_losses(results):
           == preds["torch_per_choice_float32"])
 
 
+def test_training_table_compares_medians_and_fastest_iterations(results):
+  """Each training row: the ratio of the medians and of each side's fastest iteration."""
+  fake = {**results, "train": {"lm": {**results["train"]["lm"], "seconds": {
+      "torch_float32": [4.0, 2.0, 9.0], "jax_float32": [1.0, 1.6, 1.5]}}}}
+  row = [l for l in report.render(fake).splitlines() if l.startswith("| L_LM only")][0]
+  cells = [c.strip() for c in row.strip("|").split("|")]
+  assert cells[2:6] == ["0.250", "0.667", "2.67x", "2.00x"]  # 4.0 / 1.5; 2.0 / 1.0
+  assert "fastest vs fastest" in report.render(results)
+
+
 def test_flop_counts_are_positive(results):
   for r in results["train"].values():
     assert r["matmul_flops"] > 0
