@@ -45,13 +45,23 @@ def test_both_frameworks_compute_the_same_losses(results):
           == preds["torch_per_choice_float32"])
 
 
-def test_training_table_compares_medians_and_fastest_iterations(results):
-  """Each training row: the ratio of the medians and of each side's fastest iteration."""
-  fake = {**results, "train": {"lm": {**results["train"]["lm"], "seconds": {
-      "torch_float32": [4.0, 2.0, 9.0], "jax_float32": [1.0, 1.6, 1.5]}}}}
-  row = [l for l in report.render(fake).splitlines() if l.startswith("| L_LM only")][0]
-  cells = [c.strip() for c in row.strip("|").split("|")]
-  assert cells[2:6] == ["0.250", "0.667", "2.67x", "2.00x"]  # 4.0 / 1.5; 2.0 / 1.0
+def _cells(text: str, start: str) -> list[str]:
+  row = [l for l in text.splitlines() if l.startswith(start)][0]
+  return [c.strip() for c in row.strip("|").split("|")]
+
+
+def test_tables_compare_medians_and_fastest_iterations(results):
+  """Training rows and ia3-jax's rank classification row: the ratio of the medians and of each
+  side's fastest iteration."""
+  seconds = {"torch_float32": [4.0, 2.0, 9.0], "jax_float32": [1.0, 1.6, 1.5]}
+  rank_seconds = {**results["rank"]["seconds"], "torch_reuse_encoder_float32": [4.0, 2.0, 9.0],
+                  "jax_float32": [1.0, 1.6, 1.5]}
+  fake = {**results, "train": {"lm": {**results["train"]["lm"], "seconds": seconds}},
+          "rank": {**results["rank"], "seconds": rank_seconds}}
+  text = report.render(fake)
+  # 4.0 / 1.5 (medians); 2.0 / 1.0 (fastest)
+  assert _cells(text, "| L_LM only")[2:6] == ["0.250", "0.667", "2.67x", "2.00x"]
+  assert _cells(text, "| ia3-jax (`scoring.rank_classify`), fp32")[3:5] == ["2.67x", "2.00x"]
   assert "fastest vs fastest" in report.render(results)
 
 
