@@ -36,6 +36,7 @@ import traceback
 from typing import Callable, Iterator, Optional, Sequence
 
 from ia3_jax.errors import ConfigError, Ia3JaxError, TrainingInterrupted
+from ia3_jax.train import host_memory  # stdlib only until applied: the parser stays light
 
 log = logging.getLogger("ia3_jax")
 
@@ -207,7 +208,6 @@ def build_parser(prog: str = "python -m ia3_jax.main",
                  help="this process's index in a multi-process run (0 .. num_processes-1)")
   p.add_argument("--cpu_collectives", default="gloo",
                  help="cross-process collectives on CPU (gloo or mpi)")
-  from ia3_jax.train import host_memory
   p.add_argument("--host_memory", choices=host_memory.MODES, default="reuse",
                  help="on CPU, reuse each step's host buffers instead of glibc mapping and "
                       "zeroing fresh pages every step (15-20%% of a t5-small step), at the "
@@ -533,7 +533,6 @@ def run(argv: Sequence[str], *, action: Optional[str] = None,
   if not files:
     parser.error("no --gin_file given (e.g. --gin_file=runs/finetune.gin)")
   if args.host_memory == "reuse":
-    from ia3_jax.train import host_memory
     log.info(host_memory.reuse_step_buffers())
   _init_processes(args)
   import_tensorflow_quietly(verbose)  # before anything imports it (gin's modules, the data)
