@@ -24,10 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import pathlib
+import shutil
 import sys
 from typing import Optional, Sequence
 
+import numpy as np
+
+from ia3_jax import files, runtime
 from ia3_jax import main as main_lib
 from ia3_jax.errors import ConfigError
 
@@ -89,16 +94,19 @@ def convert(argv: Sequence[str]) -> int:
   p.add_argument("--model_type", default=None, choices=("t5", "mt5", "llama", "mistral", "qwen2"),
                  help="HF model class written with --to hf (default: t5 for T5 models, the "
                  "decoder-only config's own)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing DST")
   _add_verbose_flag(p)
   args = p.parse_args(argv)
   from ia3_jax.interop import hf_checkpoints, hf_families
   src = pathlib.Path(args.src)
+  _check_not_inside("DST", args.dst, [("SRC", args.src)])
   src_is_hf = (src / "config.json").exists()
   to = args.to or ("orbax" if src_is_hf else "hf")
   if src.is_dir() and not src_is_hf and not (src / "_METADATA").exists():
     raise hf_checkpoints.CheckpointError(
         f"{src}: no config.json (not an HF model directory) and no _METADATA (not an orbax "
         "param checkpoint)")
+  files.check_output_dir(args.dst, overwrite=args.overwrite, flag="DST")
   if src_is_hf:
     config, params = hf_families.of_dir(src).load(args.src)
   else:
@@ -107,15 +115,33 @@ def convert(argv: Sequence[str]) -> int:
     meta = {"model_config": json.loads(meta_file.read_text())} if meta_file.exists() else None
     config = _config_for(args.model, None, meta)
     hf_checkpoints.check_params_match(params, config, source=args.src)
-  if to == "orbax":
-    out = hf_checkpoints.save_params(args.dst, params)
-    (pathlib.Path(args.dst) / "model_config.json").write_text(
-        json.dumps(config.to_dict(), indent=2))
-  else:
-    model_type = hf_families.model_type_for(config, args.model_type)
-    out = hf_families.of(config).export(params, config, args.dst, model_type=model_type)
-  print(f"wrote {to} checkpoint {out}")
+  files.check_free_space(args.dst, _float32_bytes(config), f"the {to} checkpoint")
+  with files.output_dir(args.dst, overwrite=args.overwrite, flag="DST") as tmp:
+    if to == "orbax":
+      hf_checkpoints.save_params(tmp, params)
+      files.write_json(tmp / "model_config.json", config.to_dict())
+    else:
+      model_type = hf_families.model_type_for(config, args.model_type)
+      hf_families.of(config).export(params, config, tmp, model_type=model_type)
+  print(f"wrote {to} checkpoint {pathlib.Path(args.dst).absolute()}")
   return 0
+
+
+def _float32_bytes(config) -> int:
+  """Bytes of `config`'s params as float32 (what convert and merge write), plus 1% and 1 MB
+  for headers and metadata."""
+  from ia3_jax.interop import hf_checkpoints
+  n = sum(int(np.prod(s)) for s in hf_checkpoints.expected_shapes(config).values())
+  return int(n * 4 * 1.01) + (1 << 20)
+
+
+def _check_not_inside(flag: str, out: str, inputs: Sequence[tuple[str, Optional[str]]]) -> None:
+  """Refuses an output directory that is, or holds, one of the inputs: writing it (it is
+  replaced whole) would destroy what is being read, e.g. `merge --out` onto its own `--base`."""
+  for name, source in inputs:
+    if source and os.path.exists(source) and files.is_inside(source, out):
+      raise ConfigError(f"{flag} {out}: is or holds {name} {source}; write the output "
+                        "to another directory (the input is left as it is)")
 
 
 def merge(argv: Sequence[str]) -> int:
@@ -131,36 +157,31 @@ def merge(argv: Sequence[str]) -> int:
   p.add_argument("--model_type", choices=("t5", "mt5", "llama", "mistral", "qwen2"),
                  default=None, help="HF model class of an hf output (default: t5, or the "
                  "decoder-only base's own)")
+  p.add_argument("--overwrite", action="store_true", help="replace an existing --out model")
   _add_verbose_flag(p)
   args = p.parse_args(argv)
-  import os
-  import shutil
   from ia3_jax.interop import ia3_adapters
+  _check_not_inside("--out", args.out, [("--base", args.base), ("--ia3", args.ia3)])
+  files.check_output_dir(args.out, overwrite=args.overwrite)
+  from ia3_jax.interop import hf_families
+  files.check_free_space(args.out, _float32_bytes(hf_families.of_dir(args.base).load_config(
+      args.base)), "the merged model")
   source = args.ia3
   if _is_training_checkpoint(source):
     source = str(_trainable_dir(source)[0])
-  created = not os.path.exists(args.out)
-  try:
-    out = ia3_adapters.merge_checkpoint(args.base, source, args.out, task=args.task,
-                                        output_format=args.format,
-                                        model_type=args.model_type)
+  with files.output_dir(args.out, overwrite=args.overwrite) as tmp:
+    ia3_adapters.merge_checkpoint(args.base, source, tmp, task=args.task,
+                                  output_format=args.format, model_type=args.model_type)
     # The vocabulary (and HF tokenizer files) of the base, so the merged model is usable alone.
     copied = [name for name in ("spiece.model", "tokenizer_config.json", "tokenizer.model",
                                 "special_tokens_map.json", "tokenizer.json")
               if (pathlib.Path(args.base) / name).is_file()]
     for name in copied:
-      shutil.copyfile(pathlib.Path(args.base) / name, pathlib.Path(out) / name)
-  except BaseException:
-    if created and os.path.exists(args.out):  # no half-written model left behind
-      shutil.rmtree(args.out)
-    raise
+      shutil.copyfile(pathlib.Path(args.base) / name, tmp / name)
+  out = pathlib.Path(args.out).absolute()
   if not {"spiece.model", "tokenizer.model", "tokenizer.json"} & set(copied):
     print(f"warning: {args.base} has no spiece.model (nor tokenizer.model / tokenizer.json); "
           f"{out} has no vocabulary", file=sys.stderr)
-  for root, dirs, files in os.walk(out):  # ordinary modes, not orbax's restrictive ones
-    os.chmod(root, 0o755)
-    for name in files:
-      os.chmod(os.path.join(root, name), 0o644)
   print(f"wrote merged model {out}")
   return 0
 
@@ -184,19 +205,19 @@ def export_peft(argv: Sequence[str]) -> int:
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out adapter")
   _add_verbose_flag(p)
   args = p.parse_args(argv)
-  from ia3_jax.errors import ConfigError
   from ia3_jax.interop import ia3_adapters
   from ia3_jax.train import checkpointer
-  out_dir = pathlib.Path(args.out)
-  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not args.overwrite:
-    raise ConfigError(f"--out {args.out}: already exists; pass --overwrite to replace it")
+  _check_not_inside("--out", args.out, [("--checkpoint", args.checkpoint),
+                                       ("--base", args.base)])
+  files.check_output_dir(args.out, overwrite=args.overwrite)
   trainable, meta = checkpointer.restore_trainable(args.checkpoint)
   config = _config_for(args.model, args.base, meta)
-  out = ia3_adapters.export_peft_adapter(trainable, config, args.out, task=args.task,
-                                    convention=args.convention,
-                                    base_model_name_or_path=(args.base_model_name_or_path
-                                                             or args.base))
-  print(f"wrote peft adapter {out}")
+  with files.output_dir(args.out, overwrite=args.overwrite) as tmp:
+    ia3_adapters.export_peft_adapter(trainable, config, tmp, task=args.task,
+                                     convention=args.convention,
+                                     base_model_name_or_path=(args.base_model_name_or_path
+                                                              or args.base))
+  print(f"wrote peft adapter {pathlib.Path(args.out).absolute()}")
   return 0
 
 
@@ -241,9 +262,9 @@ def combine(argv: Sequence[str]) -> int:
   twice = sorted({a for a in args.adapters if args.adapters.count(a) > 1})
   if twice:
     raise ConfigError(f"--adapters: {twice[0]} given twice (give it once, with the summed weight)")
-  out_dir = pathlib.Path(args.out)
-  if out_dir.exists() and (not out_dir.is_dir() or any(out_dir.iterdir())) and not args.overwrite:
-    raise ConfigError(f"--out {args.out}: already exists; pass --overwrite to replace it")
+  _check_not_inside("--out", args.out,
+                    [("--adapters", a) for a in args.adapters] + [("--base", args.base)])
+  files.check_output_dir(args.out, overwrite=args.overwrite)
   config = _config_for(args.model, args.base, None)
   adapters = {a: ia3_adapters.import_adapter(a, config) for a in args.adapters}
   lam = 1.0 if args.lambda_ is None else args.lambda_
@@ -255,9 +276,11 @@ def combine(argv: Sequence[str]) -> int:
     combined = combine_lib.task_arithmetic(adapters, lam, args.weights)
   else:
     combined = combine_lib.ties(adapters, 20.0 if args.k is None else args.k, lam)
-  out = ia3_adapters.export_peft_adapter(combined, config, args.out, convention=args.convention,
-                                         base_model_name_or_path=args.base)
-  print(f"wrote peft adapter {out} ({args.method} of {len(adapters)} adapters)")
+  with files.output_dir(args.out, overwrite=args.overwrite) as tmp:
+    ia3_adapters.export_peft_adapter(combined, config, tmp, convention=args.convention,
+                                     base_model_name_or_path=args.base)
+  print(f"wrote peft adapter {pathlib.Path(args.out).absolute()} ({args.method} of "
+        f"{len(adapters)} adapters)")
   return 0
 
 
@@ -267,9 +290,12 @@ def _add_verbose_flag(p: argparse.ArgumentParser) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+  """`ia3-jax ...` (argv None: this process's arguments, and the process ends after it)."""
+  in_process = argv is not None
   argv, verbose = main_lib.pop_verbose(sys.argv[1:] if argv is None else argv)
   main_lib.quiet_runtime(verbose)
-  return main_lib.report_errors(lambda: _dispatch(argv, verbose), verbose)
+  status = main_lib.report_errors(lambda: _dispatch(argv, verbose), verbose)
+  return status if in_process else runtime.quiet_exit(status, verbose)
 
 
 def _dispatch(argv: Sequence[str], verbose: bool) -> int:

@@ -528,8 +528,21 @@ def family_accuracies(model_path: str | os.PathLike, families: Sequence[str],
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-  """`ia3-jax demo` / `python -m ia3_jax.demo`."""
-  p = argparse.ArgumentParser(prog="ia3-jax demo", description=__doc__.split("\n\n")[0])
+  """`python -m ia3_jax.demo` (plain flags; `ia3-jax demo` is the same run from demo.gin).
+  Expected failures are one line, as for `ia3-jax` (`--verbose` adds the traceback)."""
+  from ia3_jax import main as main_lib
+  from ia3_jax import runtime
+  in_process = argv is not None
+  argv, verbose = main_lib.pop_verbose(sys.argv[1:] if argv is None else argv)
+  main_lib.quiet_runtime(verbose)
+  runtime.import_tf(quiet=not verbose)
+  status = main_lib.report_errors(lambda: _main(argv), verbose)
+  return status if in_process else runtime.quiet_exit(status, verbose)
+
+
+def _main(argv: Sequence[str]) -> int:
+  p = argparse.ArgumentParser(prog="python -m ia3_jax.demo",
+                              description=__doc__.split("\n\n")[0])
   p.add_argument("--model_dir", default="/tmp/ia3_jax_demo")
   p.add_argument("--model", default="t5", choices=sorted(BUNDLED_MODELS),
                  help="the bundled model: t5 (encoder-decoder) or llama (decoder-only)")

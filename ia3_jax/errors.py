@@ -32,6 +32,11 @@ class AdapterError(Ia3JaxError, ValueError):
   """An adapter file that cannot be read as (or written for) this model."""
 
 
+class FileSystemError(Ia3JaxError, OSError):
+  """The environment refused a write or read (full disk, read-only, permissions); names the
+  path, and what was left (nothing half-written)."""
+
+
 class TrainingDivergedError(Ia3JaxError, RuntimeError):
   """The loss became NaN or infinite; names the step and the last good checkpoint."""
 

@@ -25,7 +25,6 @@ exits 130. `--verbose` (or IA3_JAX_VERBOSE=1) adds the traceback.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import difflib
 import logging
 import os
@@ -33,8 +32,9 @@ import re
 import sys
 import tempfile
 import traceback
-from typing import Callable, Iterator, Optional, Sequence
+from typing import Callable, Optional, Sequence
 
+from ia3_jax import files, runtime
 from ia3_jax.errors import ConfigError, Ia3JaxError, TrainingInterrupted
 from ia3_jax.train import host_memory  # stdlib only until applied: the parser stays light
 
@@ -47,7 +47,7 @@ RUN_FILES = {"train": "runs/finetune.gin", "eval": "runs/eval.gin", "score": "ru
 
 # What each run kind writes to (checked before anything is loaded).
 OUTPUT_MACROS = ("MODEL_DIR", "EVAL_OUTPUT_DIR", "INFER_OUTPUT_DIR")
-VERBOSE_ENV = "IA3_JAX_VERBOSE"
+VERBOSE_ENV = runtime.VERBOSE_ENV
 
 
 class GinConfigError(ConfigError):
@@ -60,8 +60,7 @@ class GinConfigError(ConfigError):
 def pop_verbose(argv: Sequence[str]) -> tuple[list[str], bool]:
   """argv without `--verbose`, and whether tracebacks are wanted (flag or $IA3_JAX_VERBOSE)."""
   rest = [a for a in argv if a != "--verbose"]
-  env = os.environ.get(VERBOSE_ENV, "").strip().lower() not in ("", "0", "false", "no")
-  return rest, len(rest) < len(argv) or env
+  return rest, len(rest) < len(argv) or runtime.verbose_from_env()
 
 
 def _one_line(error: BaseException) -> str:
@@ -73,7 +72,8 @@ def _one_line(error: BaseException) -> str:
 def report_errors(fn: Callable[[], int], verbose: bool = False) -> int:
   """Runs an entry point; expected failures become one line on stderr and an exit status.
 
-  `Ia3JaxError`: "error: <message>", status 1 (gin configuration errors: 2).
+  `Ia3JaxError`: "error: <message>", status 1 (gin configuration errors: 2); a file-system
+  failure (full disk, read-only or missing path: `files.environment_error_line`) likewise.
   `TrainingInterrupted` / Ctrl-C: one line, status 130; a preemption (SIGTERM) that
   saved its checkpoint: one line, status 0. Anything else is a bug and keeps its
   traceback. `verbose` prints the traceback of expected failures too.
@@ -96,6 +96,14 @@ def report_errors(fn: Callable[[], int], verbose: bool = False) -> int:
       traceback.print_exc()
     print(f"error: {_one_line(e)}", file=sys.stderr)
     return 2 if isinstance(e, GinConfigError) else 1
+  except Exception as e:  # pylint: disable=broad-except
+    line = files.environment_error_line(e)  # a full disk, a read-only or missing path
+    if line is None:
+      raise
+    if verbose:
+      traceback.print_exc()
+    print(f"error: {line}", file=sys.stderr)
+    return 1
 
 
 class _DropOrbaxMetadataWarning(logging.Filter):
@@ -122,44 +130,25 @@ def quiet_runtime(verbose: bool = False) -> None:
       logger.addFilter(_ORBAX_FILTER)
 
 
-@contextlib.contextmanager
-def _stderr_silenced(enabled: bool = True) -> Iterator[None]:
-  """Sends file descriptor 2 to /dev/null (C++ libraries print there during start-up)."""
-  if not enabled:
-    yield
-    return
-  sys.stderr.flush()
-  saved, devnull = os.dup(2), os.open(os.devnull, os.O_WRONLY)
-  os.dup2(devnull, 2)
-  try:
-    yield
-  finally:
-    os.dup2(saved, 2)
-    os.close(saved)
-    os.close(devnull)
-
-
 def import_tensorflow_quietly(verbose: bool = False) -> None:
-  """Imports TensorFlow with GPUs hidden from it, without its start-up chatter on stderr.
-
-  (absl's "log messages before InitializeLog", "Could not find cuda drivers",
-  "failed call to cuInit": TensorFlow only feeds the data pipeline, JAX owns
-  the accelerators.)
-  """
-  if "tensorflow" in sys.modules:
-    return
-  from ia3_jax.data import sources
-  with _stderr_silenced(not verbose):
-    sources.import_tf()
+  """Imports TensorFlow (`runtime.import_tf`) before anything else does; `verbose` keeps its
+  start-up logs."""
+  runtime.import_tf(quiet=not verbose)
 
 
 def check_writable(path: str, what: str) -> None:
-  """Creates directory `path` and writes a probe file there, or raises ConfigError naming `what`."""
+  """Writes a probe file in directory `path` (or, while it does not exist, in its nearest
+  existing parent: a run that fails later leaves no directory behind), or raises
+  ConfigError naming `what`."""
   if "://" in path:  # gs:// and other remote filesystems: left to the writer
     return
+  probe = os.path.abspath(path)
+  while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+    probe = os.path.dirname(probe)
   try:
-    os.makedirs(path, exist_ok=True)
-    with tempfile.TemporaryFile(dir=path):
+    if not os.path.isdir(probe):
+      raise NotADirectoryError(20, "Not a directory", probe)
+    with tempfile.TemporaryFile(dir=probe):
       pass
   except OSError as e:
     raise ConfigError(f"{what}={path!r} is not a writable directory ({e.strerror or e}); "
@@ -411,6 +400,26 @@ class _AnyReference(object):
   """Stands for @configurable / %macro references while only the syntax of a value is checked."""
 
 
+_GIN_REFERENCE = re.compile(r"[@%][A-Za-z_][\w./]*(\(\))?")
+
+
+def duplicate_dict_keys(value: str) -> list:
+  """Keys given twice in a dict literal of a gin value (e.g. `{'a': 1, 'a': 2}`), which gin,
+  like Python, silently collapses to the last; [] when there are none or the value is not
+  Python-like enough to tell."""
+  import ast
+  try:
+    tree = ast.parse(_GIN_REFERENCE.sub("None", value), mode="eval")
+  except SyntaxError:
+    return []
+  twice = []
+  for node in ast.walk(tree):
+    if isinstance(node, ast.Dict):
+      keys = [k.value for k in node.keys if isinstance(k, ast.Constant)]
+      twice += [k for i, k in enumerate(keys) if k in keys[:i] and k not in twice]
+  return twice
+
+
 def check_gin_flags(bindings: Sequence[str], files: Sequence[str],
                     all_bindings: Sequence[str]) -> None:
   """Each `--gin.KEY=VALUE`: a value gin can parse, and (for a macro) one the gin files use.
@@ -445,6 +454,10 @@ def check_gin_flags(bindings: Sequence[str], files: Sequence[str],
     if extra is not None:
       raise GinConfigError(f"{flag}: unable to parse value {value!r}; a string needs inner "
                            f"quotes: --gin.{key}=\"'{value}'\"") from None
+    twice = duplicate_dict_keys(value)
+    if twice:
+      raise GinConfigError(f"{flag}: key {twice[0]!r} is given twice in a dict; gin keeps only "
+                           "the last value, so give each key once")
     if re.fullmatch(r"[A-Za-z_]\w*", key) and key not in known:
       close = difflib.get_close_matches(key, sorted(known), n=3, cutoff=0.6)
       hint = f"; did you mean {', '.join(close)}?" if close else ""
@@ -468,6 +481,11 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
   files = [resolve_gin_file(f, paths) for f in gin_files]
   all_files = _with_includes(files, paths)
   check_gin_flags(flag_bindings, all_files, bindings)
+  for binding in bindings:
+    twice = duplicate_dict_keys(binding.split("=", 1)[-1].strip())
+    if twice:
+      raise GinConfigError(f"gin binding {binding!r}: key {twice[0]!r} is given twice in a "
+                           "dict; gin keeps only the last value, so give each key once")
   try:
     gin.parse_config_files_and_bindings(files, bindings, finalize_config=True)
   except (ValueError, KeyError, TypeError, OSError, SyntaxError) as e:
@@ -501,9 +519,11 @@ def _init_processes(args: argparse.Namespace) -> None:
 def main(argv: Optional[Sequence[str]] = None, *, action: Optional[str] = None,
          prog: str = "python -m ia3_jax.main") -> int:
   """Parses flags and gin, runs the configured action. Returns the exit status."""
+  in_process = argv is not None
   argv, verbose = pop_verbose(sys.argv[1:] if argv is None else argv)
   quiet_runtime(verbose)
-  return report_errors(lambda: run(argv, action=action, prog=prog, verbose=verbose), verbose)
+  status = report_errors(lambda: run(argv, action=action, prog=prog, verbose=verbose), verbose)
+  return status if in_process else runtime.quiet_exit(status, verbose)
 
 
 def run(argv: Sequence[str], *, action: Optional[str] = None,

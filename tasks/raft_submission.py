@@ -18,13 +18,13 @@ from __future__ import annotations
 import collections
 import csv
 import io
-import json
 import os
 import pathlib
 import sys
 from typing import Any, Iterable, Mapping, Optional
 
 from ia3_jax import files
+from ia3_jax.data import sources
 from ia3_jax.errors import DataError
 from ia3_jax.tasks import BUILTIN_TASK_IDS, RAFT_KEYS
 from ia3_jax.tasks.raft import RAFT_TASKS, RaftSource
@@ -36,15 +36,13 @@ TASK_OF_ID = {BUILTIN_TASK_IDS[k]: k[len("raft_"):] for k in RAFT_KEYS}  # built
 
 def read_predictions(path: str | os.PathLike) -> list[dict[str, Any]]:
   """The rows of a `predictions.jsonl` (errors name the file and line)."""
-  rows = []
-  with open(path) as f:
-    for line_no, line in enumerate(f, 1):
-      if line.strip():
-        try:
-          rows.append(json.loads(line))
-        except json.JSONDecodeError as e:
-          raise DataError(f"{path}, line {line_no}: not JSON ({e.msg})") from None
-  return rows
+  try:
+    f = open(path, "rb")
+  except OSError as e:
+    raise DataError(f"--predictions {path}: cannot read it ({e.strerror})") from None
+  with f:
+    return [sources.json_object(line, f"{path}, line {line_no}")
+            for line_no, line in enumerate(sources.text_lines(f, path), 1) if line.strip()]
 
 
 def task_of(row: Mapping[str, Any], where: str) -> str:
@@ -80,15 +78,22 @@ def labels_by_id(rows: Iterable[tuple[Mapping[str, Any], str]], task: str
   out: dict[int, str] = {}
   for row, where in rows:
     pred = row.get("prediction")
-    if not isinstance(pred, int) or not 0 <= pred < len(labels):
+    if not isinstance(pred, int) or isinstance(pred, bool) or not 0 <= pred < len(labels):
       raise DataError(f"{where}: prediction {pred!r} is not a label index of raft {task} "
                       f"(0..{len(labels) - 1})")
     example = row.get("example_id")
+    if not isinstance(example, int) or isinstance(example, bool):
+      raise DataError(f"{where}: field 'example_id' is {_shown(example)}, not the integer index "
+                      "of a test row (rows of `ia3-jax infer` predictions.jsonl)")
     if example in out and out[example] != labels[pred]:
       raise DataError(f"{where}: raft {task} example {example} was predicted twice, as "
                       f"{out[example]!r} and {labels[pred]!r} (several templates?): infer with one")
     out[example] = labels[pred]
   return out
+
+
+def _shown(value: Any) -> str:
+  return "missing" if value is None else f"{value!r} ({type(value).__name__})"
 
 
 def submission_csv(task: str, predicted: Mapping[int, str], raft_dir: Optional[str]) -> str:
@@ -152,6 +157,8 @@ def main(argv: Optional[list[str]] = None) -> int:
   p.add_argument("--raft_dir", default=None,
                  help="RAFT CSV folder, for the test IDs (default: $IA3_JAX_RAFT_DIR)")
   args = p.parse_args(argv)
+  if os.path.exists(args.out) and not os.path.isdir(args.out):
+    raise DataError(f"--out {args.out}: is a file, not a folder")
   written = write_submission(args.predictions, args.out, args.raft_dir)
   missing = [task for task in TASK_OF_ID.values() if task not in written]
   for task, path in written.items():

@@ -8,7 +8,6 @@ import shutil
 
 import numpy as np
 
-from tests.test_decoder import make_hf
 from tests.test_readme import REPO, SMALL, readme_block, run_commands
 
 
@@ -23,7 +22,7 @@ def test_decoder_python_snippet_ranks_the_choices(capsys):
 
 
 def test_decoder_train_and_export_commands_on_a_tiny_hf_llama(tmp_path):
-  make_hf(tmp_path / "models" / "tiny-llama", "llama")
+  """The blocks as a reader runs them from a fresh clone: the first line makes the model."""
   shutil.copytree(REPO / "examples" / "toy", tmp_path / "examples" / "toy")
   model_dir = tmp_path / "runs" / "toy-llama"  # the block's MODEL_DIR, relative to tmp_path
   run_commands(readme_block("decoder-train"), tmp_path, SMALL, tmp_path / "bin")

@@ -82,7 +82,7 @@ def test_no_import_cycles():
 # The layers of the data flow, bottom up (docs/design.md): a module imports only from its own
 # layer or the ones below. Everything not listed (cli, main, runs, demo, costs, gin_configurables,
 # the package itself and the built-in tasks) is an entry point, on top.
-LAYERS = {"ia3_jax.errors": 0, "ia3_jax.files": 0, "ia3_jax.model": 1, "ia3_jax.peft": 2,
+LAYERS = {"ia3_jax.errors": 0, "ia3_jax.files": 0, "ia3_jax.runtime": 0, "ia3_jax.model": 1, "ia3_jax.peft": 2,
           "ia3_jax.interop": 3, "ia3_jax.data": 4, "ia3_jax.objectives": 5, "ia3_jax.train": 6}
 ENTRY = max(LAYERS.values()) + 1
 

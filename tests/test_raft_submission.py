@@ -144,7 +144,7 @@ def test_cli_error_is_one_line_naming_the_file(raft_dir, tmp_path, capsys):
   assert cli.main(["raft-submission", "--predictions", str(bad), "--out", str(tmp_path / "o"),
                    "--raft_dir", raft_dir]) == 1
   err = capsys.readouterr().err.strip()
-  assert err.count("\n") == 0 and f"{bad}, line 2: not JSON" in err
+  assert err.count("\n") == 0 and f"{bad}, line 2: not valid JSON" in err
 
 
 def test_readme_command_as_written(raft_dir, tmp_path, monkeypatch):

@@ -127,7 +127,7 @@ def test_choices_identical_after_truncation_are_a_data_error(tmp_path, monkeypat
 
 
 def test_tensorboard_writes_no_step_twice_after_a_resume(tmp_path):
-  from ia3_jax.data.sources import import_tf
+  from ia3_jax.runtime import import_tf
   tf = import_tf()
   first = writers.MetricWriter(str(tmp_path), True, lambda _: None)
   for step in (1, 2, 3, 4):

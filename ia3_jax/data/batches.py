@@ -19,7 +19,10 @@ import re
 from typing import Iterator, Mapping, Optional, Sequence
 
 import numpy as np
-import seqio
+from ia3_jax import runtime
+
+tf = runtime.import_tf()  # quietly, before seqio imports it
+import seqio  # pylint: disable=g-import-not-at-top
 
 from ia3_jax.data import features
 from ia3_jax.data.features import Batch
@@ -28,11 +31,10 @@ from ia3_jax.data.feature_converters import (EOS_ID, RankClassificationFeatureCo
 from ia3_jax.data.registration import (RenderedSource, get_task_info, lookup, output_features,
                                        rows_dataset, select_first_template, task_ids,
                                        tokenize_prompted)
-from ia3_jax.data.sources import import_tf
 from ia3_jax.errors import DataError
 
-tf = import_tf()
 log = logging.getLogger(__name__)
+
 
 @dataclasses.dataclass(frozen=True)
 class SeqioBatches:
@@ -67,6 +69,17 @@ class SeqioBatches:
     if start_step:
       kwargs["start_step"] = start_step
     return get_batches(self.name, self.split, batch_size, dict(self.feature_lengths), **kwargs)
+
+  def validate(self) -> int:
+    """Renders every example of the split now (rendered rows are cached, so its batches reuse
+    them), so that a bad example stops a run before its first training step instead of at its
+    first evaluation; streamed splits are left to the stream. Returns the examples rendered."""
+    self._import_task_modules()
+    provider, info = lookup(self.name), get_task_info(self.name)
+    split = self.split or (info.default_split if info is not None else None)
+    return sum(_count(task, split) for task in _leaf_tasks(provider)
+               if split in task.splits and isinstance(task.source, RenderedSource)
+               and not task.source.streaming)
 
   def vocabulary(self) -> seqio.Vocabulary:
     """The vocabulary of the task's output features ("targets"): what decodes its tokens."""

@@ -31,12 +31,13 @@ import dataclasses
 from typing import Mapping
 
 import numpy as np
-import seqio
+from ia3_jax import runtime
+
+tf = runtime.import_tf()  # quietly, before seqio imports it
+import seqio  # pylint: disable=g-import-not-at-top
 
 from ia3_jax.data import features
-from ia3_jax.data.sources import import_tf
 
-tf = import_tf()
 
 PAD_ID = 0
 EOS_ID = 1

@@ -15,12 +15,13 @@ import pathlib
 from typing import Optional, Sequence
 
 import numpy as np
-import seqio
+from ia3_jax import runtime
 
-from ia3_jax.data.sources import import_tf
+tf = runtime.import_tf()  # quietly, before seqio imports it
+import seqio  # pylint: disable=g-import-not-at-top
+
 from ia3_jax.errors import DataError
 
-tf = import_tf()
 
 PathLike = str | os.PathLike
 TOKENIZER_FILE = "tokenizer.json"

@@ -33,14 +33,16 @@ import sys
 import threading
 from typing import Any, Iterator, Mapping, Sequence
 
-import seqio
+from ia3_jax import runtime
+
+tf = runtime.import_tf()  # quietly, before seqio imports it
+import seqio  # pylint: disable=g-import-not-at-top
 
 from ia3_jax.data import fewshot
-from ia3_jax.data.sources import CsvSource, InMemorySource, JsonlSource, Record, Source, import_tf
+from ia3_jax.data.sources import CsvSource, InMemorySource, JsonlSource, Record, Source
 from ia3_jax.data.templates import DataError, Template, TemplateSet, load_templates
 from ia3_jax.errors import ConfigError, EmptyRenderError
 
-tf = import_tf()
 log = logging.getLogger(__name__)
 
 _KEY_RE = re.compile(r"^[a-z0-9_]+$")

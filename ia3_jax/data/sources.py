@@ -12,10 +12,11 @@ import csv
 import dataclasses
 import json
 import os
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, BinaryIO, Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 
+from ia3_jax import runtime
 from ia3_jax.data.templates import DataError
 
 Fields = dict[str, Any]
@@ -93,7 +94,7 @@ class _FileSource(Source):
   def _open(self, split: str):
     path = self.path(split)
     try:
-      return open(path, encoding="utf-8", newline="")
+      return open(path, "rb")
     except OSError as e:
       raise DataError(f"{path}: cannot read split {split!r} of {self.name}: {e.strerror}") from None
 
@@ -115,17 +116,11 @@ class JsonlSource(_FileSource):
     path = self.path(split)
     with self._open(split) as f:
       index = 0
-      for lineno, line in enumerate(f, start=1):
+      for lineno, line in enumerate(text_lines(f, path), start=1):
         if not line.strip():
           continue
         where = f"{path}, line {lineno}"
-        try:
-          row = json.loads(line)
-        except json.JSONDecodeError as e:
-          raise DataError(f"{where}: not valid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(row, dict):
-          raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
-        yield Record(self._adapt(row, where), index, where)
+        yield Record(self._adapt(json_object(line, where), where), index, where)
         index += 1
 
 
@@ -141,7 +136,7 @@ class CsvSource(_FileSource):
   def iterate(self, split):
     path = self.path(split)
     with self._open(split) as f:
-      reader = csv.DictReader(f, delimiter=self._delimiter)
+      reader = csv.DictReader(text_lines(f, path), delimiter=self._delimiter)
       header = reader.fieldnames or []
       if not header:
         raise DataError(f"{path}, line 1: missing CSV header row")
@@ -165,6 +160,34 @@ class CsvSource(_FileSource):
         yield Record(self._adapt(dict(row), where), index, where)
 
 
+def text_lines(f: BinaryIO, path: str | os.PathLike) -> Iterator[str]:
+  """The lines of a binary file as UTF-8 text (a leading byte-order mark dropped); a byte
+  sequence that is not UTF-8 is a `DataError` naming the file, line and column."""
+  for lineno, raw in enumerate(f, start=1):
+    try:
+      yield raw.decode("utf-8-sig" if lineno == 1 else "utf-8")
+    except UnicodeDecodeError as e:
+      column = len(raw[:e.start].decode("utf-8", errors="replace")) + 1
+      raise DataError(f"{path}, line {lineno}: not valid UTF-8 (byte 0x{raw[e.start]:02x} at "
+                      f"column {column}); save the file as UTF-8") from None
+
+
+def json_object(line: str, where: str) -> dict:
+  """One JSON Lines row, which must be an object; errors name `where`, the 1-based column
+  and the text there."""
+  line = line.rstrip("\r\n")
+  try:
+    row = json.loads(line)
+  except json.JSONDecodeError as e:
+    near = line[e.pos:e.pos + 20].rstrip("\r\n")
+    msg = e.msg[:-len(" at")] if e.msg.endswith(" at") else e.msg
+    raise DataError(f"{where}: not valid JSON ({msg} at column {e.pos + 1}"
+                    f"{f', at {near!r}' if near else ', at the end of the line'})") from None
+  if not isinstance(row, dict):
+    raise DataError(f"{where}: expected a JSON object, got {type(row).__name__}")
+  return row
+
+
 def _to_python(value: Any) -> Any:
   """numpy/bytes values from TFDS to plain Python (str, int, float, lists)."""
   if isinstance(value, bytes):
@@ -178,16 +201,6 @@ def _to_python(value: Any) -> Any:
   if isinstance(value, list):
     return [_to_python(v) for v in value]
   return value
-
-
-def import_tf():
-  """Imports TensorFlow with GPUs hidden from it (JAX owns the accelerators)."""
-  import tensorflow as tf  # pylint: disable=g-import-not-at-top
-  try:
-    tf.config.set_visible_devices([], "GPU")
-  except RuntimeError:  # devices already initialised: the setting was made before
-    pass
-  return tf
 
 
 # Files a TFDS builder with manual download needs, when we know them.
@@ -223,7 +236,7 @@ class TfdsSource(Source):
     return self._splits
 
   def _builder(self):
-    import_tf()
+    runtime.import_tf()
     import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
     try:
       builder = tfds.builder(self.tfds_name, data_dir=self.data_dir)
@@ -261,7 +274,7 @@ class TfdsSource(Source):
     builder = self._builder()
     ds = builder.as_dataset(split=split, shuffle_files=False,
                             read_config=tfds.ReadConfig(interleave_cycle_length=1))
-    options = import_tf().data.Options()
+    options = runtime.import_tf().data.Options()
     options.deterministic = True
     ds = ds.with_options(options)
     for index, example in enumerate(tfds.as_numpy(ds)):

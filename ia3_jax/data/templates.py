@@ -26,7 +26,10 @@ Rendering follows promptsource: `|||` inside example strings is protected
 before rendering and restored after splitting, parts are stripped, the list of
 answer choices is visible to the template as `answer_choices`. Differences, on
 purpose: rendering is sandboxed (`jinja2.sandbox.SandboxedEnvironment`),
-undefined fields raise instead of rendering as empty text, example fields are
+undefined fields raise instead of rendering as empty text, a `{{ ... }}` whose value is
+null, a boolean, a list or a dict raises instead of printing "None", "True" or a
+Python repr (format such fields in the template), a boolean label is not a choice
+index (JSON `true` is not label 1), example fields are
 not cut to 2048 characters (long inputs are cut in tokens later, and counted),
 and the `choice` filter is seeded by the example so renders are reproducible.
 Every problem raises `DataError` naming where the example came from, the
@@ -72,8 +75,24 @@ def _choice(context, items):
   return context["__rng__"].choice(list(items))
 
 
+class CoercionError(TypeError):
+  """A `{{ ... }}` expression whose value has no faithful text (see `_as_text`)."""
+
+
+def _as_text(value: Any) -> Any:
+  """Jinja's `finalize`: refuses to print None, booleans, lists and dicts, which Jinja would
+  turn into "None", "True" or a Python repr (a null field, a JSON `true`, a list field
+  rendered whole); numbers and strings print as usual. Format them in the template instead
+  (`{{ x | join(", ") }}`, `{{ "yes" if flag else "no" }}`)."""
+  if value is None or isinstance(value, (bool, list, tuple, dict)):
+    kind = "a null value" if value is None else f"a {type(value).__name__}"
+    raise CoercionError(f"renders {kind} ({_shown(value)}) as text; give the field a string "
+                        "or format it in the template (e.g. | join(', '))")
+  return value
+
+
 def _make_env() -> jinja2.sandbox.SandboxedEnvironment:
-  env = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined)
+  env = jinja2.sandbox.SandboxedEnvironment(undefined=jinja2.StrictUndefined, finalize=_as_text)
   env.globals["zip"] = zip
   env.filters["choice"] = _choice
   env.filters["most_frequent"] = _most_frequent
@@ -106,13 +125,13 @@ def _protect(value: Any) -> Any:
 
 
 class _ChoiceList(list):
-  """The `answer_choices` seen by a template: a negative index is out of range.
+  """The `answer_choices` seen by a template: a negative or boolean index is out of range.
 
-  Plain lists would map label -1 (unlabelled in TFDS) to the last choice.
+  Plain lists would map label -1 (unlabelled in TFDS) to the last choice, and True to 1.
   """
 
   def __getitem__(self, index):
-    if isinstance(index, int) and index < 0:
+    if isinstance(index, bool) or isinstance(index, int) and index < 0:
       raise IndexError(index)
     return super().__getitem__(index)
 
@@ -246,11 +265,17 @@ class Template:
       what = f"missing field {missing!r}" if missing else e.message
       if "has no element" in (e.message or ""):
         what = f"label outside the choices ({e.message})"
+        if re.search(r"has no element (True|False)$", e.message or ""):
+          what = ("a boolean label is not the index of an answer choice (JSON true/false: "
+                  "give the label as 0, 1, ...)")
       raise DataError(f"{where}: {self.location}: field {part!r}: {what}; the example has "
                       f"fields {sorted(example)}{self._fields_note(source, example)}") from None
     except jinja2.TemplateError as e:
       raise DataError(f"{where}: {self.location}: field {part!r}: {type(e).__name__}: "
                       f"{e}{self._fields_note(source, example)}") from None
+    except CoercionError as e:
+      raise DataError(f"{where}: {self.location}: field {part!r}: {e}"
+                      f"{self._fields_note(source, example)}") from None
     except (TypeError, ValueError, KeyError, IndexError, ZeroDivisionError) as e:
       raise DataError(f"{where}: {self.location}: field {part!r}: {type(e).__name__}: "
                       f"{e}{self._fields_note(source, example)}") from None

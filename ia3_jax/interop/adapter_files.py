@@ -16,6 +16,7 @@ from typing import Any, Iterable, Mapping, Optional
 
 import numpy as np
 
+from ia3_jax import files
 from ia3_jax.errors import AdapterError
 from ia3_jax.interop import hf_checkpoints
 from ia3_jax.model.config import T5Config
@@ -73,12 +74,13 @@ def write_adapter_dir(path: PathLike, adapter_config: Mapping[str, Any],
   path.mkdir(parents=True, exist_ok=True)
   arrays = {k: np.ascontiguousarray(np.asarray(v, np.float32)) for k, v in tensors.items()}
   if safe_serialization:
-    from safetensors.numpy import save_file
-    save_file(arrays, str(path / SAFETENSORS_WEIGHTS), metadata={"format": "pt"})
+    files.write_safetensors(path / SAFETENSORS_WEIGHTS, arrays, {"format": "pt"})
   else:
     import torch
-    torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, path / BIN_WEIGHTS)
-  (path / ADAPTER_CONFIG).write_text(json.dumps(dict(adapter_config), indent=2, sort_keys=True))
+    with files.atomic_open(path / BIN_WEIGHTS, "wb") as f:
+      torch.save({k: torch.from_numpy(v) for k, v in arrays.items()}, f)
+  files.write_text(path / ADAPTER_CONFIG,
+                   json.dumps(dict(adapter_config), indent=2, sort_keys=True))
   return path
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from ia3_jax.errors import CheckpointError  # re-exported: ia3_jax.errors is its home
 
+import contextlib
 import json
 import os
 import pathlib
@@ -19,6 +20,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ia3_jax import files, runtime
 from ia3_jax.model.config import T5Config
 
 PathLike = str | os.PathLike
@@ -235,20 +237,52 @@ class HostTensor:
     return self.astype(dtype or np.float32)
 
 
+@contextlib.contextmanager
+def _safetensors_file(file: pathlib.Path) -> Iterator[Any]:
+  """`safe_open(file)`, its errors (truncated, not safetensors, unreadable) as one line
+  naming the file."""
+  from safetensors import SafetensorError, safe_open  # bfloat16: NumPy knows it once JAX is imported
+  try:
+    with safe_open(str(file), framework="numpy") as f:
+      yield f
+  except (SafetensorError, OSError) as e:
+    detail = getattr(e, "strerror", None) or str(e)
+    raise CheckpointError(f"{file}: not a readable safetensors file ({detail}); is it "
+                          "truncated or another format? Copy or download it again") from None
+
+
 def iter_safetensors(file: pathlib.Path) -> Iterator[tuple[str, HostTensor]]:
   """(name, HostTensor) for every tensor of a safetensors file, read block by block: the file
   is opened per block, so its pages are mapped only while a block is read."""
-  from safetensors import safe_open  # bfloat16 tensors: NumPy knows the dtype once JAX is imported
 
   def reader(name: str) -> Callable[[tuple[slice, ...]], np.ndarray]:
     def read(index: tuple[slice, ...]) -> np.ndarray:
-      with safe_open(str(file), framework="numpy") as f:
+      with _safetensors_file(file) as f:
         return f.get_slice(name)[index]
     return read
-  with safe_open(str(file), framework="numpy") as f:
+  with _safetensors_file(file) as f:
     shapes = {name: tuple(f.get_slice(name).get_shape()) for name in f.keys()}
   for name, shape in shapes.items():
     yield name, HostTensor(shape, reader(name))
+
+
+def _torch_load(file: pathlib.Path) -> Any:
+  """A pickled state dict with `weights_only=True`: memory-mapped, or read whole for the
+  pre-zip format (`_use_new_zipfile_serialization=False`), which cannot be mapped."""
+  import pickle
+  import torch
+  refused = (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError, ValueError,
+             EOFError)
+  try:
+    return torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
+  except refused as mapped:
+    try:
+      return torch.load(str(file), map_location="cpu", weights_only=True)
+    except refused as e:
+      raise CheckpointError(
+          f"{file}: refused to unpickle: not a plain state dict of tensors (loaded with "
+          f"weights_only=True for safety; {type(e).__name__}: {str(e).splitlines()[0]})"
+          ) from mapped
 
 
 def iter_torch_bin(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
@@ -257,13 +291,7 @@ def iter_torch_bin(file: pathlib.Path) -> Iterator[tuple[str, np.ndarray]]:
   except ImportError as e:
     raise CheckpointError(f"{file}: reading .bin checkpoints needs PyTorch "
                           "(pip install torch), or convert the model to safetensors") from e
-  import pickle
-  try:
-    state = torch.load(str(file), map_location="cpu", weights_only=True, mmap=True)
-  except (pickle.UnpicklingError, RuntimeError, AttributeError, TypeError) as e:
-    raise CheckpointError(
-        f"{file}: refused to unpickle: the file holds more than plain tensors "
-        f"(loaded with weights_only=True for safety). Details: {e}") from e
+  state = _torch_load(file)
   if not isinstance(state, dict):
     raise CheckpointError(f"{file}: expected a state dict of tensors, got {type(state).__name__}")
   for name in list(state):
@@ -423,7 +451,6 @@ def write_hf_directory(params: Params, names: Mapping[tuple[str, ...], tuple[str
   """Writes `params` as an HF model directory: `names` maps each param path to its HF tensor
   name and whether it is stored transposed; float32 safetensors, sharded (with an index) above
   `max_shard_bytes`; `hf_config` becomes config.json. Shared by both model families."""
-  from safetensors.numpy import save_file
   path = pathlib.Path(path)
   path.mkdir(parents=True, exist_ok=True)
   flat = flax.traverse_util.flatten_dict(flax.linen.unbox(params))
@@ -446,12 +473,12 @@ def write_hf_directory(params: Params, names: Mapping[tuple[str, ...], tuple[str
       value = np.asarray(jax.device_get(flat[key]), np.float32)
       tensors[hf] = np.ascontiguousarray(value.T if transposed else value)
       weight_map[hf] = fname
-    save_file(tensors, str(path / fname), metadata={"format": "pt"})
+    files.write_safetensors(path / fname, tensors, {"format": "pt"})
   if len(shards) > 1:
     total = sum(int(np.prod(flat[k].shape)) * 4 for k in names)
-    (path / "model.safetensors.index.json").write_text(json.dumps(
-        {"metadata": {"total_size": total}, "weight_map": weight_map}, indent=2))
-  (path / "config.json").write_text(json.dumps(dict(hf_config), indent=2))
+    files.write_json(path / "model.safetensors.index.json",
+                     {"metadata": {"total_size": total}, "weight_map": weight_map})
+  files.write_json(path / "config.json", dict(hf_config))
   return path
 
 
@@ -492,6 +519,7 @@ def load_vocabulary(path: PathLike, extra_ids: Optional[int] = None):
   `path` is an HF directory or a `.model` file. `extra_ids` (T5's sentinel
   tokens) defaults to the directory's `tokenizer_config.json` value, else 0.
   """
+  runtime.import_tf()  # quietly, before seqio imports it
   import seqio
   path = pathlib.Path(path)
   model_file = path

@@ -34,6 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ia3_jax.errors import ConfigError
 from ia3_jax.model import families, layers, network, storage
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config
@@ -220,7 +221,8 @@ def merge(params: Mapping[str, Any], task: int = 0) -> tuple[Params, Params]:
     raise ValueError("merge: params hold no (IA)^3 vectors (names ia3_*)")
   n = num_tasks_of(ia3)
   if not 0 <= task < n:
-    raise ValueError(f"merge: task {task} out of range: the bank holds {n} tasks")
+    raise ConfigError(f"--task {task}: out of range; the adapter bank holds {n} task"
+                      f"{'s' if n != 1 else ''} (rows 0..{n - 1})")
   flat = params_lib.flatten(base)
   originals: dict[str, Any] = {}
   errors: dict[str, float] = {}

@@ -12,14 +12,19 @@ resumed run is the same run.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import json
 import logging
 import os
 import pathlib
-from typing import Any, Mapping, Optional
+import re
+import time
+from typing import Any, Iterator, Mapping, Optional
 
 import jax
 
+from ia3_jax import files, runtime
 from ia3_jax.interop.hf_checkpoints import CheckpointError
 from ia3_jax.model import params as params_lib
 
@@ -75,6 +80,23 @@ def check_tree_matches(saved: Mapping[str, Any], expected: Mapping[str, Any], *,
                             f"this model expects {want} (a checkpoint of another model shape?)")
 
 
+@contextlib.contextmanager
+def _orbax_quietly() -> Iterator[None]:
+  """stderr off while orbax reads (unless $IA3_JAX_VERBOSE): after a failed read its
+  tensorstore threads print tracebacks ("Event loop is closed") for a moment; on a failure
+  that moment passes before stderr is back, and the error is raised as one exception."""
+  with runtime.stderr_silenced(not runtime.verbose_from_env()):
+    try:
+      yield
+    except Exception:
+      time.sleep(0.5)
+      raise
+
+
+def _nbytes(tree: Any) -> int:
+  return sum(int(getattr(x, "nbytes", 0)) for x in jax.tree.leaves(tree))
+
+
 class Checkpointer:
   """An orbax `CheckpointManager` for train states."""
 
@@ -102,6 +124,9 @@ class Checkpointer:
   def save(self, step: int, state: Any, meta: Mapping[str, Any]) -> None:
     """Starts writing `state` (a TrainState) at `step`; returns before it is done when async."""
     ocp = self._ocp
+    trees = [state.trainable, state.opt_state] + ([state.frozen] if self.config.save_frozen else [])
+    files.check_free_space(self.path(step), int(1.1 * _nbytes(trees)) + (256 << 10),
+                           f"checkpoint {step}")
     items = dict(trainable=ocp.args.StandardSave(state.trainable),
                  opt_state=ocp.args.StandardSave(state.opt_state),
                  meta=ocp.args.JsonSave({**meta, "step": int(step),
@@ -131,6 +156,18 @@ class Checkpointer:
     The trainable tree is checked first: a checkpoint of another model shape
     or PEFT method names the mismatched param.
     """
+    try:
+      with _orbax_quietly():
+        return self._restore(step, abstract_state)
+    except (ValueError, KeyError, TypeError, OSError) as e:
+      if isinstance(e, CheckpointError) or not is_unreadable(e):
+        raise
+      older = max((s for s in self.all_steps() if s < step), default=None)
+      raise unreadable_error(pathlib.Path(self.path(step)), e,
+                             older and f"run the same command again to resume from step {older}"
+                             ) from e
+
+  def _restore(self, step: int, abstract_state: Any) -> tuple[Any, Any, Optional[Any], dict]:
     ocp = self._ocp
     where = f"{self.path(step)}/trainable"
     check_tree_matches(self._saved_tree(step, "trainable"), abstract_state.trainable, where=where)
@@ -145,6 +182,8 @@ class Checkpointer:
     try:
       restored = self.manager.restore(step, args=ocp.args.Composite(**items))
     except (ValueError, KeyError, TypeError) as e:
+      if is_unreadable(e):
+        raise
       raise CheckpointError(f"{self.path(step)}: cannot restore the optimizer state or params "
                             f"into this run's structure ({type(e).__name__}: {e})") from e
     frozen = restored.frozen if restore_frozen else None
@@ -156,6 +195,27 @@ class Checkpointer:
   def close(self) -> None:
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+# What tensorstore / orbax say about a damaged file (rather than a tree that does not fit).
+_UNREADABLE = re.compile(r"DATA_LOSS|OUT_OF_RANGE|Error (reading|opening|decoding)|Unexpected end|"
+                         r"not a valid|Expecting value|corrupt", re.IGNORECASE)
+
+
+def is_unreadable(error: BaseException) -> bool:
+  """Whether `error` (from restoring a checkpoint) says its files are damaged or cut."""
+  return isinstance(error, (OSError, json.JSONDecodeError)) or bool(_UNREADABLE.search(str(error)))
+
+
+def unreadable_error(step_dir: pathlib.Path, error: BaseException, then: Optional[str]
+                     ) -> CheckpointError:
+  """One line: which step is damaged, that it was left in place, and how to go on (`then`,
+  after moving it away; None: no older step is left)."""
+  detail = str(error).split(" [tensorstore_spec")[0].splitlines()[0][:200]
+  fix = (f"move it away (mv {step_dir} {step_dir}.broken), then {then}" if then
+         else "remove it (no older checkpoint is left) and start again")
+  return CheckpointError(f"{step_dir}: checkpoint step {step_dir.name} is unreadable "
+                         f"({detail}); it was left as it is: {fix}")
 
 
 def resolve_step_dir(path: PathLike) -> pathlib.Path:
@@ -178,10 +238,13 @@ def resolve_step_dir(path: PathLike) -> pathlib.Path:
 
 def read_checkpoint_meta(path: PathLike) -> tuple[pathlib.Path, dict]:
   """(step directory, its meta dict) for any path `resolve_step_dir` accepts."""
-  import json
   step_dir = resolve_step_dir(path)
   meta_file = step_dir / "meta" / "metadata"
-  meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+  try:
+    meta = json.loads(meta_file.read_text()) if meta_file.exists() else {}
+  except (ValueError, UnicodeDecodeError) as e:
+    raise CheckpointError(f"{meta_file}: not valid JSON ({e}); the checkpoint's meta is "
+                          "damaged") from None
   return step_dir, meta
 
 
@@ -194,6 +257,19 @@ def restore_trainable(path: PathLike, abstract_trainable: Optional[Any] = None) 
   """
   import orbax.checkpoint as ocp
   step_dir, meta = read_checkpoint_meta(path)
+  try:
+    with _orbax_quietly():
+      return _restore_trainable(ocp, step_dir, abstract_trainable), meta
+  except (ValueError, KeyError, TypeError, OSError) as e:
+    if not is_unreadable(e) or isinstance(e, CheckpointError):
+      raise
+    older = max((int(p.name) for p in step_dir.parent.iterdir() if p.name.isdigit()
+                 and int(p.name) < int(step_dir.name) and (p / "trainable").exists()), default=None)
+    raise unreadable_error(step_dir, e, older and "run the same command again (it reads step "
+                           f"{older}), or name that step: {step_dir.parent / str(older)}") from e
+
+
+def _restore_trainable(ocp: Any, step_dir: pathlib.Path, abstract_trainable: Optional[Any]) -> Any:
   with ocp.StandardCheckpointer() as ckptr:
     saved = ckptr.metadata(step_dir / "trainable")
     saved = getattr(saved, "item_metadata", saved)
@@ -204,4 +280,4 @@ def restore_trainable(path: PathLike, abstract_trainable: Optional[Any] = None) 
           lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device), saved)
     else:
       check_tree_matches(saved, abstract_trainable, where=f"{step_dir}/trainable")
-    return ckptr.restore(step_dir / "trainable", abstract_trainable), meta
+    return ckptr.restore(step_dir / "trainable", abstract_trainable)

@@ -34,6 +34,7 @@ from ia3_jax.model.config import T5Config
 from ia3_jax.model.decoder_config import DecoderConfig
 from ia3_jax.model.storage import FrozenStorage
 from ia3_jax.objectives import losses
+from ia3_jax.train import run_lock
 from ia3_jax.train.checkpointer import CheckpointConfig, Checkpointer
 from ia3_jax.train.checks import check_eval_result, check_vocabulary, source_name, warn_train_batch
 from ia3_jax.train.optimizers import OptimizerConfig
@@ -295,103 +296,106 @@ def train(*, model_dir: str, config: T5Config | DecoderConfig, train_data: Batch
   created_model_dir = not os.path.exists(model_dir)
   os.makedirs(model_dir, exist_ok=True)
   t_start = time.time()
+  with run_lock.hold(model_dir, enabled=is_chief) as lock:  # one run per MODEL_DIR
+    try:
+      if initial_params is not None and initial_checkpoint_path:
+        raise ValueError("pass initial_checkpoint_path or initial_params, not both")
+      model = build_model(config, blocks, dropout_rate, scan_layers)
+      partitioner = Partitioner(partitioning)
+      trainer = Trainer(model, trainable=trainable, optimizer=transform, loss=loss,
+                        partitioner=partitioner, grad_accum_steps=tc.grad_accum_steps, seed=tc.seed,
+                        enable_dropout=tc.enable_dropout, use_task_id=tc.use_task_id,
+                        max_choices_per_step=tc.max_choices_per_step,
+                        learning_rate_fn=lr_fn, frozen_storage=FrozenStorage(frozen_dtype))
+      base = (initial_params if initial_params is not None
+              else load_base_params(trainer, initial_checkpoint_path))
+      if partitioner.replicated_dims:
+        log.info("replicated (not divisible): %s", "; ".join(partitioner.replicated_dims))
+      if tc.batch_size % (tc.grad_accum_steps * partitioner.data_size):
+        raise ValueError(f"BATCH_SIZE={tc.batch_size} must be divisible by grad_accum_steps "
+                         f"({tc.grad_accum_steps}) x data-parallel devices ({partitioner.data_size})")
+      counts = trainer.num_params()
+      run_meta = {"seed": tc.seed, "batch_size": tc.batch_size, "train_steps": tc.train_steps,
+                  "grad_accum_steps": tc.grad_accum_steps, "model_config": model.config.to_dict(),
+                  "trainable_params": trainer.trainable_paths, "num_trainable": counts["trainable"],
+                  "initial_checkpoint_path": initial_checkpoint_path}
 
-  if initial_params is not None and initial_checkpoint_path:
-    raise ValueError("pass initial_checkpoint_path or initial_params, not both")
-  model = build_model(config, blocks, dropout_rate, scan_layers)
-  partitioner = Partitioner(partitioning)
-  trainer = Trainer(model, trainable=trainable, optimizer=transform, loss=loss,
-                    partitioner=partitioner, grad_accum_steps=tc.grad_accum_steps, seed=tc.seed,
-                    enable_dropout=tc.enable_dropout, use_task_id=tc.use_task_id,
-                    max_choices_per_step=tc.max_choices_per_step,
-                    learning_rate_fn=lr_fn, frozen_storage=FrozenStorage(frozen_dtype))
-  base = (initial_params if initial_params is not None
-          else load_base_params(trainer, initial_checkpoint_path))
-  if partitioner.replicated_dims:
-    log.info("replicated (not divisible): %s", "; ".join(partitioner.replicated_dims))
-  if tc.batch_size % (tc.grad_accum_steps * partitioner.data_size):
-    raise ValueError(f"BATCH_SIZE={tc.batch_size} must be divisible by grad_accum_steps "
-                     f"({tc.grad_accum_steps}) x data-parallel devices ({partitioner.data_size})")
-  counts = trainer.num_params()
-  run_meta = {"seed": tc.seed, "batch_size": tc.batch_size, "train_steps": tc.train_steps,
-              "grad_accum_steps": tc.grad_accum_steps, "model_config": model.config.to_dict(),
-              "trainable_params": trainer.trainable_paths, "num_trainable": counts["trainable"],
-              "initial_checkpoint_path": initial_checkpoint_path}
+      show = printer(is_chief and tc.progress)
+      results_path = os.path.join(model_dir, results_file) if results_file else None
+      for source in (train_data, eval_data):
+        check_vocabulary(source, model.config)
+        if hasattr(source, "validate"):  # a bad example fails now, before anything is written
+          source.validate()  # (an evaluation example: not after all of training)
+      ckpt = Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint)
+      latest = ckpt.latest_step()
+      if latest is not None and latest >= tc.train_steps:
+        finished = _read_results(results_path, latest)
+        if finished is not None:  # a finished run: say so, rewrite nothing
+          state, _, _ = _resume(trainer, ckpt, latest, base, run_meta, lambda _: None)
+          ckpt.close()
+          if is_chief:  # printed even without progress output: the whole answer of this run
+            print(f"{model_dir}: already trained to step {latest} (TRAIN_STEPS={tc.train_steps}); "
+                  f"nothing to do, results in {results_path}", flush=True)
+          return {**finished, "state": state}
+      show(f"ia3-jax train: {partitioner.describe()}; {counts['trainable']:,} trainable of "
+           f"{counts['total']:,} params ({counts['trainable_bytes'] / 1e6:.3g} MB); "
+           f"{precision.describe_dtype(model.config.dtype)}")
 
-  show = printer(is_chief and tc.progress)
-  results_path = os.path.join(model_dir, results_file) if results_file else None
-  ckpt = Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint)
-  latest = ckpt.latest_step()
-  if latest is not None and latest >= tc.train_steps:
-    finished = _read_results(results_path, latest)
-    if finished is not None:  # a finished run: say so, rewrite nothing
-      state, _, _ = _resume(trainer, ckpt, latest, base, run_meta, lambda _: None)
-      ckpt.close()
-      if is_chief:  # printed even without progress output: the whole answer of this run
-        print(f"{model_dir}: already trained to step {latest} (TRAIN_STEPS={tc.train_steps}); "
-              f"nothing to do, results in {results_path}", flush=True)
-      return {**finished, "state": state}
-  show(f"ia3-jax train: {partitioner.describe()}; {counts['trainable']:,} trainable of "
-       f"{counts['total']:,} params ({counts['trainable_bytes'] / 1e6:.3g} MB); "
-       f"{precision.describe_dtype(model.config.dtype)}")
-  for source in (train_data, eval_data):
-    check_vocabulary(source, model.config)
+      history: dict[str, Any] = {"train_losses": [], "eval": {}, "truncation": {}}
+      if latest is not None:
+        state, data_position, meta = _resume(trainer, ckpt, latest, base, run_meta, show)
+        history.update(meta.get("history", {}))
+      else:
+        source = "initial_params" if initial_params is not None else str(initial_checkpoint_path)
+        state, data_position = trainer.init_state(base, source=source), 0
+        if post_load is not None:
+          state = trainer.state_from_params(trainer.place_params(post_load(state.params, model.config)))
+      start = int(jax.device_get(state.step))
+      run = _TrainRun(trainer=trainer, tc=tc, ckpt=ckpt, checkpoint=checkpoint, model_dir=model_dir,
+                      run_meta=run_meta, show=show, eval_data=eval_data, state=state, start=start,
+                      start_position=data_position, last_saved=latest, history=history)
 
-  history: dict[str, Any] = {"train_losses": [], "eval": {}, "truncation": {}}
-  if latest is not None:
-    state, data_position, meta = _resume(trainer, ckpt, latest, base, run_meta, show)
-    history.update(meta.get("history", {}))
-  else:
-    source = "initial_params" if initial_params is not None else str(initial_checkpoint_path)
-    state, data_position = trainer.init_state(base, source=source), 0
-    if post_load is not None:
-      state = trainer.state_from_params(trainer.place_params(post_load(state.params, model.config)))
-  start = int(jax.device_get(state.step))
-  run = _TrainRun(trainer=trainer, tc=tc, ckpt=ckpt, checkpoint=checkpoint, model_dir=model_dir,
-                  run_meta=run_meta, show=show, eval_data=eval_data, state=state, start=start,
-                  start_position=data_position, last_saved=latest, history=history)
+      shard_id, num_shards = partitioner.data_shard_info()
+      batches = train_data(batch_size=partitioner.local_batch_size(tc.batch_size),
+                           start_step=data_position, shard_id=shard_id,
+                           num_shards=num_shards) if start < tc.train_steps else iter(())
+      run.train_stats = getattr(batches, "stats", None)
+      loop = run.loop(source_name(train_data), is_chief)
+      try:
+        with run.stop:
+          for info in loop.steps(state, batches):
+            run.state = info.state
+        run.finish()
+      finally:
+        run.close()
 
-  shard_id, num_shards = partitioner.data_shard_info()
-  batches = train_data(batch_size=partitioner.local_batch_size(tc.batch_size),
-                       start_step=data_position, shard_id=shard_id,
-                       num_shards=num_shards) if start < tc.train_steps else iter(())
-  run.train_stats = getattr(batches, "stats", None)
-  loop = run.loop(source_name(train_data), is_chief)
-  failed = False
-  try:
-    with run.stop:
-      for info in loop.steps(state, batches):
-        run.state = info.state
-    run.finish()
-  except BaseException as e:
-    failed = not isinstance(e, TrainingInterrupted)
-    raise
-  finally:
-    run.close()
-    if failed:
-      _remove_empty_dirs(model_dir, created_model_dir)
-
-  truncation = run.truncation
-  truncation["train"] = _add_truncation(run.prior_train_truncation, run.train_stats)
-  if truncation.get("train") and _any_truncated(truncation["train"]):
-    show(f"truncated (train, {truncation['train']['examples']} examples seen): "
-         + _truncation_counts(truncation["train"]))
-  results = {
-      "step": run.step, "start_step": start, "model_dir": model_dir,
-      "checkpoint": ckpt.path(run.last_saved), "params": counts, "train_losses": run.losses,
-      "first_loss": run.losses[0][1] if run.losses else None,
-      "last_loss": run.losses[-1][1] if run.losses else None,
-      "eval": dict(sorted(run.eval_results.items())),
-      "truncation": truncation,
-      "mesh": {"data": partitioner.data_size, "model": partitioner.model_size,
-               "processes": jax.process_count()},
-      "wall_time_s": time.time() - t_start,
-  }
-  if results_path and is_chief:
-    files.write_json(results_path, results)
-    show(f"results: {results_path}")
-  results["state"] = run.state
-  return results
+      truncation = run.truncation
+      truncation["train"] = _add_truncation(run.prior_train_truncation, run.train_stats)
+      if truncation.get("train") and _any_truncated(truncation["train"]):
+        show(f"truncated (train, {truncation['train']['examples']} examples seen): "
+             + _truncation_counts(truncation["train"]))
+      results = {
+          "step": run.step, "start_step": start, "model_dir": model_dir,
+          "checkpoint": ckpt.path(run.last_saved), "params": counts, "train_losses": run.losses,
+          "first_loss": run.losses[0][1] if run.losses else None,
+          "last_loss": run.losses[-1][1] if run.losses else None,
+          "eval": dict(sorted(run.eval_results.items())),
+          "truncation": truncation,
+          "mesh": {"data": partitioner.data_size, "model": partitioner.model_size,
+                   "processes": jax.process_count()},
+          "wall_time_s": time.time() - t_start,
+      }
+      if results_path and is_chief:
+        files.write_json(results_path, results)
+        show(f"results: {results_path}")
+      results["state"] = run.state
+      return results
+    except BaseException as e:
+      if not isinstance(e, TrainingInterrupted):  # what a failed run made and left empty
+        if lock is not None:
+          lock.release()
+        _remove_empty_dirs(model_dir, created_model_dir)
+      raise
 
 
 class _TrainRun:

@@ -15,6 +15,8 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import jax
 import numpy as np
 
+from ia3_jax import runtime
+
 log = logging.getLogger(__name__)
 
 
@@ -56,12 +58,12 @@ def last_logged_step(logdir: str) -> int:
            if f.startswith("events.out.tfevents")]
   if not files:
     return -1
-  from ia3_jax.data.sources import import_tf
-  tf = import_tf()
+  tf = runtime.import_tf()
   last = -1
   for name in files:
     try:
-      for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+      for record in tf.data.TFRecordDataset(os.path.join(logdir, name)).as_numpy_iterator():
+        event = tf.compat.v1.Event.FromString(record)
         if event.HasField("summary") and event.summary.value:
           last = max(last, int(event.step))
     except tf.errors.DataLossError:  # a record cut by a kill: the rest of that file is lost

@@ -27,7 +27,9 @@ from ia3_jax.data import synthetic
 from ia3_jax.data.sources import Record, Source
 
 TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), "templates")
-VOCAB_PATH = os.path.join(os.path.dirname(synthetic.__file__), "assets", "demo", "spiece.model")
+# The bundled tiny T5's vocabulary (ia3_jax/assets/demo/spiece.model).
+VOCAB_PATH = os.path.join(os.path.dirname(os.path.dirname(synthetic.__file__)), "assets", "demo",
+                          "spiece.model")
 PRETRAIN_MIXTURE = "demo_pretrain_multitask"
 HELDOUT_EVAL_MIXTURE = "demo_heldout_eval"
 # Stable task ids of the demo datasets (clear of the built-in ids and of 100+ for user data).
@@ -70,6 +72,8 @@ def template_path(family: str) -> str:
 
 def default_vocabulary():
   """The bundled demo SentencePiece vocabulary."""
+  from ia3_jax import runtime  # pylint: disable=g-import-not-at-top
+  runtime.import_tf()  # quietly, before seqio imports it
   import seqio  # pylint: disable=g-import-not-at-top
   if not os.path.exists(VOCAB_PATH):
     raise FileNotFoundError(f"{VOCAB_PATH}: the demo vocabulary is missing; regenerate it with "
