@@ -160,10 +160,9 @@ def merge(argv: Sequence[str]) -> int:
   p.add_argument("--overwrite", action="store_true", help="replace an existing --out model")
   _add_verbose_flag(p)
   args = p.parse_args(argv)
-  from ia3_jax.interop import ia3_adapters
+  from ia3_jax.interop import hf_families, ia3_adapters
   _check_not_inside("--out", args.out, [("--base", args.base), ("--ia3", args.ia3)])
   files.check_output_dir(args.out, overwrite=args.overwrite)
-  from ia3_jax.interop import hf_families
   files.check_free_space(args.out, _float32_bytes(hf_families.of_dir(args.base).load_config(
       args.base)), "the merged model")
   source = args.ia3

@@ -426,6 +426,26 @@ def test_a_full_disk_is_one_line_and_leaves_nothing(argv, work, tmp_path, compil
     subprocess.run(["umount", str(disk)], check=False)
 
 
+@pytest.mark.skipif(os.geteuid() != 0, reason="a small file system needs mount (root)")
+def test_training_onto_a_full_disk_stops_with_one_line_before_its_checkpoint(tmp_path,
+                                                                            compile_cache):
+  disk = tmp_path / "disk"
+  if not _tmpfs(disk, "40k"):
+    pytest.skip("mount refused here; test_free_space_is_checked_before_writing covers it")
+  try:
+    task = _task_dir(tmp_path)
+    run = disk / "run"
+    proc = _run_cli(["train", *LAYERS, *SMALL, f"--gin.MODEL_DIR='{run}'",
+                     "--gin.MIXTURE_OR_TASK_NAME='mine_fewshot_seed0'",
+                     "--gin.MIXTURE_OR_TASK_MODULES=['mine_tasks']", "--gin.TRAIN_STEPS=2"],
+                    tmp_path, _user_env(compile_cache, task))
+    _assert_one_line(proc, 1, f"{run}/checkpoints/2: checkpoint 2 needs about",
+                     "are free there")
+    assert not (run / "checkpoints").exists() and not (run / run_lock.LOCK_NAME).exists()
+  finally:
+    subprocess.run(["umount", str(disk)], check=False)
+
+
 @pytest.mark.parametrize("edit, fragments", [
     ("utf8", ["train.jsonl, line 41: not valid UTF-8 (byte 0xff at column 15)"]),
     ("null", ["train.jsonl, line 3: template 'is it positive'", "renders a null value (None)"]),
