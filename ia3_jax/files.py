@@ -190,13 +190,18 @@ ENVIRONMENT_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, err
 _NO_SPACE_TEXT = ("No space left on device", "Disk quota exceeded")
 
 
-def free_space(path: PathLike) -> str:
-  """'N MB free on MOUNT' for the file system holding `path` (or its nearest existing parent)."""
+def nearest_existing(path: PathLike) -> pathlib.Path:
+  """`path` if it exists, else its nearest existing parent (where it would be created)."""
   p = pathlib.Path(path).absolute()
   while not p.exists() and p != p.parent:
     p = p.parent
+  return p
+
+
+def free_space(path: PathLike) -> str:
+  """'X free of Y' for the file system that holds (or would hold) `path`."""
   try:
-    usage = shutil.disk_usage(p)
+    usage = shutil.disk_usage(nearest_existing(path))
   except OSError:
     return "free space unknown"
   return f"{_size(usage.free)} free of {_size(usage.total)}"
@@ -206,11 +211,8 @@ def check_free_space(path: PathLike, needed_bytes: int, what: str) -> None:
   """Raises `FileSystemError` (one line) when the file system of `path` has less than
   `needed_bytes` free: a write that would fill the disk is refused before it starts, so no
   library's half-written files or background-thread tracebacks are left behind."""
-  p = pathlib.Path(path).absolute()
-  while not p.exists() and p != p.parent:
-    p = p.parent
   try:
-    free = shutil.disk_usage(p).free
+    free = shutil.disk_usage(nearest_existing(path)).free
   except OSError:
     return
   if free < needed_bytes:

@@ -142,9 +142,7 @@ def check_writable(path: str, what: str) -> None:
   ConfigError naming `what`."""
   if "://" in path:  # gs:// and other remote filesystems: left to the writer
     return
-  probe = os.path.abspath(path)
-  while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-    probe = os.path.dirname(probe)
+  probe = files.nearest_existing(path)
   try:
     if not os.path.isdir(probe):
       raise NotADirectoryError(20, "Not a directory", probe)

@@ -349,7 +349,7 @@ CASES = [
      ["DST {w}/exists: already exists; pass --overwrite"]),
     ("merge --task beyond a bank of 1",
      ["merge", "--base", "{w}/base", "--ia3", "{w}/adapter_t5", "--task", "5", "--out", "{o}"], 1,
-     ["--task 5: out of range; the adapter bank holds 1 task (rows 0..0)"]),
+     ["task 5 out of range (--task): the adapter bank holds 1 task (rows 0..0)"]),
     ("Llama adapter into a T5 base",
      ["merge", "--base", "{w}/base", "--ia3", "{w}/adapter_llama", "--out", "{o}"], 1,
      ["adapter_llama: module 'model.layers.0", "is not a projection of this T5 model"]),

@@ -221,7 +221,7 @@ def merge(params: Mapping[str, Any], task: int = 0) -> tuple[Params, Params]:
     raise ValueError("merge: params hold no (IA)^3 vectors (names ia3_*)")
   n = num_tasks_of(ia3)
   if not 0 <= task < n:
-    raise ConfigError(f"--task {task}: out of range; the adapter bank holds {n} task"
+    raise ConfigError(f"task {task} out of range (--task): the adapter bank holds {n} task"
                       f"{'s' if n != 1 else ''} (rows 0..{n - 1})")
   flat = params_lib.flatten(base)
   originals: dict[str, Any] = {}
