@@ -9,7 +9,8 @@ HERE = Path(__file__).parent
 
 DATA_PATTERNS = ("*.gin", "*.yaml", "*.json", "*.jsonl", "*.csv", "*.model", "*.md", "*.safetensors")
 # gin/ and tasks/ live at the top level of the repo and ship inside the package as
-# ia3_jax.gin and ia3_jax.tasks (a checkout links them there: ia3_jax/gin, ia3_jax/tasks).
+# ia3_jax.gin and ia3_jax.tasks (a checkout keeps them at the top level, where
+# gin_configurables.gin_dir and the editable install find them).
 MAPPED = {"ia3_jax.tasks": "tasks", "ia3_jax.gin": "gin"}
 
 

@@ -417,8 +417,8 @@ def run_demo(model_dir: str = "/tmp/ia3_jax_demo", *, model: str = "t5",
   families = tuple(families or synthetic.HELD_OUT_FAMILIES)
   unknown = [f for f in families if f not in synthetic.FAMILIES or not synthetic.FAMILIES[f].held_out]
   if unknown:
-    raise ValueError(f"families {unknown} are not held-out demo families; choose from "
-                     f"{list(synthetic.HELD_OUT_FAMILIES)}")
+    raise ConfigError(f"families {unknown} (DEMO_TASKS, --families) are not held-out demo "
+                      f"families; choose from {list(synthetic.HELD_OUT_FAMILIES)}")
   model_path = model_path or bundled_model_path(model)
   out = pathlib.Path(model_dir)
   out.mkdir(parents=True, exist_ok=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import ast
 import pathlib
+import re
+import subprocess
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 PACKAGE_DIRS = {"ia3_jax": REPO / "ia3_jax", "ia3_jax.tasks": REPO / "tasks"}
@@ -137,9 +139,90 @@ def test_no_private_names_across_modules():
 
 
 def test_no_reference_to_a_design_file_outside_the_repository():
-  import subprocess
   outside = ["DESIGN" + ".md", "../" + "shared"]  # split so this file does not match itself
   out = subprocess.run(["git", "grep", "-n", "-I", "-e", outside[0], "-e", outside[1]],
                        cwd=REPO, capture_output=True, text=True)
   hits = out.stdout.splitlines()
   assert not hits, "\n".join(hits)
+
+
+# --------------------------------------------------------------------------- names in the docs
+
+# Folders shipped inside the package from elsewhere in the repository (setup.py).
+SHIPPED_AS = {"ia3_jax/gin": "gin", "ia3_jax/tasks": "tasks"}
+_PATH = re.compile(r"(?<![\w./-])ia3_jax/[\w./-]*[\w]")
+_MODULE = re.compile(r"(?<![\w./-])ia3_jax(?:\.[A-Za-z_]\w*)+")
+
+
+def _documents() -> dict[str, str]:
+  """The text of README, docs, benchmarks' reports, gin files, and every module's docstrings
+  and comments (the whole source: a stale name in a comment misleads as much)."""
+  out = subprocess.run(["git", "ls-files", "*.md", "*.gin", "*.py"], cwd=REPO,
+                       capture_output=True, text=True, check=True).stdout.split()
+  return {f: (REPO / f).read_text() for f in out
+          if not f.startswith("tests/") and (REPO / f).exists()}
+
+
+def _source_path(name: str) -> pathlib.Path:
+  for shipped, source in SHIPPED_AS.items():
+    if name == shipped or name.startswith(shipped + "/"):
+      return REPO / (source + name[len(shipped):])
+  return REPO / name
+
+
+def _top_level_names(module: str) -> set[str]:
+  tree = ast.parse(MODULES[module].read_text())
+  names: set[str] = set()
+  for node in tree.body:
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+      names.add(node.name)
+    elif isinstance(node, (ast.Assign, ast.AnnAssign)):
+      targets = node.targets if isinstance(node, ast.Assign) else [node.target]
+      names |= {n.id for t in targets for n in ast.walk(t) if isinstance(n, ast.Name)}
+    elif isinstance(node, (ast.Import, ast.ImportFrom)):
+      names |= {(a.asname or a.name).split(".")[0] for a in node.names}
+  package_dir = MODULES[module].parent if MODULES[module].name == "__init__.py" else None
+  if package_dir is not None:  # a package's submodules and lazily exported names
+    names |= {p.stem for p in package_dir.glob("*.py")} | {p.name for p in package_dir.iterdir()
+                                                          if p.is_dir()}
+    names |= set(re.findall(r'"(\w+)"', MODULES[module].read_text()))
+  return names
+
+
+def _stale_name(name: str) -> str | None:
+  """Why the dotted `ia3_jax....` name does not exist, or None if it does."""
+  if name.split(".")[:2] == ["ia3_jax", "gin"]:  # package data (the gin files), not a module
+    return None if _source_path(name.replace(".", "/")).exists() else "no such gin folder"
+  parts = name.split(".")
+  for i in range(len(parts), 0, -1):
+    module = ".".join(parts[:i])
+    if module in MODULES:
+      rest = parts[i:]
+      if rest and rest[0] not in _top_level_names(module):
+        return f"{module} has no {rest[0]!r}"
+      return None
+  return "no such module"
+
+
+def test_paths_and_modules_named_in_docs_and_docstrings_exist():
+  stale = []
+  for file, text in _documents().items():
+    for line_no, line in enumerate(text.splitlines(), 1):
+      for name in _PATH.findall(line):
+        if not _source_path(name.rstrip(".")).exists():
+          stale.append(f"{file}:{line_no}: path {name} does not exist")
+      for name in _MODULE.findall(line):
+        why = _stale_name(name)
+        if why:
+          stale.append(f"{file}:{line_no}: {name}: {why}")
+  assert not stale, "stale names:\n" + "\n".join(stale)
+
+
+def test_the_name_checker_tells_stale_names_from_real_ones():
+  assert _stale_name("ia3_jax.peft.banks.AdapterBank") is None
+  assert _stale_name("ia3_jax.data.register_task") is None  # a lazily exported name
+  assert _stale_name("ia3_jax.train.run_lock") is None
+  assert _stale_name("ia3_jax.synthetic") == "ia3_jax has no 'synthetic'"
+  assert _stale_name("ia3_jax.peft.banks.NoSuchBank") == "ia3_jax.peft.banks has no 'NoSuchBank'"
+  assert not _source_path("ia3_jax/synthetic.py").exists()
+  assert _source_path("ia3_jax/gin/recipes/t_few.gin").exists()

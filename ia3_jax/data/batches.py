@@ -31,7 +31,7 @@ from ia3_jax.data.feature_converters import (EOS_ID, RankClassificationFeatureCo
 from ia3_jax.data.registration import (RenderedSource, get_task_info, lookup, output_features,
                                        rows_dataset, select_first_template, task_ids,
                                        tokenize_prompted)
-from ia3_jax.errors import DataError
+from ia3_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,27 @@ class SeqioBatches:
   task_id_map: Optional[Mapping[str, int]] = None
   task_modules: Sequence[str] = ()
 
+  def __post_init__(self):
+    lengths = self.feature_lengths
+    try:
+      if not isinstance(lengths, Mapping) or not {"inputs", "targets"} <= set(lengths):
+        raise ValueError("a dict with 'inputs', 'targets' (and 'num_choices') is needed")
+      RankClassificationFeatureConverter()._lengths(dict(lengths))  # pylint: disable=protected-access
+    except ValueError as e:
+      raise ConfigError(f"TASK_FEATURE_LENGTHS={lengths!r}: {e}") from None
+
   def _import_task_modules(self) -> None:
     for module in self.task_modules:
-      if module:
+      if not module:
+        continue
+      try:
         importlib.import_module(module)
+      except ModuleNotFoundError as e:
+        if e.name is None or not module.startswith(e.name):
+          raise  # the module exists; something it imports does not
+        raise ConfigError(f"MIXTURE_OR_TASK_MODULES: no module named {module!r} (a Python "
+                          "module that registers your tasks, importable from PYTHONPATH)"
+                          ) from None
 
   def __call__(self, *, batch_size: int, start_step: int = 0, shard_id: int = 0,
                num_shards: int = 1) -> Iterator[Batch]:

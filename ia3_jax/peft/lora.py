@@ -29,6 +29,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from ia3_jax.errors import ConfigError
 from ia3_jax.model import layers, network
 from ia3_jax.model.config import T5Config
 from ia3_jax.peft import projection_targets
@@ -100,10 +101,10 @@ def lora_blocks(config: Optional[T5Config] = None, *, rank: int = 4, alpha: floa
   LoRA is applied on top of them.
   """
   projection_targets.require_single_task("lora", num_tasks)
-  if not isinstance(rank, int) or rank < 1:
-    raise ValueError(f"lora: rank must be a positive int, got {rank!r}")
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f"lora: dropout must be in [0, 1), got {dropout!r}")
+  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+    raise ConfigError(f"lora: rank must be a positive int, got {rank!r} (LORA_RANK)")
+  if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
+    raise ConfigError(f"lora: dropout must be in [0, 1), got {dropout!r} (LORA_DROPOUT)")
   names = projection_targets.normalize_targets(targets, what="lora targets")
   required = projection_targets.explicit_mlp_targets(targets)
   if config is not None:

@@ -26,7 +26,8 @@ import optax
 
 from ia3_jax import files
 from ia3_jax.data.features import BatchSource
-from ia3_jax.errors import CheckpointError, DataError, TrainingDivergedError, TrainingInterrupted
+from ia3_jax.errors import (CheckpointError, ConfigError, DataError, TrainingDivergedError,
+                            TrainingInterrupted)
 from ia3_jax.interop import hf_checkpoints, hf_families
 from ia3_jax.model import families, network, precision
 from ia3_jax.model import params as params_lib
@@ -175,6 +176,11 @@ class MetricsWindow:
       self._window, self._t0 = [], time.time()
 
 
+# The gin macro (runs/finetune.gin) of each TrainConfig field that errors name.
+TRAIN_MACROS = {"train_steps": "TRAIN_STEPS", "batch_size": "BATCH_SIZE",
+                "grad_accum_steps": "GRAD_ACCUM_STEPS", "log_period": "TrainConfig.log_period"}
+
+
 @dataclasses.dataclass(frozen=True)
 class TrainConfig:
   """Loop settings (T5X macro in brackets).
@@ -203,13 +209,16 @@ class TrainConfig:
 
   def __post_init__(self):
     for name in ("train_steps", "batch_size", "grad_accum_steps", "log_period"):
-      if not isinstance(getattr(self, name), int) or getattr(self, name) < 1:
-        raise ValueError(f"TrainConfig.{name} must be a positive int, got {getattr(self, name)!r}")
-    if self.eval_period < 0:
-      raise ValueError(f"TrainConfig.eval_period must be >= 0, got {self.eval_period}")
+      value = getattr(self, name)
+      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        raise ConfigError(f"{TRAIN_MACROS[name]}={value!r}: must be a positive int "
+                          f"(TrainConfig.{name})")
+    if not isinstance(self.eval_period, int) or self.eval_period < 0:
+      raise ConfigError(f"EVAL_PERIOD={self.eval_period!r}: must be an int >= 0 "
+                        "(0: evaluate at the end only)")
     if self.batch_size % self.grad_accum_steps:
-      raise ValueError(f"BATCH_SIZE={self.batch_size} must be divisible by "
-                       f"grad_accum_steps={self.grad_accum_steps}")
+      raise ConfigError(f"BATCH_SIZE={self.batch_size} must be divisible by "
+                        f"GRAD_ACCUM_STEPS={self.grad_accum_steps}")
 
 
 # --------------------------------------------------------------------------- the train run
@@ -223,6 +232,9 @@ def build_model(config: T5Config | DecoderConfig, blocks: Optional[network.Block
   `families.blocks_for`); dropout and layer scanning overridden when given. Decoder-only
   models have no dropout (a rate is ignored, with a warning)."""
   family = families.of(config)
+  if dropout_rate is not None and not (isinstance(dropout_rate, (int, float))
+                                       and 0.0 <= dropout_rate < 1.0):
+    raise ConfigError(f"DROPOUT_RATE={dropout_rate!r}: must be a number in [0, 1)")
   if family is families.DECODER_ONLY:
     if dropout_rate:
       log.warning("DROPOUT_RATE=%s ignored: decoder-only models have no dropout", dropout_rate)
@@ -312,8 +324,9 @@ def train(*, model_dir: str, config: T5Config | DecoderConfig, train_data: Batch
       if partitioner.replicated_dims:
         log.info("replicated (not divisible): %s", "; ".join(partitioner.replicated_dims))
       if tc.batch_size % (tc.grad_accum_steps * partitioner.data_size):
-        raise ValueError(f"BATCH_SIZE={tc.batch_size} must be divisible by grad_accum_steps "
-                         f"({tc.grad_accum_steps}) x data-parallel devices ({partitioner.data_size})")
+        raise ConfigError(f"BATCH_SIZE={tc.batch_size} must be divisible by GRAD_ACCUM_STEPS "
+                          f"({tc.grad_accum_steps}) x data-parallel devices "
+                          f"({partitioner.data_size}, --data_parallel)")
       counts = trainer.num_params()
       run_meta = {"seed": tc.seed, "batch_size": tc.batch_size, "train_steps": tc.train_steps,
                   "grad_accum_steps": tc.grad_accum_steps, "model_config": model.config.to_dict(),

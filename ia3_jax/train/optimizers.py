@@ -28,6 +28,8 @@ from typing import Callable, Optional
 import jax.numpy as jnp
 import optax
 
+from ia3_jax.errors import ConfigError
+
 Schedule = Callable[[jnp.ndarray], jnp.ndarray]
 
 
@@ -76,16 +78,17 @@ class OptimizerConfig:
 
   def __post_init__(self):
     if self.name not in ("adafactor", "adamw", "adam", "sgd"):
-      raise ValueError(f"OptimizerConfig.name {self.name!r}: use adafactor, adamw, adam or sgd")
+      raise ConfigError(f"OptimizerConfig.name {self.name!r}: use adafactor, adamw, adam or sgd")
     if self.schedule not in ("linear", "constant"):
-      raise ValueError(f"OptimizerConfig.schedule {self.schedule!r}: use linear or constant")
-    if not (isinstance(self.learning_rate, (int, float)) and math.isfinite(self.learning_rate)
-            and self.learning_rate >= 0):
-      raise ValueError(f"OptimizerConfig.learning_rate must be a finite number >= 0, "
-                       f"got {self.learning_rate!r}")
-    if self.grad_clip_norm is not None and self.grad_clip_norm <= 0:
-      raise ValueError(f"OptimizerConfig.grad_clip_norm must be > 0 or None, "
-                       f"got {self.grad_clip_norm}")
+      raise ConfigError(f"OptimizerConfig.schedule {self.schedule!r}: use linear or constant")
+    if not (isinstance(self.learning_rate, (int, float)) and not isinstance(self.learning_rate, bool)
+            and math.isfinite(self.learning_rate) and self.learning_rate >= 0):
+      raise ConfigError(f"LEARNING_RATE={self.learning_rate!r}: must be a finite number >= 0 "
+                        "(OptimizerConfig.learning_rate)")
+    if self.grad_clip_norm is not None and not (
+        isinstance(self.grad_clip_norm, (int, float)) and self.grad_clip_norm > 0):
+      raise ConfigError(f"OptimizerConfig.grad_clip_norm must be > 0 or None, "
+                        f"got {self.grad_clip_norm!r}")
 
   @property
   def num_warmup_steps(self) -> float:
