@@ -401,49 +401,57 @@ def test_bad_input_is_one_line_with_its_status_and_leaves_nothing(name, argv, st
   assert [p.name for p in tmp_path.iterdir()] in ([], ["ro"])
 
 
-def _tmpfs(path: pathlib.Path, size: str) -> bool:
-  path.mkdir()
-  return subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(path)],
-                        capture_output=True).returncode == 0
+# Loaded by the CLI subprocess (PYTHONPATH): the file system under $FULL_DISK reports only
+# $FULL_DISK_FREE bytes free, as a nearly full disk does; everything else is untouched.
+_FULL_DISK = """\
+import os, shutil
+_usage = shutil.disk_usage
+def disk_usage(path):
+  usage = _usage(path)
+  if os.path.abspath(path).startswith(os.environ["FULL_DISK"]):
+    return usage._replace(free=int(os.environ["FULL_DISK_FREE"]))
+  return usage
+shutil.disk_usage = disk_usage
+"""
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a small file system needs mount (root); "
-                    "test_free_space_is_checked_before_writing covers the check without it")
+def _full_disk_env(tmp_path: pathlib.Path, cache, disk: pathlib.Path, free: int,
+                   task_dir: pathlib.Path) -> dict:
+  site = tmp_path / "site"
+  site.mkdir()
+  (site / "sitecustomize.py").write_text(_FULL_DISK)
+  disk.mkdir()
+  env = _user_env(cache, task_dir)
+  env.update(PYTHONPATH=os.pathsep.join([str(site), env["PYTHONPATH"]]), FULL_DISK=str(disk),
+             FULL_DISK_FREE=str(free))
+  return env
+
+
 @pytest.mark.parametrize("argv", [["convert", str(T5_BASE), "{d}/c"],
                                   ["convert", str(T5_BASE), "{d}/c", "--to", "hf"],
                                   ["merge", "--base", str(T5_BASE), "--ia3", "{w}/adapter_t5",
                                    "--out", "{d}/m"]], ids=["orbax", "hf", "merge"])
 def test_a_full_disk_is_one_line_and_leaves_nothing(argv, work, tmp_path, compile_cache):
   disk = tmp_path / "disk"
-  if not _tmpfs(disk, "2m"):
-    pytest.skip("mount refused here; test_free_space_is_checked_before_writing covers it")
-  try:
-    proc = _run_cli([a.format(d=disk, w=work) for a in argv], tmp_path,
-                    _user_env(compile_cache, tmp_path))
-    _assert_one_line(proc, 1, f"{disk}/", "needs about 8.7 MB and only", "are free there")
-    assert list(disk.iterdir()) == []
-  finally:
-    subprocess.run(["umount", str(disk)], check=False)
+  env = _full_disk_env(tmp_path, compile_cache, disk, 2_000_000, tmp_path)
+  proc = _run_cli([a.format(d=disk, w=work) for a in argv], tmp_path, env)
+  _assert_one_line(proc, 1, f"{disk}/", "needs about 8.7 MB and only 2.0 MB are free there")
+  assert list(disk.iterdir()) == []
 
 
-@pytest.mark.skipif(os.geteuid() != 0, reason="a small file system needs mount (root)")
 def test_training_onto_a_full_disk_stops_with_one_line_before_its_checkpoint(tmp_path,
                                                                             compile_cache):
   disk = tmp_path / "disk"
-  if not _tmpfs(disk, "40k"):
-    pytest.skip("mount refused here; test_free_space_is_checked_before_writing covers it")
-  try:
-    task = _task_dir(tmp_path)
-    run = disk / "run"
-    proc = _run_cli(["train", *LAYERS, *SMALL, f"--gin.MODEL_DIR='{run}'",
-                     "--gin.MIXTURE_OR_TASK_NAME='mine_fewshot_seed0'",
-                     "--gin.MIXTURE_OR_TASK_MODULES=['mine_tasks']", "--gin.TRAIN_STEPS=2"],
-                    tmp_path, _user_env(compile_cache, task))
-    _assert_one_line(proc, 1, f"{run}/checkpoints/2: checkpoint 2 needs about",
-                     "are free there")
-    assert not (run / "checkpoints").exists() and not (run / run_lock.LOCK_NAME).exists()
-  finally:
-    subprocess.run(["umount", str(disk)], check=False)
+  task = _task_dir(tmp_path)
+  env = _full_disk_env(tmp_path, compile_cache, disk, 32_000, task)
+  run = disk / "run"
+  proc = _run_cli(["train", *LAYERS, *SMALL, f"--gin.MODEL_DIR='{run}'",
+                   "--gin.MIXTURE_OR_TASK_NAME='mine_fewshot_seed0'",
+                   "--gin.MIXTURE_OR_TASK_MODULES=['mine_tasks']", "--gin.TRAIN_STEPS=2"],
+                  tmp_path, env)
+  _assert_one_line(proc, 1, f"{run}/checkpoints/2: checkpoint 2 needs about",
+                   "only 32 kB are free there")
+  assert not (run / "checkpoints").exists() and not (run / run_lock.LOCK_NAME).exists()
 
 
 @pytest.mark.parametrize("edit, fragments", [
