@@ -8,10 +8,9 @@ HERE = Path(__file__).parent
 
 
 DATA_PATTERNS = ("*.gin", "*.yaml", "*.json", "*.jsonl", "*.csv", "*.model", "*.md", "*.safetensors")
-# gin/ and tasks/ live at the top level of the repo and ship inside the package as
-# ia3_jax.gin and ia3_jax.tasks (a checkout keeps them at the top level, where
-# gin_configurables.gin_dir and the editable install find them).
-MAPPED = {"ia3_jax.tasks": "tasks", "ia3_jax.gin": "gin"}
+# gin/ lives at the top level of the repo and ships inside the package as ia3_jax.gin (a
+# checkout keeps it at the top level, where gin_configurables.gin_dir finds it).
+MAPPED = {"ia3_jax.gin": "gin"}
 
 
 def _data_files(root: str, skip: tuple[str, ...] = ()) -> list[str]:
@@ -22,11 +21,10 @@ def _data_files(root: str, skip: tuple[str, ...] = ()) -> list[str]:
 
 
 def _packages() -> list[str]:
-  """Every Python package: ia3_jax's own, then tasks/ (and its subpackages) as ia3_jax.tasks,
-  and the data-only ia3_jax.gin (no __init__.py: as a package it would shadow gin-config)."""
+  """Every Python package: ia3_jax's own (ia3_jax.tasks included), and the data-only
+  ia3_jax.gin (no __init__.py: as a package it would shadow gin-config)."""
   own = find_packages(include=["ia3_jax", "ia3_jax.*"], exclude=[f"{m}*" for m in MAPPED])
-  tasks = ["ia3_jax.tasks"] + [f"ia3_jax.tasks.{p}" for p in find_packages(str(HERE / "tasks"))]
-  return sorted(own + tasks + ["ia3_jax.gin"])
+  return sorted(own + ["ia3_jax.gin"])
 
 
 setup(
@@ -38,8 +36,8 @@ setup(
     python_requires=">=3.10",
     packages=_packages(),
     package_dir={"ia3_jax": "ia3_jax", **MAPPED},
-    package_data={"ia3_jax.gin": _data_files("gin"), "ia3_jax.tasks": _data_files("tasks"),
-                  "ia3_jax": _data_files("ia3_jax", skip=("gin", "tasks"))},
+    package_data={"ia3_jax.gin": _data_files("gin"),
+                  "ia3_jax": _data_files("ia3_jax", skip=("gin",))},
     install_requires=[
         "jax>=0.4.30",
         "flax>=0.10",

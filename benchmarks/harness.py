@@ -27,15 +27,15 @@ import jax.numpy as jnp
 import numpy as np
 
 from ia3_jax.model import config as config_lib
-from ia3_jax.model import network, precision, storage
+from ia3_jax.model import network, precision
 from ia3_jax.objectives import losses
 from ia3_jax.peft import ia3
-from ia3_jax.train import host_memory, loop, optimizers, trainer
+from ia3_jax.train import assembly, host_memory, loop, optimizers, trainer
 
 Batch = dict[str, np.ndarray]
 
 IA3_TRAINABLE = ia3.IA3_PATTERN
-FULL_TRAINABLE = loop.ALL_PARAMS
+FULL_TRAINABLE = assembly.ALL_PARAMS
 
 
 # --------------------------------------------------------------------------- workload
@@ -281,15 +281,13 @@ class JaxTraining:
   def __init__(self, w: Workload, batch: Batch, *, trainable: str = IA3_TRAINABLE,
                loss: losses.LossConfig = TFEW, base: Optional[Mapping[str, Any]] = None,
                learning_rate: float = 3e-3, remat: str = "none", frozen_dtype: str = "float32"):
-    cfg = w.config
-    base_blocks = network.Blocks(remat=remat)
-    blocks = ia3.ia3_blocks(base=base_blocks) if trainable == IA3_TRAINABLE else base_blocks
-    self.model = network.Transformer(cfg, blocks=blocks)
+    self.spec = assembly.ModelSpec(
+        w.config, peft=ia3.IA3Config() if trainable == IA3_TRAINABLE else None,
+        trainable=trainable, remat=remat, frozen_dtype=frozen_dtype)
     opt = optimizers.OptimizerConfig(learning_rate=learning_rate, schedule="constant")
-    self.trainable = trainable
-    self.trainer = trainer.Trainer(self.model, trainable=trainable, optimizer=opt.build(),
-                                   loss=loss, seed=w.seed, enable_dropout=False,
-                                   frozen_storage=storage.FrozenStorage(frozen_dtype))
+    self.trainer = trainer.Trainer(assembly.layout(self.spec, seed=w.seed),
+                                   optimizer=opt.build(), loss=loss, enable_dropout=False)
+    self.model = self.trainer.model
     self.state = self.trainer.init_state(base)
     self.batch = self.trainer.partitioner.shard_batch(self.trainer.model_batch(batch),
                                                       batch["label"].shape[0])
@@ -317,16 +315,15 @@ class JaxTraining:
     """
     twin = self.trainer
     if self.model.config.dtype != "float32":
-      model = network.Transformer(  # the einsum core: the same products, any backend
-          self.model.config.replace(dtype="float32", attention_impl="einsum",
-                                    dpa_implementation=None), blocks=self.model.blocks)
-      twin = trainer.Trainer(model, trainable=self.trainable, optimizer=self.trainer.optimizer,
-                             loss=self.trainer.loss, seed=0, enable_dropout=False)
+      spec = self.spec.replace(config=self.spec.config.replace(  # the einsum core: the same
+          dtype="float32", attention_impl="einsum", dpa_implementation=None))  # products
+      twin = trainer.Trainer(assembly.layout(spec, seed=0), optimizer=self.trainer.optimizer,
+                             loss=self.trainer.loss, enable_dropout=False)
     return jaxpr_matmul_flops(twin.trace_step(self.state, self.batch).jaxpr)
 
   @property
   def num_trainable(self) -> int:
-    return self.trainer.num_params()["trainable"]
+    return self.trainer.layout.num_params()["trainable"]
 
 
 # --------------------------------------------------------------------------- rank classification

@@ -38,18 +38,17 @@ def step_memory(preset: str, frozen_dtype: str, batch: int = 8, inputs: int = 25
                 choices: int = 4, targets: int = 16, scan_layers: bool = False) -> dict:
   import jax
   import jax.numpy as jnp
-  from ia3_jax.model import config as config_lib, network, storage
+  from ia3_jax.model import config as config_lib, storage
   from ia3_jax.objectives import losses
   from ia3_jax.peft import ia3
-  from ia3_jax.train import optimizers, trainer
+  from ia3_jax.train import assembly, optimizers, trainer
   from benchmarks import harness
-  cfg = config_lib.get_config(preset, dtype="bfloat16")
-  model = network.Transformer(cfg, blocks=ia3.ia3_blocks(
-      base=network.Blocks(remat="full", scan_layers=scan_layers)))
-  tr = trainer.Trainer(model, trainable=ia3.IA3_PATTERN,
+  spec = assembly.ModelSpec(config_lib.get_config(preset, dtype="bfloat16"),
+                            peft=ia3.IA3Config(), remat="full", scan_layers=scan_layers,
+                            frozen_dtype=frozen_dtype)
+  tr = trainer.Trainer(assembly.layout(spec),
                        optimizer=optimizers.OptimizerConfig(total_steps=1000).build(),
-                       loss=losses.LossConfig(), enable_dropout=False,
-                       frozen_storage=storage.FrozenStorage(frozen_dtype))
+                       loss=losses.LossConfig(), enable_dropout=False)
   sh = tr.partitioner.batch_sharding()
   sds = lambda *shape: jax.ShapeDtypeStruct((batch, *shape), jnp.int32, sharding=sh)  # noqa: E731
   abstract_batch = {"encoder_input_tokens": sds(inputs), "choice_tokens": sds(choices, targets),
@@ -57,12 +56,12 @@ def step_memory(preset: str, frozen_dtype: str, batch: int = 8, inputs: int = 25
   t0 = time.time()
   compiled = tr.lower_step(tr.abstract_state(), abstract_batch).compile()
   stats = harness.memory_stats(compiled)
-  frozen = tr.abstract_frozen
+  frozen = tr.layout.abstract_frozen
   return {"preset": preset, "frozen_dtype": frozen_dtype, "scan_layers": scan_layers,
           "compile_s": round(time.time() - t0, 1),
           "argument_gib": stats["argument"] / GIB, "temp_gib": stats["temp"] / GIB,
           "peak_gib": stats["peak_bytes"] / GIB,
-          "frozen_gib": storage.nbytes(frozen) / GIB, "num_params": tr.num_params()}
+          "frozen_gib": storage.nbytes(frozen) / GIB, "num_params": tr.layout.num_params()}
 
 
 class AnonPeak:
@@ -104,17 +103,14 @@ def loader_memory(frozen_dtype: str, directory: str) -> dict:
   baseline = harness.peak_rss_bytes()
   import jax
   from ia3_jax.interop import hf_checkpoints
-  from ia3_jax.model import network, storage
+  from ia3_jax.model import storage
   from ia3_jax.peft import ia3
-  from ia3_jax.train import trainer
-  import optax
-  cfg = hf_checkpoints.load_hf_config(directory)
-  tr = trainer.Trainer(network.Transformer(cfg, blocks=ia3.ia3_blocks()),
-                       trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(0.1),
-                       frozen_storage=storage.FrozenStorage(frozen_dtype))
+  from ia3_jax.train import assembly
+  lay = assembly.layout(assembly.ModelSpec(hf_checkpoints.load_hf_config(directory),
+                                           peft=ia3.IA3Config(), frozen_dtype=frozen_dtype))
   before = harness.peak_rss_bytes()
   with AnonPeak() as anon:
-    _, params = hf_checkpoints.load_hf_checkpoint(directory, convert=tr.store_base_tensor)
+    _, params = hf_checkpoints.load_hf_checkpoint(directory, convert=lay.store_base_tensor)
     jax.block_until_ready(params)
   stored = storage.nbytes(params)
   files = sum(os.path.getsize(os.path.join(directory, f)) for f in os.listdir(directory)

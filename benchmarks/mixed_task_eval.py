@@ -229,8 +229,9 @@ def setup(args: argparse.Namespace) -> Setup:
   from ia3_jax.model import network
   from ia3_jax.objectives import scoring
   config, init = _model(args.preset)
-  tr, params, bank = runs.load_bank_for_inference(_bank(config, args.tasks), config=config,
-                                                  initial_checkpoint_path=init, seed=0)
+  from ia3_jax.train import assembly
+  tr, params, bank = runs.load_bank_for_inference(
+      _bank(config, args.tasks), assembly.ModelSpec(config, initial_checkpoint_path=init), seed=0)
   return Setup(config, tr, params, bank, scoring.RankClassifier(tr.model),
                scoring.RankClassifier(network.Transformer(config)))
 

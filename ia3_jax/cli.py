@@ -52,10 +52,9 @@ def _config_for(model: Optional[str], base: Optional[str], checkpoint_meta: Opti
   checkpoint's meta."""
   from ia3_jax.interop import hf_families
   from ia3_jax.model import families
-  from ia3_jax.peft import counts
   if model:
     try:
-      return counts.get_config(model)
+      return families.preset(model)
     except KeyError as e:
       raise ConfigError(f"--model: {e.args[0]}") from e
   if base:
@@ -63,19 +62,6 @@ def _config_for(model: Optional[str], base: Optional[str], checkpoint_meta: Opti
   if checkpoint_meta and "model_config" in checkpoint_meta:
     return families.config_from_dict(checkpoint_meta["model_config"])
   raise ConfigError("give --model PRESET or --base HF_DIR to know the model shape")
-
-
-def _trainable_dir(path: str) -> tuple[pathlib.Path, dict]:
-  """The `trainable/` item of a training checkpoint (MODEL_DIR, checkpoints/ or a step)."""
-  from ia3_jax.train import checkpointer
-  step_dir, meta = checkpointer.read_checkpoint_meta(path)
-  return step_dir / "trainable", meta
-
-
-def _is_training_checkpoint(path: str) -> bool:
-  p = pathlib.Path(path)
-  return p.is_dir() and ((p / "trainable").exists() or (p / "checkpoints").exists() or any(
-      (c / "trainable").exists() for c in p.iterdir() if c.is_dir()))
 
 
 # --------------------------------------------------------------------------- commands
@@ -151,7 +137,7 @@ def merge(argv: Sequence[str]) -> int:
   p.add_argument("--ia3", required=True, help="training checkpoint (MODEL_DIR, checkpoints/ "
                  "or a step), peft IA3 adapter directory, T-Few state dict, or orbax params")
   p.add_argument("--out", required=True, help="output directory of the merged model")
-  p.add_argument("--task", type=int, default=0, help="row of a task bank (IA3_NUM_TASKS > 1)")
+  p.add_argument("--task", type=int, default=0, help="row of a task bank (NUM_TASKS > 1)")
   p.add_argument("--format", choices=("hf", "orbax"), default="hf",
                  help="HF directory (safetensors) or orbax params")
   p.add_argument("--model_type", choices=("t5", "mt5", "llama", "mistral", "qwen2"),
@@ -165,9 +151,10 @@ def merge(argv: Sequence[str]) -> int:
   files.check_output_dir(args.out, overwrite=args.overwrite)
   files.check_free_space(args.out, _float32_bytes(hf_families.of_dir(args.base).load_config(
       args.base)), "the merged model")
+  from ia3_jax.train import checkpointer
   source = args.ia3
-  if _is_training_checkpoint(source):
-    source = str(_trainable_dir(source)[0])
+  if checkpointer.is_training_checkpoint(source):
+    source = str(checkpointer.trainable_dir(source))
   with files.output_dir(args.out, overwrite=args.overwrite) as tmp:
     ia3_adapters.merge_checkpoint(args.base, source, tmp, task=args.task,
                                   output_format=args.format, model_type=args.model_type)
@@ -194,7 +181,7 @@ def export_peft(argv: Sequence[str]) -> int:
                  "default: the checkpoint's own model config)")
   p.add_argument("--model", default=None, help="model preset (for the model shape)")
   p.add_argument("--task", type=int, default=0,
-                 help="row of a task bank to export (IA3_NUM_TASKS > 1)")
+                 help="row of a task bank to export (NUM_TASKS > 1)")
   p.add_argument("--convention", choices=("t5", "mt5", "tfew"), default="t5",
                  help="where the MLP vector goes: t5 scales the input of wo (peft's T5 "
                       "default); mt5 = tfew scales the output of the linear wi_1 branch "

@@ -133,8 +133,8 @@ def feature_lengths(family: str) -> dict[str, int]:
 class FewShotRunner:
   """Fits one fine-tuning method on few-shot demo tasks and evaluates it.
 
-  Holds a `trainer.Trainer` (one jit compilation per batch shape, reused by
-  every fit), the base params, and the method's hyper-parameters.
+  Holds a `trainer.Trainer` on the layout of an `assembly.ModelSpec` (one jit
+  compilation per batch shape, reused by every fit), the base params, and the method.
 
   Args:
     config: model config of either family (of the base params).
@@ -156,50 +156,47 @@ class FewShotRunner:
                batch_size: int = DEMO_RECIPE["batch_size"], dropout_rate: float = 0.0,
                eval_batch_size: int = EVAL_BATCH_SIZE, seed: int = 0,
                frozen_dtype: str = "float32"):
-    from ia3_jax.model import storage
     from ia3_jax.objectives import losses
-    from ia3_jax.train import loop, optimizers, trainer  # pylint: disable=g-import-not-at-top
+    from ia3_jax.train import assembly, optimizers, trainer  # pylint: disable=g-import-not-at-top
     from ia3_jax.peft import registry  # pylint: disable=g-import-not-at-top
-    self.method = registry.get_method(method)
-    self.method_kwargs = dict(method_kwargs or {})
+    self.method = registry.make(method, **dict(method_kwargs or {}))
     self.loss = loss or losses.LossConfig()
     optimizer = optimizer or optimizers.OptimizerConfig()
     self.optimizer = dataclasses.replace(optimizer, total_steps=train_steps)
     self.train_steps = train_steps
     self.batch_size = batch_size
     self.eval_batch_size = eval_batch_size
-    blocks = self.method.blocks(config, **self.method_kwargs)
-    self.model = loop.build_model(config, blocks, dropout_rate=dropout_rate)
+    self.spec = assembly.ModelSpec(config, peft=self.method, dropout_rate=dropout_rate,
+                                   frozen_dtype=frozen_dtype)
+    self.layout = assembly.layout(self.spec, seed=seed)
+    self.model = self.layout.model
     self.config = self.model.config
     self.trainer = trainer.Trainer(
-        self.model, trainable=self.method.trainable_patterns, optimizer=self.optimizer.build(),
-        loss=self.loss, seed=seed, enable_dropout=dropout_rate > 0,
-        learning_rate_fn=self.optimizer.learning_rate_fn(),
-        frozen_storage=storage.FrozenStorage(frozen_dtype))
+        self.layout, optimizer=self.optimizer.build(), loss=self.loss,
+        enable_dropout=dropout_rate > 0, learning_rate_fn=self.optimizer.learning_rate_fn())
     self.base_params = base_params
     self._initial = None
 
   @property
   def num_trainable(self) -> int:
-    return self.trainer.num_params()["trainable"]
+    return self.layout.num_params()["trainable"]
 
   @property
   def num_total(self) -> int:
-    return self.trainer.num_params()["total"]
+    return self.layout.num_params()["total"]
 
   def initial_params(self, init: Optional[Mapping[str, Any]] = None):
     """Base params with the method's params at their initial value (or `init`'s values)."""
     if init is not None:
-      return self.trainer.init_state(self._with_method_params(init)).params
+      return self.layout.place_params(self._with_method_params(init))
     if self._initial is None:
-      self._initial = self.trainer.init_state(self._with_method_params()).params
+      self._initial = self.layout.place_params(self._with_method_params())
     return self._initial
 
   def _with_method_params(self, init: Optional[Mapping[str, Any]] = None):
     """Host tree: base params, the method's new params (initialised), `init` on top."""
     from ia3_jax.model import params as params_lib  # pylint: disable=g-import-not-at-top
-    state = self.trainer.init_state(self.base_params)
-    full = state.params
+    full = self.layout.init_params(self.base_params)
     if init is not None:
       flat = params_lib.flatten(full)
       for path, value in params_lib.flatten(init).items():
@@ -214,7 +211,7 @@ class FewShotRunner:
     from ia3_jax.data import batches, registration  # pylint: disable=g-import-not-at-top
     name = f"demo_{family}_eval"
     stream = batches.get_batches(name, None, self.eval_batch_size, feature_lengths(family))
-    result = self.trainer.evaluate(params, stream, self.eval_batch_size)
+    result = self.layout.evaluate(params, stream, self.eval_batch_size)
     names = registration.get_task_info(name).template_names
     return {names[int(t)]: float(r["accuracy"]) for t, r in result["per_template"].items()}
 
@@ -254,8 +251,7 @@ class FewShotRunner:
   def trainable_params(self, params):
     """The trainable part of a full param tree (host arrays)."""
     import jax  # pylint: disable=g-import-not-at-top
-    from ia3_jax.model import params as params_lib  # pylint: disable=g-import-not-at-top
-    return jax.device_get(params_lib.partition(params, self.trainer.mask)[0])
+    return jax.device_get(self.layout.split(params)[0])
 
 
 def pretrain_ia3(config: T5Config | DecoderConfig, base_params: Mapping[str, Any],
@@ -273,14 +269,13 @@ def pretrain_ia3(config: T5Config | DecoderConfig, base_params: Mapping[str, Any
   import jax  # pylint: disable=g-import-not-at-top
   from ia3_jax.data import batches
   from ia3_jax.peft import ia3
-  from ia3_jax.train import loop, optimizers
+  from ia3_jax.train import assembly, loop, optimizers
   from ia3_jax.objectives import losses  # pylint: disable=g-import-not-at-top
   from ia3_jax.tasks import demo as demo_tasks  # pylint: disable=g-import-not-at-top
   results = loop.train(
-      model_dir=model_dir, config=config,
+      model_dir=model_dir, model=assembly.ModelSpec(config, peft=ia3.IA3Config(sites=tuple(sites))),
       train_data=batches.SeqioBatches(demo_tasks.PRETRAIN_MIXTURE,
                                       dict(FEATURE_LENGTHS, num_choices=1), seed=seed),
-      blocks=ia3.ia3_blocks(tuple(sites)), trainable=ia3.IA3_PATTERN,
       train_config=loop.TrainConfig(train_steps=train_steps, batch_size=batch_size, seed=seed,
                                     enable_dropout=False, eval_at_end=False, progress=False,
                                     log_period=max(1, train_steps // 10)),

@@ -263,6 +263,10 @@ def shipped_gin_files() -> list[str]:
   return sorted(out)
 
 
+# Parsed before the given files when one binds MODEL_CONFIG (a models/*.gin file): MODEL (the
+# run's assembly.ModelSpec) and its defaults, which the files and the flags then override.
+BASE_GIN_FILE = os.path.join("models", "base.gin")
+_BINDS_MODEL_CONFIG = re.compile(r"^\s*MODEL_CONFIG\s*=")
 _INCLUDE = re.compile(r"""^\s*include\s+['"]([^'"]+)['"]""")
 
 
@@ -468,7 +472,8 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
               flag_bindings: Sequence[str] = ()) -> list[str]:
   """Parses gin files (resolved against the search paths) and bindings; returns the files.
 
-  `flag_bindings` (those of `bindings` that came from --gin.KEY=VALUE flags) are
+  `models/base.gin` (the MODEL spec and its defaults) is parsed first when a file binds
+  MODEL_CONFIG (a model preset). `flag_bindings` (those of `bindings` that came from --gin.KEY=VALUE flags) are
   checked first (`check_gin_flags`).
   """
   import gin
@@ -477,6 +482,9 @@ def parse_gin(gin_files: Sequence[str], bindings: Sequence[str],
   for p in paths:
     gin.add_config_file_search_path(p)
   files = [resolve_gin_file(f, paths) for f in gin_files]
+  if _matching_lines(_BINDS_MODEL_CONFIG, _with_includes(files, paths)):
+    base = resolve_gin_file(BASE_GIN_FILE, paths)  # MODEL and its defaults, before any file
+    files = [base] + [f for f in files if f != base]
   all_files = _with_includes(files, paths)
   check_gin_flags(flag_bindings, all_files, bindings)
   for binding in bindings:

@@ -32,7 +32,6 @@ from typing import Any, Iterator, Mapping, Optional, Union
 
 import jax
 import numpy as np
-import optax
 
 from ia3_jax import files
 from ia3_jax.data import features
@@ -41,17 +40,15 @@ from ia3_jax.data.registration import dataset_template_names
 from ia3_jax.errors import AdapterError, CheckpointError, ConfigError, DataError
 from ia3_jax.interop import ia3_adapters
 from ia3_jax.interop.adapter_files import ADAPTER_CONFIG
-from ia3_jax.model import network, precision
+from ia3_jax.model import precision
 from ia3_jax.model import params as params_lib
-from ia3_jax.model.config import T5Config
-from ia3_jax.model.storage import FrozenStorage
 from ia3_jax.peft import ia3
 from ia3_jax.peft.banks import AdapterBank
-from ia3_jax.train import checkpointer
-from ia3_jax.train.checks import check_eval_result, check_vocabulary
-from ia3_jax.train.loop import ALL_PARAMS, build_model, load_base_params
-from ia3_jax.train.partitioning import PartitionConfig, Partitioner
-from ia3_jax.train.trainer import Trainer
+from ia3_jax.train import assembly, checkpointer
+from ia3_jax.train.assembly import ModelSpec
+from ia3_jax.train.checks import check_eval_result, check_source_task_ids, check_vocabulary
+from ia3_jax.train.param_layout import ParamLayout
+from ia3_jax.train.partitioning import PartitionConfig
 from ia3_jax.train.writers import eval_result_json
 
 log = logging.getLogger(__name__)
@@ -60,41 +57,32 @@ log = logging.getLogger(__name__)
 Adapters = Union[AdapterBank, Mapping[str, str], str, os.PathLike]
 
 
-def load_for_inference(*, config: T5Config, blocks: Optional[network.Blocks] = None,
-                       trainable: params_lib.Patterns = ALL_PARAMS,
-                       initial_checkpoint_path: Optional[str] = None,
-                       checkpoint_path: Optional[str] = None,
-                       partitioning: PartitionConfig = PartitionConfig(), seed: int = 42,
-                       use_task_id: bool = False, max_choices_per_step: Optional[int] = None,
-                       frozen_dtype: str = "float32", scan_layers: Optional[bool] = None
-                       ) -> tuple[Trainer, Any, dict]:
-  """(trainer, params on the mesh, checkpoint meta) for eval / score / infer; `frozen_dtype`
-  [FROZEN_DTYPE]: storage of the base params (`model.storage.FrozenStorage`)."""
+def load_for_inference(model: ModelSpec, *, checkpoint_path: Optional[str] = None,
+                       partitioning: PartitionConfig = PartitionConfig(), seed: int = 42
+                       ) -> tuple[ParamLayout, Any, dict]:
+  """(layout, params on the mesh, checkpoint meta) of `model` for eval / score / infer: the
+  base at INITIAL_CHECKPOINT_PATH, the trainable params of `checkpoint_path` on top."""
   meta: dict = {}
   if checkpoint_path:
     _, meta = checkpointer.read_checkpoint_meta(checkpoint_path)
-    if initial_checkpoint_path is None and meta.get("initial_checkpoint_path"):
+    if model.initial_checkpoint_path is None and meta.get("initial_checkpoint_path"):
       log.warning("checkpoint %s was trained from %s; this run uses a random base "
                   "(INITIAL_CHECKPOINT_PATH=None)", checkpoint_path,
                   meta["initial_checkpoint_path"])
     seed = int(meta.get("seed", seed))  # the random base (if any) of the training run
-  model = build_model(config, blocks, dropout_rate=0.0, scan_layers=scan_layers)
+  lay = assembly.layout(model, partitioning, seed=seed, training=False)
   if jax.process_index() == 0:
-    print(precision.describe_dtype(config.dtype), flush=True)
-  tr = Trainer(model, trainable=trainable, optimizer=optax.identity(),
-               partitioner=Partitioner(partitioning), seed=seed, enable_dropout=False,
-               use_task_id=use_task_id, max_choices_per_step=max_choices_per_step,
-               frozen_storage=FrozenStorage(frozen_dtype))
-  state = tr.init_state(load_base_params(tr, initial_checkpoint_path),
-                        source=str(initial_checkpoint_path))
+    print(precision.describe_dtype(model.config.dtype), flush=True)
+  params = assembly.initial_params(lay, model)
   if checkpoint_path:
-    # Either layer layout (a run with or without SCAN_LAYERS): restored, then converted.
+    # Either layer layout (scanned or unrolled): restored, then converted.
     restored, meta = checkpointer.restore_trainable(checkpoint_path)
-    restored = tr.in_layout(restored)
-    checkpointer.check_tree_matches(restored, tr.abstract_state().trainable,
+    restored = lay.in_layout(restored)
+    checkpointer.check_tree_matches(restored, lay.abstract_trainable,
                                     where=f"{checkpoint_path} (trainable)")
-    state = state.replace(trainable=tr.place_params(restored))
-  return tr, state.params, meta
+    _, frozen = lay.split(params)
+    params = params_lib.combine(lay.place_params(restored), frozen)
+  return lay, params, meta
 
 
 # --------------------------------------------------------------------------- adapter banks
@@ -106,11 +94,11 @@ def adapter_source(path: str | os.PathLike) -> str:
   p = pathlib.Path(path)
   if p.is_dir() and not (p / ADAPTER_CONFIG).exists() and not (
       p / ia3_adapters.ORBAX_METADATA).exists():
-    return str(checkpointer.resolve_step_dir(p) / "trainable")
+    return str(checkpointer.trainable_dir(p))
   return str(path)
 
 
-def load_adapters(adapters: Adapters, config: T5Config, *,
+def load_adapters(adapters: Adapters, config: Any, *,
                   capacity: Optional[int] = None) -> AdapterBank:
   """An `AdapterBank` (returned as is), or one loaded from {name: path} or a directory of
   adapters (`ia3_adapters.load_adapter_bank`; training checkpoints read as `adapter_source`)."""
@@ -133,56 +121,39 @@ def load_adapters(adapters: Adapters, config: T5Config, *,
   return ia3_adapters.load_adapter_bank(sources, config, capacity=capacity)
 
 
-def bank_blocks(bank: AdapterBank, blocks: Optional[network.Blocks] = None) -> network.Blocks:
-  """(IA)^3 blocks for `bank` (its sites, one row per slot) on top of `blocks` (which may
-  be (IA)^3 or no PEFT method, not another one)."""
-  blocks = blocks or network.Blocks()
-  default = network.Blocks()
-  for field, allowed in (("attention", ia3.IA3Attention), ("mlp", ia3.IA3Mlp)):
-    cls = getattr(getattr(blocks, field), "func", getattr(blocks, field))
-    if cls is not getattr(default, field) and not (isinstance(cls, type)
-                                                   and issubclass(cls, allowed)):
-      raise ConfigError(f"ADAPTERS holds (IA)^3 adapters, but PEFT_BLOCKS uses "
-                        f"{getattr(cls, '__name__', cls)} for the {field}; include peft/ia3.gin "
-                        "(or no PEFT method)")
-  others = [f for f in ("layer_norm", "encoder_layer", "decoder_layer", "encoder", "decoder")
-            if getattr(blocks, f) is not getattr(default, f)]
-  if others:
-    raise ConfigError(f"ADAPTERS holds (IA)^3 adapters, but PEFT_BLOCKS overrides {others[0]} "
-                      "(another PEFT method); include peft/ia3.gin (or no PEFT method)")
-  return ia3.ia3_blocks(ia3.sites_of(bank.params()), bank.capacity, base=blocks)
+def bank_spec(bank: AdapterBank, model: ModelSpec) -> ModelSpec:
+  """`model` with (IA)^3 on `bank`'s sites, one row per slot (its PEFT method may be (IA)^3
+  or none, not another one)."""
+  if model.peft is not None and not isinstance(model.peft, ia3.IA3Config):
+    raise ConfigError(f"ADAPTERS holds (IA)^3 adapters, but the run's PEFT method is "
+                      f"{model.peft.name}; include peft/ia3.gin (or no PEFT method)")
+  return model.replace(peft=ia3.IA3Config(sites=ia3.sites_of(bank.params())),
+                       num_tasks=bank.capacity, trainable=None)
 
 
-def with_bank(tr: Trainer, params: Any, bank: AdapterBank) -> Any:
-  """`params` with `bank`'s current values as the (IA)^3 params, placed as `tr` keeps them:
+def with_bank(lay: ParamLayout, params: Any, bank: AdapterBank) -> Any:
+  """`params` with `bank`'s current values as the (IA)^3 params, placed as `lay` keeps them:
   same shapes, so a jitted eval step runs again without a new compilation."""
-  expected = params_lib.flatten(ia3.init_ia3(tr.model.config, ia3.sites_of(bank.params()), 1))
+  expected = params_lib.flatten(ia3.init_ia3(lay.model.config, ia3.sites_of(bank.params()), 1))
   for path, shape in bank.row_shapes.items():
     if path not in expected or tuple(expected[path].shape[1:]) != shape:
       want = tuple(expected[path].shape[1:]) if path in expected else "no such param"
       raise AdapterError(f"adapter bank ({', '.join(bank.names)}): {path} rows are {shape}, the "
                          f"model has {want} (adapters for another base model shape?)")
-  _, frozen = params_lib.partition(params, tr.mask)
-  return params_lib.combine(tr.place_params(bank.params()), frozen)
+  _, frozen = lay.split(params)
+  return params_lib.combine(lay.place_params(bank.params()), frozen)
 
 
-def load_bank_for_inference(adapters: Adapters, *, config: T5Config,
-                            blocks: Optional[network.Blocks] = None,
-                            initial_checkpoint_path: Optional[str] = None,
+def load_bank_for_inference(adapters: Adapters, model: ModelSpec, *,
                             partitioning: PartitionConfig = PartitionConfig(), seed: int = 42,
-                            max_choices_per_step: Optional[int] = None,
-                            frozen_dtype: str = "float32", scan_layers: Optional[bool] = None,
-                            capacity: Optional[int] = None) -> tuple[Trainer, Any, AdapterBank]:
-  """(trainer, params on the mesh, bank) of a base model with one (IA)^3 row per adapter
-  (`task_id` picks it). After `bank.add(...)` under capacity, `with_bank(tr, params, bank)`
-  gives the new params: the trainer's compiled programs are reused."""
-  bank = load_adapters(adapters, config, capacity=capacity)
-  tr, params, _ = load_for_inference(
-      config=config, blocks=bank_blocks(bank, blocks), trainable=ia3.IA3_PATTERN,
-      initial_checkpoint_path=initial_checkpoint_path, partitioning=partitioning, seed=seed,
-      use_task_id=True, max_choices_per_step=max_choices_per_step, frozen_dtype=frozen_dtype,
-      scan_layers=scan_layers)
-  return tr, with_bank(tr, params, bank), bank
+                            capacity: Optional[int] = None) -> tuple[ParamLayout, Any, AdapterBank]:
+  """(layout, params on the mesh, bank) of `model`'s base with one (IA)^3 row per adapter
+  (`task_id` picks it). After `bank.add(...)` under capacity, `with_bank(lay, params, bank)`
+  gives the new params: the compiled programs are reused."""
+  bank = load_adapters(adapters, model.config, capacity=capacity)
+  lay, params, _ = load_for_inference(bank_spec(bank, model), partitioning=partitioning,
+                                      seed=seed)
+  return lay, with_bank(lay, params, bank), bank
 
 
 def bank_data(data: BatchSource, bank: AdapterBank) -> BatchSource:
@@ -217,28 +188,34 @@ def _per_task_json(result: Mapping[str, Any], bank: AdapterBank) -> dict:
   return out
 
 
-def _load(data: BatchSource, adapters: Optional[Adapters], **kwargs
-          ) -> tuple[Trainer, Any, dict, BatchSource, Optional[AdapterBank]]:
-  """(trainer, params, checkpoint meta, data, bank): one checkpoint, or a bank of adapters."""
+def _load(data: BatchSource, adapters: Optional[Adapters], model: ModelSpec, **kwargs
+          ) -> tuple[ParamLayout, Any, dict, BatchSource, Optional[AdapterBank]]:
+  """(layout, params, checkpoint meta, data, bank): one checkpoint, or a bank of adapters."""
   if adapters is None:
-    return (*load_for_inference(**kwargs), data, None)
-  if kwargs.get("checkpoint_path"):
-    raise ConfigError(f"CHECKPOINT_PATH={kwargs['checkpoint_path']!r} and ADAPTERS are both "
-                      "set; the adapters are the (IA)^3 params: set CHECKPOINT_PATH=None")
-  for unused in ("checkpoint_path", "trainable", "use_task_id"):
-    kwargs.pop(unused, None)
-  bank = load_adapters(adapters, kwargs["config"])
+    return (*load_for_inference(model, **kwargs), data, None)
+  checkpoint_path = kwargs.pop("checkpoint_path", None)
+  if checkpoint_path:
+    raise ConfigError(f"CHECKPOINT_PATH={checkpoint_path!r} and ADAPTERS are both set; the "
+                      "adapters are the (IA)^3 params: set CHECKPOINT_PATH=None")
+  bank = load_adapters(adapters, model.config)
   data = bank_data(data, bank)  # a task without an adapter fails before the model loads
-  tr, params, bank = load_bank_for_inference(bank, **kwargs)
-  return tr, params, {}, data, bank
+  lay, params, bank = load_bank_for_inference(bank, model, **kwargs)
+  return lay, params, {}, data, bank
 
 
 # --------------------------------------------------------------------------- runs
 
 
-def _batches(data: BatchSource, tr: Trainer, batch_size: int) -> Iterator:
-  shard_id, num_shards = tr.partitioner.data_shard_info()
-  return data(batch_size=tr.partitioner.local_batch_size(batch_size), start_step=0,
+def _check_data(data: BatchSource, lay: ParamLayout, model: ModelSpec) -> None:
+  """The data's vocabulary and (with per-task banks) task ids against the model."""
+  check_vocabulary(data, model.config)
+  if lay.use_task_id:
+    check_source_task_ids(data, lay.task_id_check)
+
+
+def _batches(data: BatchSource, lay: ParamLayout, batch_size: int) -> Iterator:
+  shard_id, num_shards = lay.partitioner.data_shard_info()
+  return data(batch_size=lay.partitioner.local_batch_size(batch_size), start_step=0,
               shard_id=shard_id, num_shards=num_shards)
 
 
@@ -257,32 +234,26 @@ def _template_names(data: BatchSource):
   return names() if callable(names) else None
 
 
-def evaluate(*, output_dir: str, config: T5Config, data: BatchSource, batch_size: int,
-             blocks: Optional[network.Blocks] = None, trainable: params_lib.Patterns = ALL_PARAMS,
-             initial_checkpoint_path: Optional[str] = None, checkpoint_path: Optional[str] = None,
+def evaluate(*, output_dir: str, model: ModelSpec, data: BatchSource, batch_size: int,
+             checkpoint_path: Optional[str] = None,
              partitioning: PartitionConfig = PartitionConfig(), seed: int = 42,
-             use_task_id: bool = False, length_normalize: bool = True,
-             max_choices_per_step: Optional[int] = None, progress: bool = True,
-             frozen_dtype: str = "float32", scan_layers: Optional[bool] = None,
+             length_normalize: bool = True, progress: bool = True,
              adapters: Optional[Adapters] = None) -> dict:
-  """Rank-classification accuracy of a checkpoint, or of one adapter per task
-  (`adapters`: then also per task, `per_task`); writes `eval_results.json`."""
-  tr, params, meta, data, bank = _load(
-      data, adapters, config=config, blocks=blocks, trainable=trainable,
-      initial_checkpoint_path=initial_checkpoint_path, checkpoint_path=checkpoint_path,
-      partitioning=partitioning, seed=seed, use_task_id=use_task_id,
-      max_choices_per_step=max_choices_per_step, frozen_dtype=frozen_dtype,
-      scan_layers=scan_layers)
-  check_vocabulary(data, config)
-  batches = _batches(data, tr, batch_size)
-  result = tr.evaluate(params, batches, batch_size, length_normalize=length_normalize,
-                       progress=progress, total=getattr(batches, "num_batches", None),
-                       per_task=bank is not None)
+  """Rank-classification accuracy of `model` with a checkpoint's trainable params, or with
+  one adapter per task (`adapters`: then also per task, `per_task`); writes
+  `eval_results.json`."""
+  lay, params, meta, data, bank = _load(data, adapters, model, checkpoint_path=checkpoint_path,
+                                        partitioning=partitioning, seed=seed)
+  _check_data(data, lay, model)
+  batches = _batches(data, lay, batch_size)
+  result = lay.evaluate(params, batches, batch_size, length_normalize=length_normalize,
+                        progress=progress, total=getattr(batches, "num_batches", None),
+                        per_task=bank is not None)
   truncation = _truncation(batches, data)
   name = str(getattr(data, "name", "eval data"))
   check_eval_result(result, name)
   out = {"checkpoint": checkpoint_path, "step": meta.get("step"),
-         "initial_checkpoint_path": initial_checkpoint_path}
+         "initial_checkpoint_path": model.initial_checkpoint_path}
   if bank is None:
     out.update(eval_result_json(result, _template_names(data)))
   else:
@@ -311,10 +282,10 @@ def _bank_result_json(result: Mapping[str, Any], bank: AdapterBank, data: BatchS
           **eval_result_json(pooled), "per_task": per_task}
 
 
-def _rows(tr: Trainer, params: Any, batches: Iterator, batch_size: int,
+def _rows(lay: ParamLayout, params: Any, batches: Iterator, batch_size: int,
           length_normalize: bool) -> Iterator[dict]:
   """Per-example scores and predictions of this host's rows (padding rows dropped)."""
-  classify = tr.classifier(batch_size, length_normalize)
+  classify = lay.classifier(batch_size, length_normalize)
   for batch in batches:
     inputs = {k: np.asarray(batch[k]) for k in features.MODEL_FEATURES if k in batch}
     out = classify(params, inputs)
@@ -345,20 +316,20 @@ def _vocabulary(data: BatchSource):
   return vocabulary()
 
 
-def _write_rows(kind: str, *, output_dir: str, config: T5Config, data: BatchSource,
-                batch_size: int, adapters: Optional[Adapters] = None, **kwargs) -> dict:
-  length_normalize = kwargs.pop("length_normalize", True)
-  check_vocabulary(data, config)
+def _write_rows(kind: str, *, output_dir: str, model: ModelSpec, data: BatchSource,
+                batch_size: int, adapters: Optional[Adapters] = None,
+                length_normalize: bool = True, **kwargs) -> dict:
   vocab = _vocabulary(data) if kind == "infer" else None
-  tr, params, meta, data, bank = _load(data, adapters, config=config, **kwargs)
+  lay, params, meta, data, bank = _load(data, adapters, model, **kwargs)
+  _check_data(data, lay, model)
   created = not os.path.exists(output_dir)
   os.makedirs(output_dir, exist_ok=True)
   path = _rows_file(output_dir, "scores" if kind == "score" else "predictions")
   count = 0
-  batches = _batches(data, tr, batch_size)
+  batches = _batches(data, lay, batch_size)
   try:
     with files.atomic_open(path) as f:
-      for row in _rows(tr, params, batches, batch_size, length_normalize):
+      for row in _rows(lay, params, batches, batch_size, length_normalize):
         if bank is not None:
           row = {"task": _task_name(bank, row["task_id"]), **row}
         if kind == "infer":
@@ -377,21 +348,20 @@ def _write_rows(kind: str, *, output_dir: str, config: T5Config, data: BatchSour
           "truncation": truncation}
 
 
-def score(*, output_dir: str, config: T5Config, data: BatchSource, batch_size: int,
+def score(*, output_dir: str, model: ModelSpec, data: BatchSource, batch_size: int,
           **kwargs) -> dict:
   """Writes every choice's rank-classification score per example to `scores.jsonl`.
 
-  kwargs: blocks, trainable, initial_checkpoint_path, checkpoint_path,
-  partitioning, seed, use_task_id, length_normalize, max_choices_per_step,
-  frozen_dtype, scan_layers, adapters (one per task: rows then name their `task`).
+  kwargs: checkpoint_path, partitioning, seed, length_normalize, adapters (one per task:
+  rows then name their `task`).
   """
-  return _write_rows("score", output_dir=output_dir, config=config, data=data,
+  return _write_rows("score", output_dir=output_dir, model=model, data=data,
                      batch_size=batch_size, **kwargs)
 
 
-def infer(*, output_dir: str, config: T5Config, data: BatchSource, batch_size: int,
+def infer(*, output_dir: str, model: ModelSpec, data: BatchSource, batch_size: int,
           **kwargs) -> dict:
   """Writes the predicted choice (index, tokens, text) per example to `predictions.jsonl`
   (kwargs as `score`; with `adapters` each row names its `task`)."""
-  return _write_rows("infer", output_dir=output_dir, config=config, data=data,
+  return _write_rows("infer", output_dir=output_dir, model=model, data=data,
                      batch_size=batch_size, **kwargs)

@@ -247,7 +247,7 @@ METHODS = {  # name -> (registry name, hyper-parameters, learning rate, Adafacto
     "prompt tuning (10)": ("prompt_tuning", {"length": 10}, 3e-1, True),
     "prefix tuning (10)": ("prefix_tuning", {"length": 10}, 3e-2, True),
 }
-METHODS = {k: v for k, v in METHODS.items() if v[0] in registry.METHODS}
+METHODS = {k: v for k, v in METHODS.items() if v[0] in registry.methods()}
 if SMALL:  # a quick check: two of the methods
   METHODS = {k: METHODS[k] for k in ("(IA)^3", "LoRA (rank 4)")}
 method_results, sizes = {"zero-shot": zero_shot}, {}
@@ -290,6 +290,7 @@ from ia3_jax import data, runs
 from ia3_jax.data import batches, features
 from ia3_jax.peft import combine
 from ia3_jax.peft.banks import AdapterBank
+from ia3_jax.train.assembly import ModelSpec
 
 COMBINE_TASKS = os.environ.get("IA3_JAX_NB_COMBINE_TASKS", "recommend,edible,alive").split(",")
 if len(COMBINE_TASKS) < 2:
@@ -333,9 +334,10 @@ bank = AdapterBank(adapters[COMBINE_TASKS[0]], capacity=len(COMBINE_TASKS))
 for t in COMBINE_TASKS:
   bank.add(KEYS[t], adapters[t], {"source": f"T-Few on {t}, seed {SEEDS[0]}"})
 print(bank)
-scored = runs.score(output_dir=os.path.join(OUT, "combine_mixed"), config=config,
+base_model = ModelSpec(config, initial_checkpoint_path=demo.BUNDLED_MODEL_DIR)
+scored = runs.score(output_dir=os.path.join(OUT, "combine_mixed"), model=base_model,
                     data=data.SeqioBatches(MIXED, LENGTHS), batch_size=demo.EVAL_BATCH_SIZE,
-                    initial_checkpoint_path=demo.BUNDLED_MODEL_DIR, adapters=bank)
+                    adapters=bank)
 mixed_rows = {}
 with open(scored["path"]) as f:
   for r in map(json.loads, f):
@@ -359,16 +361,15 @@ COMBINERS = {  # name -> the one adapter made from the fitted ones
 serving = AdapterBank(adapters[COMBINE_TASKS[0]], capacity=N)
 for t in COMBINE_TASKS:
   serving.add(KEYS[t], adapters[t])
-tr, bank_params, serving = runs.load_bank_for_inference(serving, config=config,
-                                                        initial_checkpoint_path=demo.BUNDLED_MODEL_DIR)
+layout, bank_params, serving = runs.load_bank_for_inference(serving, base_model)
 mixture = runs.bank_data(data.SeqioBatches(MIXED, LENGTHS), serving)
 
 def everywhere(adapter):
   """Accuracy per task with `adapter` in every task's row: one mixed pass, no recompilation."""
   for t in COMBINE_TASKS:
     serving.replace(KEYS[t], adapter)
-  params = runs.with_bank(tr, bank_params, serving)   # new values, same shapes: no new compilation
-  result = tr.evaluate(params, mixture(batch_size=demo.EVAL_BATCH_SIZE), demo.EVAL_BATCH_SIZE, per_task=True)
+  params = runs.with_bank(layout, bank_params, serving)   # new values, same shapes: no new compilation
+  result = layout.evaluate(params, mixture(batch_size=demo.EVAL_BATCH_SIZE), demo.EVAL_BATCH_SIZE, per_task=True)
   return {serving.name_of_row(row)[len("demo_"):]: median_accuracy(r["per_template"])
           for row, r in result["per_task"].items()}
 

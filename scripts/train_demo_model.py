@@ -88,7 +88,7 @@ def main(argv=None) -> int:
   import seqio  # pylint: disable=g-import-not-at-top
   from ia3_jax.data import batches
   from ia3_jax.interop import hf_families
-  from ia3_jax.train import loop, optimizers
+  from ia3_jax.train import assembly, loop, optimizers
   from ia3_jax.objectives import losses  # pylint: disable=g-import-not-at-top
   from ia3_jax.tasks import demo as demo_tasks  # pylint: disable=g-import-not-at-top
 
@@ -113,11 +113,10 @@ def main(argv=None) -> int:
   print(f"[3/4] multitask training: {args.steps} steps x batch {args.batch_size} on "
         f"{', '.join(synthetic.TRAINING_FAMILIES)}", flush=True)
   results = loop.train(
-      model_dir=str(work), config=config,
+      model_dir=str(work), model=assembly.ModelSpec(config),  # every param trains
       train_data=batches.SeqioBatches(
           demo_tasks.PRETRAIN_MIXTURE, dict(demo.PRETRAIN["feature_lengths"], num_choices=1),
           seed=args.seed),
-      trainable=loop.ALL_PARAMS,
       train_config=loop.TrainConfig(
           train_steps=args.steps, batch_size=args.batch_size, seed=args.seed, log_period=50,
           enable_dropout=False, eval_at_end=False, progress=True),

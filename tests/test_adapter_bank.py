@@ -11,6 +11,7 @@ import pytest
 import seqio
 import torch
 
+from ia3_jax.train.assembly import ModelSpec
 from ia3_jax import cli, data, runs
 from ia3_jax.errors import AdapterError, ConfigError
 from ia3_jax.interop import adapter_files, hf_checkpoints, ia3_adapters
@@ -80,8 +81,9 @@ def _source(name: str) -> data.SeqioBatches:
 
 
 def _run(kind: str, out: pathlib.Path, env: dict, name: str, adapters) -> dict:
-  return getattr(runs, kind)(output_dir=str(out), config=TINY, data=_source(name), batch_size=4,
-                             blocks=ia3.ia3_blocks(), initial_checkpoint_path=env["base"],
+  return getattr(runs, kind)(output_dir=str(out), data=_source(name), batch_size=4,
+                             model=ModelSpec(TINY, peft=ia3.IA3Config(),
+                                             initial_checkpoint_path=env["base"]),
                              checkpoint_path=None, adapters=adapters)
 
 
@@ -202,8 +204,8 @@ def test_adding_an_adapter_under_capacity_does_not_recompile(env):
   """One compiled classifier serves the bank before and after `add_adapter`: rows of the new
   adapter change, the others' scores stay bit for bit."""
   two = {k: env["adapters"][k] for k in KEYS[:2]}
-  tr, params, bank = runs.load_bank_for_inference(two, config=TINY, capacity=4,
-                                                  initial_checkpoint_path=env["base"])
+  tr, params, bank = runs.load_bank_for_inference(
+      two, ModelSpec(TINY, initial_checkpoint_path=env["base"]), capacity=4)
   classifier = scoring.RankClassifier(tr.model)
   batch = dict(next(_source(MIXTURE)(batch_size=8, start_step=0, shard_id=0, num_shards=1)))
   batch["task_id"] = np.array([0, 1, 2, 2, 0, 1, 2, 3], np.int32)  # rows 2, 3: no adapter yet
@@ -235,12 +237,13 @@ def test_infer_rows_name_their_task(env, tmp_path):
 
 def test_a_bank_with_other_blocks_or_a_checkpoint_is_a_config_error(env, tmp_path):
   from ia3_jax.peft import lora
-  with pytest.raises(ConfigError, match=r"ADAPTERS holds \(IA\)\^3 adapters, but PEFT_BLOCKS uses "
-                     r"LoraMultiHeadDotProductAttention for the attention; include peft/ia3.gin"):
-    runs.bank_blocks(runs.load_adapters(env["adapters"], TINY), lora.lora_blocks())
+  with pytest.raises(ConfigError, match=r"ADAPTERS holds \(IA\)\^3 adapters, but the run's PEFT "
+                     r"method is lora; include peft/ia3.gin"):
+    runs.bank_spec(runs.load_adapters(env["adapters"], TINY),
+                   ModelSpec(TINY, peft=lora.LoraConfig()))
   with pytest.raises(ConfigError, match=r"CHECKPOINT_PATH='x' and ADAPTERS are both set"):
-    runs.evaluate(output_dir=str(tmp_path), config=TINY, data=_source(MIXTURE), batch_size=4,
-                  checkpoint_path="x", adapters=env["adapters"])
+    runs.evaluate(output_dir=str(tmp_path), model=ModelSpec(TINY), data=_source(MIXTURE),
+                  batch_size=4, checkpoint_path="x", adapters=env["adapters"])
 
 
 # --------------------------------------------------------------------------- command line

@@ -14,11 +14,12 @@ import jax
 import numpy as np
 import pytest
 
+from ia3_jax.train.assembly import ModelSpec
 from ia3_jax.interop import hf_checkpoints
 from ia3_jax.model import config
 from ia3_jax.model import params as params_lib
 from ia3_jax.peft import ia3
-from ia3_jax.train import checkpointer, loop, trainer
+from ia3_jax.train import checkpointer, loop
 from tests import trainer_utils as tu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -52,7 +53,7 @@ def _write_checkpoint(model_dir: pathlib.Path, cfg, step: int = 3) -> None:
   """A checkpoint as `loop.train` writes it, without training (no step to compile)."""
   from ia3_jax.model import network
   from ia3_jax.train import optimizers
-  tr = trainer.Trainer(network.Transformer(cfg, ia3.ia3_blocks()), trainable=ia3.IA3_PATTERN,
+  tr = tu.make_trainer(network.Transformer(cfg, ia3.ia3_blocks()), trainable=ia3.IA3_PATTERN,
                        optimizer=optimizers.OptimizerConfig(total_steps=10).build())
   state = tr.init_state(tu.random_base_params(cfg))
   ckpt = checkpointer.Checkpointer(model_dir / "checkpoints")
@@ -114,8 +115,8 @@ def test_resume_with_another_model_shape_names_the_param(tmp_path):
   with pytest.raises(hf_checkpoints.CheckpointError,
                      match=r"checkpoints/3/trainable: param decoder/layers_0/mlp/ia3_ff has shape "
                            r"\(1, 64\) in the checkpoint; this model expects \(1, 96\)"):
-    loop.train(model_dir=str(tmp_path), config=wide, blocks=ia3.ia3_blocks(),
-                  trainable=ia3.IA3_PATTERN, train_data=tu.SyntheticBatches(8),
+    loop.train(model_dir=str(tmp_path), model=ModelSpec(wide, peft=ia3.IA3Config()),
+                  train_data=tu.SyntheticBatches(8),
                   train_config=loop.TrainConfig(train_steps=10, seed=0, tensorboard=False,
                                                    progress=False),
                   initial_params=tu.random_base_params(wide))
@@ -125,8 +126,8 @@ def test_resume_with_another_batch_size_is_refused(tmp_path):
   tiny = config.get_config("tiny")
   _write_checkpoint(tmp_path, tiny)
   with pytest.raises(hf_checkpoints.CheckpointError, match="batch_size=8, this run has batch_size=4"):
-    loop.train(model_dir=str(tmp_path), config=tiny, blocks=ia3.ia3_blocks(),
-                  trainable=ia3.IA3_PATTERN, train_data=tu.SyntheticBatches(4),
+    loop.train(model_dir=str(tmp_path), model=ModelSpec(tiny, peft=ia3.IA3Config()),
+                  train_data=tu.SyntheticBatches(4),
                   train_config=loop.TrainConfig(train_steps=10, batch_size=4, seed=0,
                                                    tensorboard=False, progress=False),
                   initial_params=tu.random_base_params(tiny))

@@ -218,10 +218,10 @@ def test_misspelt_macro_names_the_flag(capsys):
 
 
 def test_macros_of_the_files_are_accepted(capsys):
-  rc, out, err = _run_main([*LAYERS, *REQUIRED, "--gin.TRAIN_STEPS=5", "--gin.IA3_NUM_TASKS=2",
+  rc, out, err = _run_main([*LAYERS, *REQUIRED, "--gin.TRAIN_STEPS=5", "--gin.NUM_TASKS=2",
                             "--print_config"], capsys)
   assert rc == 0, err
-  assert "TRAIN_STEPS = 5" in out and "IA3_NUM_TASKS = 2" in out
+  assert "TRAIN_STEPS = 5" in out and "NUM_TASKS = 2" in out
 
 
 def test_unknown_configurable_parameter_still_rejected_by_gin(capsys):

@@ -253,8 +253,8 @@ def test_default_vocabulary_is_the_models_own_never_a_download(tmp_path, monkeyp
   from ia3_jax.errors import ConfigError
   from ia3_jax.interop import hf_checkpoints
   monkeypatch.delenv("IA3_JAX_SPM_PATH", raising=False)
-  from ia3_jax.data import registration
-  monkeypatch.setattr(registration, "_DEFAULT_VOCAB", None)
+  from ia3_jax.data import vocabularies
+  monkeypatch.setattr(vocabularies, "_DEFAULT_VOCAB", None)
   assert not str(getattr(data.default_vocabulary(), "sentencepiece_model_file", "")).startswith("gs://")
   paths = _write_task(tmp_path, n_train=8, n_val=3)
   data.register_task("modelvocab", paths, tmp_path / "templates.yaml")

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import seqio
 
+from ia3_jax.train.assembly import ModelSpec
 from ia3_jax import data, runs
 from ia3_jax.interop import hf_checkpoints, hf_decoder, ia3_adapters
 from ia3_jax.model import params as params_lib
@@ -51,11 +52,11 @@ def env(tmp_path_factory):
 
 
 def _score(out: pathlib.Path, env: dict, name: str, adapters) -> dict:
-  result = runs.score(output_dir=str(out), config=env["config"],
+  result = runs.score(output_dir=str(out),
+                      model=ModelSpec(env["config"], peft=ia3.IA3Config(),
+                                      initial_checkpoint_path=str(env["root"] / "base")),
                       data=data.SeqioBatches(name, LENGTHS, shuffle=False, repeat=False),
-                      batch_size=4, blocks=ia3.ia3_blocks(),
-                      initial_checkpoint_path=str(env["root"] / "base"), checkpoint_path=None,
-                      adapters=adapters)
+                      batch_size=4, checkpoint_path=None, adapters=adapters)
   rows = [json.loads(l) for l in pathlib.Path(result["path"]).read_text().splitlines()]
   return {(r["task"], r["template_id"], r["example_id"]): r for r in rows}
 

@@ -18,7 +18,6 @@ from ia3_jax import cli, gin_configurables
 from ia3_jax.model import decoder, families
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.decoder_config import get_decoder_config
-from ia3_jax.train import loop
 from tests.test_decoder import make_hf
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -28,26 +27,24 @@ LENGTHS = "--gin.TASK_FEATURE_LENGTHS={'inputs': 32, 'targets': 4, 'num_choices'
 _GOT: dict = {}
 
 
-def _consumer(config, blocks, trainable):
-  _GOT.update(config=config, blocks=blocks, trainable=trainable)
+def _consumer(model):
+  _GOT.update(model=model)
 
 
 def _gin_model(model_file: str, peft: str, bindings=()):
-  """(MODEL_CONFIG, PEFT_BLOCKS, TRAINABLE_PARAMS) of models/<model_file> + peft/<peft>."""
+  """The MODEL spec of models/<model_file> + recipes/t_few + peft/<peft>."""
   import gin
   gin.clear_config()
   gin.external_configurable(_consumer, "test_decoder_consumer")
   root = gin_configurables.gin_dir()
   try:
     gin.parse_config_files_and_bindings(
-        [f"{root}/models/{model_file}.gin", f"{root}/recipes/t_few.gin", f"{root}/peft/{peft}.gin"],
-        list(bindings) + ["test_decoder_consumer.config = %MODEL_CONFIG",
-                          "test_decoder_consumer.blocks = %PEFT_BLOCKS",
-                          "test_decoder_consumer.trainable = %TRAINABLE_PARAMS"])
+        [f"{root}/models/base.gin", f"{root}/models/{model_file}.gin", f"{root}/recipes/t_few.gin", f"{root}/peft/{peft}.gin"],
+        ["INITIAL_CHECKPOINT_PATH = None", *bindings, "test_decoder_consumer.model = %MODEL"])
     gin.get_configurable("test_decoder_consumer")()
   finally:
     gin.clear_config()
-  return _GOT["config"], _GOT["blocks"], _GOT["trainable"]
+  return _GOT["model"]
 
 
 TRAINED = {"ia3": {"ia3_key", "ia3_value", "ia3_ff"}, "lora": None, "bitfit": None,
@@ -57,9 +54,10 @@ TRAINED = {"ia3": {"ia3_key", "ia3_value", "ia3_ff"}, "lora": None, "bitfit": No
 
 @pytest.mark.parametrize("peft", sorted(TRAINED))
 def test_peft_gin_files_build_the_decoder_model(peft):
-  config, blocks, trainable = _gin_model("tiny_llama", peft)
-  assert config == get_decoder_config("tiny_llama")
-  model = loop.build_model(config, blocks)
+  spec = _gin_model("tiny_llama", peft)
+  assert spec.config == get_decoder_config("tiny_llama")
+  trainable = spec.trainable_patterns
+  model = spec.model()
   assert isinstance(model, decoder.DecoderOnly)
   assert isinstance(model.blocks, decoder.DecoderBlocks)  # the PEFT blocks followed the model
   abstract = flax.linen.unbox(decoder.abstract_params(model))
@@ -73,28 +71,21 @@ def test_peft_gin_files_build_the_decoder_model(peft):
     assert "decoder/layers_1/mlp/ia3_ff" in chosen
 
 
-def test_stacked_methods_move_to_the_decoder_blocks_with_their_settings():
+def test_blocks_of_another_family_are_a_one_line_error():
+  """PEFT blocks are built on the model's family from the start (`ModelSpec.blocks`, or a
+  method's `*_blocks(config)`); blocks built on T5's for a decoder-only model are refused."""
   from ia3_jax.peft import ia3, lora
   config = get_decoder_config("tiny_llama")
-  on_t5 = lora.lora_blocks(targets=("q", "wo"), base=ia3.ia3_blocks(num_tasks=2),
-                           rank=2).replace(remat="full")
-  want = lora.lora_blocks(targets=("q", "wo"), rank=2, base=ia3.ia3_blocks(
-      num_tasks=2, base=decoder.DecoderBlocks(remat="full")))
-  got = families.blocks_for(config, on_t5)
-  assert got.remat == "full" and families.blocks_for(config, got) is got
-  for field in ("attention", "mlp"):
-    assert getattr(got, field).func is getattr(want, field).func
-    assert getattr(got, field).keywords == getattr(want, field).keywords
-
-
-def test_blocks_a_decoder_lacks_are_a_one_line_error():
-  """A method that replaces a T5-only block (here the encoder's layer) cannot move to a
-  decoder-only model: a one-line error naming the block."""
-  from ia3_jax.model import network
-  blocks = network.Blocks().replace(encoder_layer=network.DecoderLayer)
-  with pytest.raises(ValueError, match=r"Blocks\.encoder_layer.*decoder_only.*T5 models only") as e:
-    loop.build_model(get_decoder_config("tiny_llama"), blocks)
+  on_t5 = lora.lora_blocks(targets=("q", "wo"), rank=2, base=ia3.ia3_blocks(num_tasks=2))
+  with pytest.raises(ValueError, match=r"PEFT blocks built on the t5 blocks for a decoder_only "
+                     r"model: build them with the model's config \(or base=DecoderBlocks\(\)\)"
+                     ) as e:
+    families.of(config).build(config, on_t5)
   assert "\n" not in str(e.value)
+  on_decoder = lora.lora_blocks(config, targets=("q", "wo"), rank=2,
+                                base=ia3.ia3_blocks(config, num_tasks=2))
+  assert isinstance(on_decoder, decoder.DecoderBlocks)
+  assert isinstance(families.of(config).build(config, on_decoder), decoder.DecoderOnly)
 
 
 def test_train_eval_infer_score_commands_on_a_tiny_hf_llama(tmp_path, monkeypatch):

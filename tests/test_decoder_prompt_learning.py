@@ -11,7 +11,7 @@ import pytest
 import torch
 
 from ia3_jax.interop import hf_decoder
-from ia3_jax.model import decoder, families
+from ia3_jax.model import decoder
 from ia3_jax.model.decoder_config import get_decoder_config
 from ia3_jax.objectives import scoring
 from ia3_jax.peft import prefix_tuning, prompt_tuning
@@ -27,9 +27,9 @@ def prefix_model(config, num_tasks: int = 1) -> decoder.DecoderOnly:
 
 
 def prompt_model(config, num_tasks: int = 1) -> decoder.DecoderOnly:
-  """Prompt tuning's T5 blocks moved to the decoder-only model, as a gin run does."""
-  blocks = prompt_tuning.prompt_tuning_blocks(length=P, num_tasks=num_tasks)
-  return decoder.DecoderOnly(config, families.blocks_for(config, blocks))
+  """Prompt tuning built on the decoder-only blocks (the config's family), as a gin run does."""
+  return decoder.DecoderOnly(config, prompt_tuning.prompt_tuning_blocks(
+      config, length=P, num_tasks=num_tasks))
 
 
 def peft_logits(tmp_path, peft_config, seed: int):

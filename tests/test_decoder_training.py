@@ -9,12 +9,13 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from ia3_jax.train.assembly import ModelSpec
 from ia3_jax.model import decoder, families
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.decoder_config import get_decoder_config
 from ia3_jax.objectives import losses, scoring
 from ia3_jax.peft import ia3
-from ia3_jax.train import checkpointer, loop, optimizers, trainer
+from ia3_jax.train import checkpointer, loop, optimizers
 from tests import tolerances
 from tests import trainer_utils as tu
 
@@ -34,15 +35,15 @@ def base_params(seed: int = 0) -> dict:
 def test_tfew_ia3_training_lowers_the_loss_and_changes_only_the_vectors(tmp_path):
   base = base_params()
   res = loop.train(
-      model_dir=str(tmp_path), config=CONFIG, blocks=ia3.ia3_blocks(),  # T5 base: moved over
-      trainable=ia3.IA3_PATTERN, train_data=tu.SyntheticBatches(8, num_distinct=1),
+      model_dir=str(tmp_path),
+      model=ModelSpec(CONFIG, peft=ia3.IA3Config(), dropout_rate=0.1),  # dropout: ignored
+      train_data=tu.SyntheticBatches(8, num_distinct=1),
       eval_data=tu.SyntheticEval(8, num_batches=1),
       train_config=loop.TrainConfig(train_steps=6, batch_size=8, log_period=1,
                                     tensorboard=False, progress=False),
       loss=losses.LossConfig(),
       optimizer=optimizers.OptimizerConfig(learning_rate=0.1, warmup_steps=0),
-      checkpoint=checkpointer.CheckpointConfig(period=0), dropout_rate=0.1,  # ignored
-      initial_params=base)
+      checkpoint=checkpointer.CheckpointConfig(period=0), initial_params=base)
   assert res["step"] == 6
   losses_ = [loss for _, loss in res["train_losses"]]
   assert losses_[-1] < losses_[0], losses_
@@ -62,9 +63,9 @@ def test_tfew_ia3_training_lowers_the_loss_and_changes_only_the_vectors(tmp_path
 
 def test_mixed_task_batch_equals_each_task_alone():
   model = ia3.ia3_model(CONFIG, num_tasks=2)
-  tr = trainer.Trainer(model, trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(0.1),
+  tr = tu.make_trainer(model, trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(0.1),
                        use_task_id=True)
-  assert tr.family is families.DECODER_ONLY
+  assert tr.layout.family is families.DECODER_ONLY
   state = tr.init_state(base_params())
   rng = np.random.default_rng(0)
   bank = jax.tree.map(lambda v: jnp.asarray(rng.uniform(0.5, 1.5, v.shape), jnp.float32),
@@ -92,7 +93,7 @@ def test_mixed_task_batch_equals_each_task_alone():
 
 
 def test_scanned_layers_train_like_the_unrolled_model(tmp_path):
-  """`loop.train(scan_layers=True)` on a decoder-only model from an unrolled base: the same
+  """`loop.train` with `ModelSpec(scan_layers=True)` on a decoder-only model from an unrolled base: the same
   losses, and the same (IA)^3 vectors once unscanned, as the unrolled run."""
   from ia3_jax.model import network
   config = CONFIG.replace(num_layers=2)
@@ -103,16 +104,15 @@ def test_scanned_layers_train_like_the_unrolled_model(tmp_path):
 
   def run(scan: bool) -> dict:
     return loop.train(
-        model_dir=str(tmp_path / str(scan)), config=config, blocks=ia3.ia3_blocks(),
-        trainable=ia3.IA3_PATTERN, train_data=tu.SyntheticBatches(8, num_distinct=1),
+        model_dir=str(tmp_path / str(scan)),
+        model=ModelSpec(config, peft=ia3.IA3Config(), scan_layers=scan), train_data=tu.SyntheticBatches(8, num_distinct=1),
         train_config=loop.TrainConfig(train_steps=3, batch_size=8, log_period=1,
                                       tensorboard=False, progress=False, eval_at_end=False),
         loss=losses.LossConfig(),
         # SGD: the vectors move linearly with the gradients (Adafactor's normalised updates
         # would amplify float rounding in near-zero gradients)
         optimizer=optimizers.OptimizerConfig(name="sgd", learning_rate=1.0, warmup_steps=0),
-        checkpoint=checkpointer.CheckpointConfig(period=0), initial_params=base,
-        scan_layers=scan)
+        checkpoint=checkpointer.CheckpointConfig(period=0), initial_params=base)
   unrolled, scanned = run(False), run(True)
   assert unrolled["train_losses"][-1][1] < unrolled["train_losses"][0][1]
   tolerances.assert_close(np.array([l for _, l in scanned["train_losses"]]),

@@ -165,6 +165,6 @@ def test_runner_over_an_int8_base_stores_it_so_and_evaluates(bundled):
   initial = runner.initial_params()
   kernels = [x for x in jax.tree.leaves(initial, is_leaf=lambda x: isinstance(x, storage.QArray))
              if isinstance(x, storage.QArray)]
-  assert kernels and runner.trainer.num_params()["frozen_bytes"] < 0.3 * 4 * runner.num_total
+  assert kernels and runner.trainer.layout.num_params()["frozen_bytes"] < 0.3 * 4 * runner.num_total
   accuracies = runner.evaluate(initial, "edible")
   assert len(accuracies) == 4 and all(0 <= a <= 1 for a in accuracies.values())

@@ -13,7 +13,7 @@ import transformers
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
 from ia3_jax import data
-from ia3_jax.data import registration
+from ia3_jax.data import vocabularies
 from ia3_jax.data.hf_vocabulary import HfTokenizerVocabulary
 from ia3_jax.errors import DataError
 
@@ -54,7 +54,7 @@ def test_encode_decode_equal_the_hf_tokenizer(tokenizer_dir):
 
 
 def test_a_task_tokenises_with_it_and_paths_load_it(tokenizer_dir):
-  vocab = registration._load_vocabulary(str(tokenizer_dir))  # a directory without spiece.model
+  vocab = vocabularies._load_vocabulary(str(tokenizer_dir))  # a directory without spiece.model
   assert vocab == HfTokenizerVocabulary(tokenizer_dir / "tokenizer.json")
   data.register_task("hfvocab_toy", {"train": str(TOY / "train.jsonl"),
                                      "validation": str(TOY / "validation.jsonl")},

@@ -96,9 +96,9 @@ def test_ablation_site_shapes():
   assert flat[att + "ia3_out_input"].shape == (1, config.joined_kv)
   assert flat[att + "ia3_attention_output"].shape == (1, config.emb_dim)
   assert flat["encoder/layers_1/mlp/ia3_mlp_output"].shape == (1, config.emb_dim)
-  with pytest.raises(ValueError, match=r"unknown \['x'\]"):
-    ia3.ia3_blocks(("k", "x"))
-  with pytest.raises(ValueError, match="num_tasks must be a positive int"):
+  with pytest.raises(ValueError, match=r"ia3.IA3Config.sites=\('k', 'x'\): .*unknown \['x'\]"):
+    ia3.ia3_blocks(sites=("k", "x"))
+  with pytest.raises(ValueError, match="NUM_TASKS=0: must be a positive int"):
     ia3.ia3_blocks(num_tasks=0)
 
 
@@ -235,21 +235,22 @@ def test_param_counts_via_eval_shape():
 def test_gin_file_builds_blocks():
   import gin
   from ia3_jax import gin_configurables
-  path = pathlib.Path(gin_configurables.gin_dir()) / "peft" / "ia3.gin"
+  root = pathlib.Path(gin_configurables.gin_dir())
 
   @gin.configurable("test_ia3_consumer")
-  def consumer(blocks=None, trainable=None):
-    return blocks, trainable
+  def consumer(model=None):
+    return model
 
   try:
     gin.clear_config()
     gin.parse_config_files_and_bindings(
-        [str(path)], ["IA3_NUM_TASKS = 3", "test_ia3_consumer.blocks = %PEFT_BLOCKS",
-                      "test_ia3_consumer.trainable = %TRAINABLE_PARAMS"])
-    blocks, trainable = consumer()
+        [str(root / "models" / "base.gin"), str(root / "models" / "tiny.gin"), str(root / "peft" / "ia3.gin")],
+        ["NUM_TASKS = 3", "INITIAL_CHECKPOINT_PATH = None", "test_ia3_consumer.model = %MODEL"])
+    spec = consumer()
   finally:
     gin.clear_config()
-  assert isinstance(blocks, network.Blocks)
+  blocks, trainable = spec.blocks(), spec.trainable_patterns
+  assert isinstance(blocks, network.Blocks) and spec.use_task_id
   assert blocks.attention.func is ia3.IA3Attention and blocks.mlp.func is ia3.IA3Mlp
   assert blocks.attention.keywords == {"sites": ("k", "v", "ff"), "num_tasks": 3}
   config = CONFIGS["gated"]

@@ -14,7 +14,7 @@ import re
 import subprocess
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-PACKAGE_DIRS = {"ia3_jax": REPO / "ia3_jax", "ia3_jax.tasks": REPO / "tasks"}
+PACKAGE_DIRS = {"ia3_jax": REPO / "ia3_jax"}
 
 def _modules() -> dict[str, pathlib.Path]:
   found = {}
@@ -149,7 +149,7 @@ def test_no_reference_to_a_design_file_outside_the_repository():
 # --------------------------------------------------------------------------- names in the docs
 
 # Folders shipped inside the package from elsewhere in the repository (setup.py).
-SHIPPED_AS = {"ia3_jax/gin": "gin", "ia3_jax/tasks": "tasks"}
+SHIPPED_AS = {"ia3_jax/gin": "gin"}
 _PATH = re.compile(r"(?<![\w./-])ia3_jax/[\w./-]*[\w]")
 _MODULE = re.compile(r"(?<![\w./-])ia3_jax(?:\.[A-Za-z_]\w*)+")
 

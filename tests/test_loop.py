@@ -11,7 +11,7 @@ import pytest
 from ia3_jax import demo, errors
 from ia3_jax.model import config, network
 from ia3_jax.peft import ia3
-from ia3_jax.train import loop, trainer
+from ia3_jax.train import loop
 from tests import trainer_utils as tu
 
 TINY = config.get_config("tiny")
@@ -20,7 +20,7 @@ TINY = config.get_config("tiny")
 @pytest.fixture(scope="module")
 def tiny_loop_parts():
   model = network.Transformer(TINY, blocks=ia3.ia3_blocks())
-  tr = trainer.Trainer(model, trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(1e-2),
+  tr = tu.make_trainer(model, trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(1e-2),
                        enable_dropout=False)
   base = tu.random_base_params(TINY)
   return tr, lambda: tr.init_state(base)  # a fresh state each time (the step donates it)

@@ -65,15 +65,16 @@ def test_layered_config_parses_from_another_directory(model, capsys, tmp_path, m
     pathlib.Path(gin_configurables.gin_dir()) / "peft").glob("*.gin")))
 @pytest.mark.parametrize("run", ["train", "eval"])
 def test_every_peft_file_fits_the_run_files(peft, run, capsys):
-  """Each method's gin file provides what runs/*.gin consume (PEFT_BLOCKS, TRAINABLE_PARAMS)."""
+  """Each method's gin file provides what runs/*.gin consume (PEFT, through MODEL)."""
   extra = REQUIRED if run == "train" else [
       "--gin.CHECKPOINT_PATH=None", "--gin.EVAL_OUTPUT_DIR='/tmp/unused'",
       "--gin.MIXTURE_OR_TASK_NAME='x'", "--gin.INITIAL_CHECKPOINT_PATH=None"]
+  if peft == "method":  # any registered method by name
+    extra = [*extra, "--gin.PEFT_METHOD='lora'"]
   rc, out, err = _run_main([*LAYERS[:2], f"--gin_file=peft/{peft}.gin", *extra,
                             "--print_config"], capsys, action=run)
   assert rc == 0, err
-  assert "PEFT_BLOCKS = @" in out and "TRAINABLE_PARAMS = @registry.trainable_patterns()" in out
-  assert "PEFT_METHOD = '" in out
+  assert "PEFT = @" in out and "model = %MODEL" in out
 
 
 def test_full_finetune_overrides_the_recipe(capsys):
@@ -81,7 +82,7 @@ def test_full_finetune_overrides_the_recipe(capsys):
                             "--gin_file=runs/finetune.gin", "--print_config"], capsys)
   assert rc == 0, err
   assert "LEARNING_RATE = 0.0003" in out and "TRAIN_STEPS = 300" in out
-  assert "PEFT_METHOD = 'full'" in out
+  assert "PEFT = @full.FullConfig()" in out
 
 
 def test_explicit_trainable_params_override_the_method(capsys):

@@ -85,3 +85,42 @@ def test_markdown_tables():
   per_template = metrics.template_table(rte, digits=2).strip().split("\n")
   assert per_template[0] == "| Template | seed 0 | seed 1 | Median |"
   assert per_template[3] == "| t1 | 25.00 | 100.00 | 62.50 |"
+
+
+def test_eval_counts_match_numpy_merge_and_sum_over_processes(monkeypatch):
+  """`EvalCounts` against NumPy per template and per task; two halves merged give the whole;
+  the all-reduce over two (simulated) processes holding the same counts doubles them."""
+  import jax
+  from jax.experimental import multihost_utils
+  rng = np.random.default_rng(0)
+  preds, labels = rng.integers(0, 3, (2, 40)), rng.integers(0, 3, (2, 40))
+  tasks, templates = rng.integers(0, 3, (2, 40)), rng.integers(-1, 4, (2, 40))
+  counted = rng.random((2, 40)) > 0.2
+  halves = [metrics.EvalCounts() for _ in range(2)]
+  for b, half in enumerate(halves):
+    half.add(preds[b], labels[b], counted[b], tasks[b], templates[b])
+    half.num_unlabelled, half.num_batches = b + 1, 1
+  counts = halves[0].merge(halves[1])
+  got = counts.as_dict(per_task=True)
+  ok = (preds == labels) & counted
+  assert (got["num_correct"], got["num_examples"]) == (ok.sum(), counted.sum())
+  assert (got["num_unlabelled"], got["num_batches"]) == (3, 2)
+  assert got["accuracy"] == pytest.approx(ok.sum() / counted.sum())
+  for t in range(4):
+    sel = counted & (templates == t)
+    assert got["per_template"][t]["num_correct"] == (ok & sel).sum()
+    assert got["per_template"][t]["num_examples"] == sel.sum()
+  for task in range(3):
+    sel = counted & (tasks == task)
+    entry = got["per_task"][task]
+    assert (entry["num_correct"], entry["num_examples"]) == ((ok & sel).sum(), sel.sum())
+    for t, r in entry["per_template"].items():
+      assert r["num_examples"] == (sel & (templates == t)).sum()
+  assert "per_task" not in counts.as_dict()
+
+  monkeypatch.setattr(jax, "process_count", lambda: 2)
+  monkeypatch.setattr(multihost_utils, "process_allgather",
+                      lambda x: np.stack([np.asarray(x)] * 2))
+  doubled = counts.summed_over_processes()
+  assert doubled.groups == {k: [2 * c, 2 * n] for k, (c, n) in counts.groups.items()}
+  assert (doubled.num_unlabelled, doubled.num_batches) == (6, 2)  # batches: this process's

@@ -609,7 +609,8 @@ def test_gin_macro_and_auto_dtype_reach_the_config(model_gin):
   gin.clear_config()
   try:
     gin.parse_config_files_and_bindings(
-        [os.path.join(gin_configurables.gin_dir(), "models", f"{model_gin}.gin")],
+        [os.path.join(gin_configurables.gin_dir(), "models", name)
+         for name in ("base.gin", f"{model_gin}.gin")],
         [f"INITIAL_CHECKPOINT_PATH = '{demo.BUNDLED_MODEL_DIR}'", f"ATTENTION_IMPL = '{DPA}'",
          f"{name}.dtype = 'auto'"])
     config = gin.get_configurable(fn)()

@@ -9,6 +9,7 @@ import pathlib
 import pytest
 
 from ia3_jax import cli
+from ia3_jax.peft import registry
 from tests.test_cli_errors import LAYERS, SMALL, _error_lines
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,8 +33,25 @@ TOY = ["--gin.MIXTURE_OR_TASK_MODULES=['toy_tasks']", "--gin.MIXTURE_OR_TASK_NAM
     (["--gin.MIXTURE_OR_TASK_MODULES=['no_such_tasks']"],
      "MIXTURE_OR_TASK_MODULES: no module named 'no_such_tasks'"),
     (["--gin.DROPOUT_RATE=1.5"], "DROPOUT_RATE=1.5: must be a number in [0, 1)"),
-    (["--gin_file=peft/lora.gin", "--gin.LORA_RANK=0"],
-     "lora: rank must be a positive int, got 0 (LORA_RANK)"),
+    (["--gin_file=peft/lora.gin", "--gin.lora.LoraConfig.rank=0"],
+     "lora.LoraConfig.rank=0: must be a positive int"),
+    (["--gin_file=peft/lora.gin", "--gin.lora.LoraConfig.dropout=1.0"],
+     "lora.LoraConfig.dropout=1.0: must be in [0, 1)"),
+    (["--gin.ia3.IA3Config.sites=('k', 'x')"], "ia3.IA3Config.sites=('k', 'x'): "),
+    (["--gin_file=peft/method.gin", "--gin.PEFT_METHOD='lorra'"],
+     "PEFT_METHOD='lorra': unknown PEFT method; known: " + ", ".join(registry.method_names())),
+    (["--gin_file=peft/method.gin", "--gin.PEFT_METHOD='lora'", "--gin.registry.make.rnak=2"],
+     "PEFT_OPTIONS: lora has no hyper-parameter 'rnak'"),
+    (["--gin_file=peft/lora.gin", "--gin.NUM_TASKS=2"],
+     "NUM_TASKS=2: lora does not support mixed-task batches"),
+    (["--gin.NUM_TASKS=0"], "NUM_TASKS=0: must be a positive int"),
+    (["--gin.NUM_TASKS=2"], "is out of range: the ia3 bank has 2 rows (NUM_TASKS=2)"),
+    (["--gin.FROZEN_DTYPE='int3'"], "FROZEN_DTYPE='int3' is not one of float32, bfloat16"),
+    (["--gin.SCAN_LAYERS='yes'"], "SCAN_LAYERS='yes': must be True or False"),
+    (["--gin.REMAT='some'"], "REMAT='some': choose from"),
+    (["--gin.MAX_CHOICES_PER_STEP=0"], "MAX_CHOICES_PER_STEP=0: must be a positive int or None"),
+    (["--gin.TRAINABLE_PARAMS=['nope_.*']"],
+     "TRAINABLE_PARAMS: trainable pattern 'nope_.*' matches no param"),
 ], ids=lambda v: v if isinstance(v, str) else None)
 def test_a_bad_option_is_one_line_naming_it(flags, message, tmp_path, capsys, monkeypatch):
   monkeypatch.syspath_prepend(str(REPO / "examples" / "toy"))

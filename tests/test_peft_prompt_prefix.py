@@ -52,9 +52,9 @@ def _hf_logits_with_prompt(torch_model, prompt, batch):
 def test_prompt_tuning_first_output_equals_prepended_tokens(hf):
   torch_model, config, base, batch = hf
   ids = [5, 17, 9, 44]
-  method = registry.get_method("prompt_tuning")
   kw = dict(length=4, init_token_ids=ids)
-  model = network.Transformer(config, blocks=method.blocks(config, **kw))
+  method = registry.make("prompt_tuning", **kw)
+  model = network.Transformer(config, blocks=method.blocks(config, network.Blocks()))
   params = _with_new_params(model, base)  # new params made with another (random) embedding
   prompt = prompt_tuning.prompt_vectors(params, config, **kw)
   np.testing.assert_array_equal(prompt[0], base["token_embedder"]["embedding"][ids])
@@ -200,8 +200,8 @@ def test_numpy_reference_matches_hf(hf):
 @pytest.mark.parametrize("sites", [("encoder", "decoder", "cross"), ("cross",)])
 def test_prefix_tuning_first_output_matches_reference(hf, sites):
   _, config, base, batch = hf
-  method = registry.get_method("prefix_tuning")
-  model = network.Transformer(config, blocks=method.blocks(config, length=3, sites=sites))
+  method = registry.make("prefix_tuning", length=3, sites=sites)
+  model = network.Transformer(config, blocks=method.blocks(config, network.Blocks()))
   params = _with_new_params(model, base)
   prefixes = _prefixes(params, config)
   assert len(prefixes) == sum(

@@ -9,6 +9,7 @@ import json
 import numpy as np
 import pytest
 
+from ia3_jax.train.assembly import ModelSpec
 from ia3_jax import cli, data, runs, tasks
 from ia3_jax.data import batches
 from ia3_jax.errors import DataError
@@ -52,9 +53,8 @@ def test_one_infer_run_over_raft_eval_gives_a_submission_file_per_task(raft_dir,
   cfg = dataclasses.replace(config.get_config("tiny"), vocab_size=320)  # >= the 300 pieces
   lengths = {"inputs": 128, "targets": 16, "num_choices": 77}
   source = batches.SeqioBatches(tasks.RAFT_EVAL_MIXTURE, lengths, shuffle=False, repeat=False)
-  out = runs.infer(output_dir=str(tmp_path / "run"), config=cfg, data=source, batch_size=8,
-                   blocks=ia3.ia3_blocks(), trainable=ia3.IA3_PATTERN,
-                   initial_checkpoint_path=None, checkpoint_path=None, seed=0)
+  out = runs.infer(output_dir=str(tmp_path / "run"), model=ModelSpec(cfg, peft=ia3.IA3Config()),
+                   data=source, batch_size=8, checkpoint_path=None, seed=0)
   assert out["num_examples"] == 11 * TEST_ROWS
   assert cli.main(["raft-submission", "--predictions", out["path"],
                    "--out", str(tmp_path / "submission"), "--raft_dir", raft_dir]) == 0
@@ -82,9 +82,8 @@ def test_infer_with_one_adapter_per_task_writes_rows_the_submission_reads_by_tas
   adapters = {key: params_lib.unflatten({p: rng.uniform(0.5, 1.5, v.shape).astype(np.float32)
                                          for p, v in like.items()})
               for key in tasks.RAFT_KEYS}
-  out = runs.infer(output_dir=str(tmp_path / "run"), config=cfg, data=source, batch_size=8,
-                   initial_checkpoint_path=None, checkpoint_path=None, seed=0,
-                   adapters=adapters)
+  out = runs.infer(output_dir=str(tmp_path / "run"), model=ModelSpec(cfg), data=source,
+                   batch_size=8, checkpoint_path=None, seed=0, adapters=adapters)
   rows = [json.loads(line) for line in open(out["path"])]
   assert len(rows) == 11 * TEST_ROWS and {r["task"] for r in rows} == set(tasks.RAFT_KEYS)
   assert {r["task_id"] for r in rows} == set(range(11))  # bank rows, not the RAFT ids

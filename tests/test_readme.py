@@ -111,7 +111,7 @@ def test_frozen_int8_snippet_stores_the_bundled_model_quantised(capsys):
   from ia3_jax.model import storage
   scope: dict = {}
   exec(compile(readme_block("frozen-int8"), "README.md", "exec"), scope)  # pylint: disable=exec-used
-  counts = scope["tr"].num_params()
+  counts = scope["layout"].num_params()
   assert str(counts) in capsys.readouterr().out
   float_bytes = 4 * (counts["total"] - counts["trainable"])
   assert 0.2 * float_bytes < counts["frozen_bytes"] < 0.3 * float_bytes
@@ -215,7 +215,7 @@ source = runs.bank_data(data.SeqioBatches("rte_cb_copa_eval", lengths,
                                           task_modules=["my_mixture"]), bank)
 batch = dict(next(source(batch_size=32, start_step=0, shard_id=0, num_shards=1)))
 inputs = {k: batch[k] for k in ("encoder_input_tokens", "choice_tokens", "choice_mask", "task_id")}
-before = classify(runs.with_bank(tr, params, ia3_adapters.load_adapter_bank(
+before = classify(runs.with_bank(layout, params, ia3_adapters.load_adapter_bank(
     {"rte": "adapters/rte", "cb": "adapters/cb", "copa": "tfew/copa.pt"}, config, capacity=8)),
     dict(inputs, task_id=np.full_like(inputs["task_id"], 3)))["scores"]
 after = classify(params, dict(inputs, task_id=np.full_like(inputs["task_id"], 3)))["scores"]
@@ -258,3 +258,32 @@ def test_adapter_bank_snippet_and_command(tmp_path):
   saved = json.loads((tmp_path / "eval" / "rte_cb_copa" / "eval_results.json").read_text())
   assert set(saved["per_task"]) == {"rte", "cb", "copa"}
   assert saved["adapters"]["copa"] == {"task_id": 2, "source": "tfew/copa.pt"}
+
+
+def test_peft_method_snippet_registers_a_method_that_trains(tmp_path):
+  """The README's example method, run as written: registered, counted, identity at init, and
+  `loop.train` trains exactly its params."""
+  import jax
+  import numpy as np
+  from ia3_jax.model import config
+  from ia3_jax.model import params as params_lib
+  from ia3_jax.peft import counts, registry
+  from ia3_jax.train import assembly, loop
+  scope: dict = {"__name__": "readme_peft_method"}
+  exec(compile(readme_block("peft-method"), "README.md", "exec"), scope)  # pylint: disable=exec-used
+  try:
+    tiny = config.get_config("tiny")
+    [count] = counts.count_all(tiny, ["output_scale"])
+    assert count.trainable == (tiny.num_encoder_layers + tiny.num_decoder_layers) * tiny.emb_dim
+    spec = assembly.ModelSpec(tiny, peft=registry.make("output_scale"), dropout_rate=0.0)
+    base = tu.random_base_params(tiny)
+    res = loop.train(model_dir=str(tmp_path), model=spec, train_data=tu.SyntheticBatches(4),
+                     train_config=loop.TrainConfig(train_steps=2, batch_size=4, tensorboard=False,
+                                                   progress=False),
+                     initial_params=base)
+    trained = params_lib.flatten(jax.device_get(res["state"].trainable))
+    assert set(trained) == {f"{stack}/layers_{i}/mlp/out_scale" for stack in ("encoder", "decoder")
+                            for i in range(2)}
+    assert all(not np.allclose(v, 1.0) for v in trained.values())  # moved from ones
+  finally:
+    registry._METHODS.pop("output_scale", None)  # pylint: disable=protected-access

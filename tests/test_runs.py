@@ -10,11 +10,12 @@ import uuid
 import pytest
 import seqio
 
+from ia3_jax.train.assembly import ModelSpec
 from ia3_jax import errors, runs
 from ia3_jax.data import batches
 from ia3_jax.model import config
 from ia3_jax.peft import ia3
-from ia3_jax.train import checks, trainer, writers
+from ia3_jax.train import checks, writers
 from tests import trainer_utils as tu
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -54,9 +55,8 @@ def _data(module: str, key: str, lengths=LENGTHS) -> batches.SeqioBatches:
 
 
 def _run(kind, out, data, cfg=TINY):
-  return getattr(runs, kind)(output_dir=str(out), config=cfg, data=data, batch_size=4,
-                             blocks=ia3.ia3_blocks(), trainable=ia3.IA3_PATTERN,
-                             initial_checkpoint_path=None, checkpoint_path=None, seed=0)
+  return getattr(runs, kind)(output_dir=str(out), model=ModelSpec(cfg, peft=ia3.IA3Config()),
+                             data=data, batch_size=4, checkpoint_path=None, seed=0)
 
 
 def test_infer_decodes_with_the_tasks_vocabulary(tmp_path, monkeypatch):
@@ -161,7 +161,7 @@ def _hf_base_and_checkpoint(root: pathlib.Path) -> tuple[pathlib.Path, pathlib.P
   hf_utils.make_hf_model(base, "t5_1_1", "small")
   shutil.copyfile(REPO / "ia3_jax" / "assets" / "demo" / "spiece.model", base / "spiece.model")
   cfg, params = hf_checkpoints.load_hf_checkpoint(base)
-  tr = trainer.Trainer(network.Transformer(cfg, ia3.ia3_blocks()), trainable=ia3.IA3_PATTERN,
+  tr = tu.make_trainer(network.Transformer(cfg, ia3.ia3_blocks()), trainable=ia3.IA3_PATTERN,
                        optimizer=optimizers.OptimizerConfig(total_steps=10).build())
   ckpt = checkpointer.Checkpointer(root / "model" / "checkpoints")
   ckpt.save(3, tr.init_state(params), {"seed": 0, "data_position": 3,

@@ -65,7 +65,7 @@ def test_what_is_quantised_and_what_stays_float():
 
 def _trainer(frozen_dtype: str, **kw) -> trainer.Trainer:
   model = network.Transformer(TINY, blocks=ia3.ia3_blocks(**kw))
-  return trainer.Trainer(model, trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(0.5),
+  return tu.make_trainer(model, trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(0.5),
                          enable_dropout=False, use_task_id=bool(kw),
                          frozen_storage=storage.FrozenStorage(frozen_dtype, tile=16))
 
@@ -89,9 +89,9 @@ def test_training_over_a_stored_base_equals_the_float_model_with_its_weights(fro
   assert kernels and all(isinstance(k, storage.QArray) == (frozen_dtype != "bfloat16")
                          for k in kernels)
   # Of float32: 1/2; 1/4 + scales + bf16 embeddings; 1/8 + a float32 scale per 16 rows + ...
-  assert tr.num_params()["frozen_bytes"] < {"bfloat16": 0.51, "int8": 0.3, "int4": 0.22}[
-      frozen_dtype] * trainer.Trainer(tr.model, trainable=ia3.IA3_PATTERN,
-                                      optimizer=optax.sgd(0.5)).num_params()["frozen_bytes"]
+  assert tr.layout.num_params()["frozen_bytes"] < {"bfloat16": 0.51, "int8": 0.3, "int4": 0.22}[
+      frozen_dtype] * tu.make_trainer(tr.model, trainable=ia3.IA3_PATTERN,
+                                      optimizer=optax.sgd(0.5)).layout.num_params()["frozen_bytes"]
   reference = _trainer("float32")
   ref_state = reference.init_state(_dequantised(state.params))
   batch = tr.model_batch(_batch())
@@ -128,11 +128,11 @@ def test_mixed_task_bank_over_an_int8_base_equals_each_task_alone():
 def test_hf_checkpoint_loads_quantised_as_read_and_matches_pytorch_with_those_weights(tmp_path):
   import torch
   torch_model = hf_utils.make_hf_model(tmp_path, "t5_1_1", "small")
-  tr = trainer.Trainer(network.Transformer(hf_checkpoints.load_hf_config(tmp_path)),
+  tr = tu.make_trainer(network.Transformer(hf_checkpoints.load_hf_config(tmp_path)),
                        trainable="encoder/encoder_norm/scale",
                        optimizer=optax.sgd(0.1),
                        frozen_storage=storage.FrozenStorage("int8"))
-  _, params = hf_checkpoints.load_hf_checkpoint(tmp_path, convert=tr.store_base_tensor)
+  _, params = hf_checkpoints.load_hf_checkpoint(tmp_path, convert=tr.layout.store_base_tensor)
   flat = params_lib.flatten(params)
   assert isinstance(flat["encoder/layers_0/attention/query/kernel"], storage.QArray)
   assert flat["token_embedder/embedding"].dtype == jnp.bfloat16
@@ -147,7 +147,7 @@ def test_hf_checkpoint_loads_quantised_as_read_and_matches_pytorch_with_those_we
       state[hf].copy_(torch.from_numpy(np.array(value.T if transposed else value)))
   torch_model.load_state_dict(state)
   batch = hf_utils.random_batch(np.random.default_rng(0), tr.model.config.vocab_size)
-  logits = np.asarray(tr.model.apply({"params": tr.place_params(params)},
+  logits = np.asarray(tr.model.apply({"params": tr.layout.place_params(params)},
                                      batch["encoder_input_tokens"], batch["decoder_input_tokens"],
                                      batch["decoder_target_tokens"]))
   valid = batch["decoder_target_tokens"] > 0
@@ -212,7 +212,7 @@ def test_scanned_training_equals_unrolled_training(frozen_dtype):
   runs = {}
   for scan in (False, True):
     blocks = ia3.ia3_blocks(base=network.Blocks(scan_layers=scan, remat="full"))
-    tr = trainer.Trainer(network.Transformer(TINY, blocks=blocks), trainable=ia3.IA3_PATTERN,
+    tr = tu.make_trainer(network.Transformer(TINY, blocks=blocks), trainable=ia3.IA3_PATTERN,
                          optimizer=optax.adam(1e-2), enable_dropout=False,
                          frozen_storage=storage.FrozenStorage(frozen_dtype))
     state = tr.init_state(base)
@@ -269,13 +269,13 @@ def test_scanned_forward_and_vector_gradients_equal_unrolled_in_float32():
   for scan in (False, True):
     model = network.Transformer(TINY, blocks=ia3.ia3_blocks(
         base=network.Blocks(scan_layers=scan, remat="full")))
-    tr = trainer.Trainer(model, trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(0.1),
+    tr = tu.make_trainer(model, trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(0.1),
                          enable_dropout=False)
     state = tr.init_state(base)
     if not scan:  # distinct vectors, the same in both layouts
       unrolled = jax.tree.map(lambda v: v * jnp.linspace(0.8, 1.2, v.size).reshape(v.shape),
                               jax.device_get(state.trainable))
-    ones = tr.in_layout(unrolled)
+    ones = tr.layout.in_layout(unrolled)
     batch = {k: jnp.asarray(v) for k, v in tr.model_batch(_batch()).items()}
 
     def logits(vectors):
@@ -322,7 +322,7 @@ def test_a_converted_base_adds_no_frozen_kernel_products_to_the_step(frozen_dtyp
   `0 * x` dependency with a gradient made the backward pass compute, then multiply by 0)."""
   def dots(frozen: str, act: str) -> int:
     model = network.Transformer(TINY.replace(dtype=act), blocks=ia3.ia3_blocks())
-    tr = trainer.Trainer(model, trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(0.5),
+    tr = tu.make_trainer(model, trainable=ia3.IA3_PATTERN, optimizer=optax.sgd(0.5),
                          enable_dropout=False, frozen_storage=storage.FrozenStorage(frozen, tile=16))
     state = tr.init_state(tu.random_base_params(TINY))
     batch = tr.partitioner.shard_batch(tr.model_batch(_batch()), 8)

@@ -9,7 +9,8 @@ import pytest
 from ia3_jax.data import synthetic
 from ia3_jax.data.templates import load_templates
 
-TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "tasks", "demo", "templates")
+TEMPLATE_DIR = os.path.join(os.path.dirname(os.path.dirname(__file__)), "ia3_jax", "tasks", "demo",
+                            "templates")
 SIZES = {"validation": 150, "train": 300}
 ANTONYMS_OF = {}
 for _a, _b in synthetic.ANTONYMS:

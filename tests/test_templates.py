@@ -53,7 +53,7 @@ PROMPTSOURCE_YAML = textwrap.dedent("""\
 EXAMPLE = {"premise": "The man broke his toe.", "choice1": "He dropped a hammer on his foot.",
            "choice2": "He got a hole in his sock.", "question": "cause", "label": 0, "idx": 3}
 
-TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "tasks", "templates")
+TEMPLATE_DIR = os.path.join(os.path.dirname(__file__), os.pardir, "ia3_jax", "tasks", "templates")
 
 
 @pytest.fixture(scope="module")

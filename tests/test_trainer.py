@@ -9,6 +9,7 @@ import numpy as np
 import optax
 import pytest
 
+from ia3_jax.train.assembly import ModelSpec
 from ia3_jax import errors
 from ia3_jax.data import batches
 from ia3_jax.interop import hf_checkpoints
@@ -16,7 +17,7 @@ from ia3_jax.model import config, network
 from ia3_jax.model import params as params_lib
 from ia3_jax.objectives import losses, scoring
 from ia3_jax.peft import ia3
-from ia3_jax.train import loop, optimizers, train_state, trainer
+from ia3_jax.train import loop, optimizers, train_state
 from tests import trainer_utils as tu
 
 TINY = config.get_config("tiny")
@@ -153,7 +154,7 @@ def test_grad_accumulation_equals_full_batch(tmp_path):
   results = []
   for accum in (1, 2):
     opt = optimizers.OptimizerConfig(total_steps=4, warmup_steps=0).build()
-    tr = trainer.Trainer(model, trainable=ia3.IA3_PATTERN, grad_accum_steps=accum, optimizer=opt)
+    tr = tu.make_trainer(model, trainable=ia3.IA3_PATTERN, grad_accum_steps=accum, optimizer=opt)
     state = tr.init_state(base)
     batch = tr.partitioner.shard_batch(tr.model_batch(doubled), 8)
     state, metrics = tr.step(state, batch)
@@ -184,8 +185,8 @@ def test_initial_params_of_another_shape_name_the_param(tmp_path):
   with pytest.raises(hf_checkpoints.CheckpointError,
                      match=r"initial_params: param decoder/layers_0/mlp/wi_0/kernel has shape "
                            r"\(32, 96\); the model expects \(32, 64\)"):
-    loop.train(model_dir=str(tmp_path), config=TINY, blocks=ia3.ia3_blocks(),
-                  trainable=ia3.IA3_PATTERN, train_data=tu.SyntheticBatches(8),
+    loop.train(model_dir=str(tmp_path), model=ModelSpec(TINY, peft=ia3.IA3Config()),
+                  train_data=tu.SyntheticBatches(8),
                   train_config=loop.TrainConfig(train_steps=1, tensorboard=False,
                                                    progress=False),
                   initial_params=tu.random_base_params(wide))
@@ -194,7 +195,7 @@ def test_initial_params_of_another_shape_name_the_param(tmp_path):
 def test_initial_checkpoint_lacking_a_frozen_param(tmp_path):
   base = tu.random_base_params(TINY)
   del base["decoder"]["decoder_norm"]
-  tr = trainer.Trainer(network.Transformer(TINY, ia3.ia3_blocks()), trainable=ia3.IA3_PATTERN,
+  tr = tu.make_trainer(network.Transformer(TINY, ia3.ia3_blocks()), trainable=ia3.IA3_PATTERN,
                        optimizer=optax.sgd(0.1))
   with pytest.raises(hf_checkpoints.CheckpointError, match="missing param decoder/decoder_norm/scale"):
     tr.init_state(base, source="base.ckpt")
@@ -207,33 +208,34 @@ def test_hf_checkpoint_of_another_model_names_the_param(tmp_path):
   with pytest.raises(hf_checkpoints.CheckpointError,
                      match=r"/hf: param decoder/decoder_norm/scale has shape \(24,\), model "
                            r"expects \(32,\)"):
-    loop.train(model_dir=str(tmp_path / "run"), config=TINY, train_data=tu.SyntheticBatches(8),
-                  initial_checkpoint_path=str(hf_dir),
+    loop.train(model_dir=str(tmp_path / "run"),
+                  model=ModelSpec(TINY, initial_checkpoint_path=str(hf_dir)),
+                  train_data=tu.SyntheticBatches(8),
                   train_config=loop.TrainConfig(train_steps=1, tensorboard=False,
                                                    progress=False))
 
 
 def test_trainable_pattern_matching_nothing_is_an_error():
   with pytest.raises(ValueError, match="matches no param"):
-    trainer.Trainer(network.Transformer(TINY), trainable="nope_.*", optimizer=optax.sgd(0.1))
+    tu.make_trainer(network.Transformer(TINY), trainable="nope_.*", optimizer=optax.sgd(0.1))
 
 
 def test_t0_3b_ia3_checkpoint_is_about_2mb():
-  tr = trainer.Trainer(network.Transformer(config.get_config("t0_3b"), ia3.ia3_blocks()),
+  tr = tu.make_trainer(network.Transformer(config.get_config("t0_3b"), ia3.ia3_blocks()),
                        trainable=ia3.IA3_PATTERN,
                        optimizer=optimizers.OptimizerConfig(total_steps=1000).build())
-  counts = tr.num_params()
+  counts = tr.layout.num_params()
   assert counts["trainable"] == 540_672 and counts["trainable_bytes"] == 540_672 * 4
   # Adafactor state for vectors: one second moment each (not factored), placeholders, counts.
   opt = sum(math.prod(x.shape) for x in jax.tree.leaves(tr.abstract_opt_state))
-  assert opt <= 540_672 + 2 * len(tr.trainable_paths) + 8
+  assert opt <= 540_672 + 2 * len(tr.layout.trainable_paths) + 8
 
 
 def test_lowered_step_and_classifier_give_xla_cost_and_memory():
   """`lower_step` / `ShardedClassifier.lower`: the programs `step` and eval run, compiled
   without running them or consuming the (donatable) state."""
   model = network.Transformer(TINY, ia3.ia3_blocks())
-  tr = trainer.Trainer(model, trainable=ia3.IA3_PATTERN, enable_dropout=False,
+  tr = tu.make_trainer(model, trainable=ia3.IA3_PATTERN, enable_dropout=False,
                        optimizer=optimizers.OptimizerConfig(total_steps=10).build())
   state = tr.init_state(tu.random_base_params(TINY))
   host = tu.SyntheticBatches(4).global_batch(0)
@@ -243,7 +245,7 @@ def test_lowered_step_and_classifier_give_xla_cost_and_memory():
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   assert cost["flops"] > 0
   mem = compiled.memory_analysis()
-  param_bytes = 4 * tr.num_params()["total"]
+  param_bytes = 4 * tr.layout.num_params()["total"]
   assert mem.argument_size_in_bytes >= param_bytes  # trainable + frozen + optimizer + batch
   assert 0 < mem.alias_size_in_bytes <= mem.output_size_in_bytes  # donated trainable/opt state
   assert "dot" in tr.trace_step(state, batch).jaxpr.pretty_print()
@@ -269,8 +271,8 @@ def test_truncation_is_reported_for_training_and_eval(tmp_path, monkeypatch, cap
   lengths = {"inputs": 6, "targets": 4, "num_choices": 2}  # every toy input is longer
   source = lambda name: batches.SeqioBatches(name, lengths, task_modules=["toy_tasks"])
   caplog.set_level(logging.INFO, logger="ia3_jax.train.writers")
-  loop.train(model_dir=str(tmp_path), config=TINY, blocks=ia3.ia3_blocks(),
-                trainable=ia3.IA3_PATTERN, train_data=source("toy_fewshot_seed0"),
+  loop.train(model_dir=str(tmp_path), model=ModelSpec(TINY, peft=ia3.IA3Config()),
+                train_data=source("toy_fewshot_seed0"),
                 eval_data=source("toy_eval"),
                 train_config=loop.TrainConfig(train_steps=2, batch_size=4, seed=0,
                                                  tensorboard=False, progress=False),

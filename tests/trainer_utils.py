@@ -136,6 +136,19 @@ def random_base_params(config, seed: int = 0) -> dict:
   return jax.tree_util.tree_map_with_path(draw, abstract)
 
 
+def make_trainer(model, *, trainable, optimizer, partitioner=None, seed: int = 42,
+                 use_task_id: bool = False, max_choices_per_step=None,
+                 frozen_storage=None, **trainer_kw):
+  """A `trainer.Trainer` on the `ParamLayout` of `model` (a built network)."""
+  from ia3_jax.model import storage
+  from ia3_jax.train import param_layout, trainer
+  lay = param_layout.ParamLayout(model, trainable=trainable, partitioner=partitioner, seed=seed,
+                                 use_task_id=use_task_id,
+                                 max_choices_per_step=max_choices_per_step,
+                                 frozen_storage=frozen_storage or storage.FrozenStorage())
+  return trainer.Trainer(lay, optimizer=optimizer, **trainer_kw)
+
+
 def run_tiny(model_dir: str, *, steps: int, batch_size: int = 8, dropout: float = 0.1,
            learning_rate: float = 3e-3, partitioning=None, checkpoint_period: int = 0,
            keep: int = 3, delay: float = 0.0, grad_accum_steps: int = 1, num_distinct: int = 0,
@@ -146,15 +159,13 @@ def run_tiny(model_dir: str, *, steps: int, batch_size: int = 8, dropout: float 
   from ia3_jax.model import config
   from ia3_jax.objectives import losses
   from ia3_jax.peft import ia3
-  from ia3_jax.train import checkpointer, optimizers, partitioning as part
+  from ia3_jax.train import assembly, checkpointer, optimizers, partitioning as part
   from ia3_jax.train import loop
   cfg = config.get_config("tiny")
-  if trainable == "ia3":
-    blocks, patterns = ia3.ia3_blocks(), ia3.IA3_PATTERN
-  else:
-    blocks, patterns = None, ".*"
+  spec = assembly.ModelSpec(cfg, peft=ia3.IA3Config() if trainable == "ia3" else None,
+                            dropout_rate=dropout, frozen_dtype=frozen_dtype)
   return loop.train(
-      model_dir=model_dir, config=cfg, blocks=blocks, trainable=patterns,
+      model_dir=model_dir, model=spec,
       train_data=SyntheticBatches(batch_size, delay=delay, num_distinct=num_distinct, seed=seed),
       eval_data=SyntheticEval(batch_size, num_batches=eval_batches) if eval_batches else None,
       train_config=loop.TrainConfig(train_steps=steps, batch_size=batch_size,
@@ -165,5 +176,4 @@ def run_tiny(model_dir: str, *, steps: int, batch_size: int = 8, dropout: float 
                                                         total_steps=schedule_steps),
       partitioning=partitioning or part.PartitionConfig(),
       checkpoint=checkpointer.CheckpointConfig(period=checkpoint_period, keep=keep),
-      dropout_rate=dropout, initial_params=random_base_params(cfg), post_load=post_load,
-      frozen_dtype=frozen_dtype)
+      initial_params=random_base_params(cfg), post_load=post_load)

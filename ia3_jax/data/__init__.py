@@ -17,13 +17,15 @@ _HOMES = {
         "truncation_report")},
     "BatchSource": "features",
     **{name: "registration" for name in (
-        "FIRST_USER_TASK_ID", "RUN_MODEL_MACRO", "SPM_PATH_ENV", "DatasetSpec", "ModelVocabulary",
-        "Registered", "RenderedSource", "TaskInfo", "add_mixture", "clear_cache",
-        "dataset_template_names", "default_vocabulary", "get_task_info", "lookup", "output_features", "register_dataset",
-        "register_task", "register_task_id", "registered_names", "rendered_examples",
-        "resolve_default_vocabulary", "run_model_path", "select_first_template",
-        "select_random_template", "set_default_vocabulary", "task_id", "task_ids",
-        "tokenize_prompted")},
+        "DatasetSpec", "Registered", "RenderedSource", "TaskInfo", "add_mixture", "clear_cache",
+        "dataset_template_names", "get_task_info", "lookup", "output_features",
+        "register_dataset", "register_task", "registered_names", "rendered_examples",
+        "select_first_template", "select_random_template", "tokenize_prompted")},
+    **{name: "vocabularies" for name in (
+        "RUN_MODEL_MACRO", "SPM_PATH_ENV", "ModelVocabulary", "default_vocabulary",
+        "resolve_default_vocabulary", "run_model_path", "set_default_vocabulary")},
+    **{name: "task_registry" for name in (
+        "FIRST_USER_TASK_ID", "register_task_id", "task_id", "task_ids")},
 }
 __all__ = sorted(_HOMES)
 

@@ -29,8 +29,8 @@ from ia3_jax.data.features import Batch
 from ia3_jax.data.feature_converters import (EOS_ID, RankClassificationFeatureConverter,
                                              TruncationStats)
 from ia3_jax.data.registration import (RenderedSource, get_task_info, lookup, output_features,
-                                       rows_dataset, select_first_template, task_ids,
-                                       tokenize_prompted)
+                                       rows_dataset, select_first_template, tokenize_prompted)
+from ia3_jax.data.task_registry import task_ids
 from ia3_jax.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -115,6 +115,12 @@ class SeqioBatches:
                         "ia3_jax.data.registration, so it has no dataset key")
       keys += [info.key] if info.key not in keys else []
     return tuple(keys)
+
+  def task_ids(self) -> dict[str, int]:
+    """The `task_id` each dataset's examples carry: its `task_id_map` row, else its global
+    id (`data.task_ids`)."""
+    ids, rows = task_ids(), self.task_id_map or {}
+    return {k: rows.get(k, ids[k]) for k in self.dataset_keys()}
 
   def template_names(self) -> Optional[tuple[str, ...]]:
     """Names of the template ids in the batches (None for tasks not registered by ia3_jax.data.registration)."""

@@ -14,11 +14,8 @@ Every task yields `inputs`, `targets` (the correct choice), `choices`,
 `label`, `task_id`, `template_id`, `example_id`; `RankClassificationFeatureConverter`
 turns them into the batch layout.
 
-Task ids: every dataset key has a stable integer id (`task_id(key)`), carried by
-all its examples as `task_id`: the built-in datasets have fixed ids (see
-`ia3_jax.tasks.BUILTIN_TASK_IDS`), user datasets take the id they pass, or the
-next free id from 100 on, in registration order. `get_batches(task_id_map=)`
-renumbers them into the rows of a task bank.
+Task ids (`data.task_registry`) and the vocabulary of tasks registered without one
+(`data.vocabularies`) have their own modules; this one registers and renders.
 """
 
 from __future__ import annotations
@@ -29,7 +26,6 @@ import functools
 import logging
 import os
 import re
-import sys
 import threading
 from typing import Any, Iterator, Mapping, Sequence
 
@@ -40,188 +36,14 @@ import seqio  # pylint: disable=g-import-not-at-top
 
 from ia3_jax.data import fewshot
 from ia3_jax.data.sources import CsvSource, InMemorySource, JsonlSource, Record, Source
+from ia3_jax.data.task_registry import register_task_id
 from ia3_jax.data.templates import DataError, Template, TemplateSet, load_templates
-from ia3_jax.errors import ConfigError, EmptyRenderError
+from ia3_jax.data.vocabularies import default_vocabulary
+from ia3_jax.errors import EmptyRenderError
 
 log = logging.getLogger(__name__)
 
 _KEY_RE = re.compile(r"^[a-z0-9_]+$")
-FIRST_USER_TASK_ID = 100
-
-# --------------------------------------------------------------------------- vocabulary
-# A task tokenizes with its model's own SentencePiece vocabulary (no gs:// fallback).
-
-_DEFAULT_VOCAB: seqio.Vocabulary | None = None
-SPM_PATH_ENV = "IA3_JAX_SPM_PATH"
-RUN_MODEL_MACRO = "INITIAL_CHECKPOINT_PATH"
-
-
-def set_default_vocabulary(vocabulary: seqio.Vocabulary | str | None) -> None:
-  """Sets the vocabulary of tasks registered without one (a path is a SentencePiece model, an
-  HF tokenizer.json or a model directory); None goes back to the model's own vocabulary."""
-  global _DEFAULT_VOCAB
-  if isinstance(vocabulary, (str, os.PathLike)):
-    vocabulary = _load_vocabulary(os.fspath(vocabulary))
-  _DEFAULT_VOCAB = vocabulary
-
-
-@functools.lru_cache(maxsize=8)
-def _load_vocabulary(path: str) -> seqio.Vocabulary:
-  """A SentencePiece model or an HF `tokenizer.json` (a file, or a model directory with one
-  and no SentencePiece model: Llama 3, Qwen2)."""
-  from ia3_jax.data import hf_vocabulary  # pylint: disable=g-import-not-at-top
-  from ia3_jax.interop import hf_checkpoints  # pylint: disable=g-import-not-at-top  (jax-free data layer)
-  if os.path.basename(path) == hf_vocabulary.TOKENIZER_FILE:
-    return hf_vocabulary.HfTokenizerVocabulary(path)
-  try:
-    return hf_checkpoints.load_vocabulary(path)
-  except hf_checkpoints.CheckpointError:
-    if os.path.isfile(os.path.join(path, hf_vocabulary.TOKENIZER_FILE)):
-      return hf_vocabulary.HfTokenizerVocabulary(path)
-    raise
-
-
-def run_model_path() -> str | None:
-  """The model directory of the gin-configured run (its INITIAL_CHECKPOINT_PATH), if any.
-
-  The one place the data layer looks at gin: a run (`ia3-jax train/eval/score/infer`)
-  names its model there, and tasks registered without a vocabulary use that model's.
-  """
-  gin = sys.modules.get("gin")  # only when a gin run is configured; never imports gin
-  if gin is None:
-    return None
-  try:
-    path = gin.query_parameter(f"%{RUN_MODEL_MACRO}")
-  except (ValueError, KeyError):
-    return None
-  return os.fspath(path) if isinstance(path, (str, os.PathLike)) else None
-
-
-def resolve_default_vocabulary() -> seqio.Vocabulary:
-  """The vocabulary of tasks registered without one, now: `set_default_vocabulary`,
-  else $IA3_JAX_SPM_PATH, else the run's model (INITIAL_CHECKPOINT_PATH's spiece.model)."""
-  if _DEFAULT_VOCAB is not None:
-    return _DEFAULT_VOCAB
-  path = os.environ.get(SPM_PATH_ENV) or run_model_path()
-  if path:
-    return _load_vocabulary(path)
-  raise ConfigError(
-      "no vocabulary for a task registered without one: pass register_task(..., vocabulary="
-      "hf_checkpoints.load_vocabulary(MODEL_DIR)), call data.set_default_vocabulary(...), set "
-      f"${SPM_PATH_ENV}, or run with {RUN_MODEL_MACRO} set to a model directory holding its "
-      "spiece.model")
-
-
-class ModelVocabulary(seqio.Vocabulary):
-  """The model's own vocabulary, looked up when a task first tokenizes (`resolve_default_vocabulary`).
-
-  Tasks can then be registered before the run says which model it uses; nothing is
-  downloaded, and with no model in sight tokenizing raises a `ConfigError` saying what to set.
-  """
-
-  def __init__(self):
-    super().__init__(extra_ids=0)
-
-  @property
-  def resolved(self) -> seqio.Vocabulary:
-    return resolve_default_vocabulary()
-
-  # seqio.Vocabulary's public surface, delegated.
-  @property
-  def extra_ids(self) -> int:
-    return self.resolved.extra_ids
-
-  @property
-  def vocab_size(self) -> int:
-    return self.resolved.vocab_size
-
-  @property
-  def eos_id(self) -> int | None:
-    return self.resolved.eos_id
-
-  @property
-  def pad_id(self) -> int:
-    return self.resolved.pad_id
-
-  @property
-  def unk_id(self) -> int | None:
-    return self.resolved.unk_id
-
-  @property
-  def _base_vocab_size(self) -> int:
-    return self.resolved._base_vocab_size  # pylint: disable=protected-access
-
-  def encode(self, s):
-    return self.resolved.encode(s)
-
-  def decode(self, ids):
-    return self.resolved.decode(ids)
-
-  def encode_tf(self, s):
-    return self.resolved.encode_tf(s)
-
-  def decode_tf(self, ids):
-    return self.resolved.decode_tf(ids)
-
-  def _encode(self, s):
-    return self.resolved.encode(s)
-
-  def _decode(self, ids):
-    return self.resolved.decode(ids)
-
-  def _encode_tf(self, s):
-    return self.resolved.encode_tf(s)
-
-  def _decode_tf(self, ids):
-    return self.resolved.decode_tf(ids)
-
-  def __eq__(self, other) -> bool:
-    return other is self
-
-  __hash__ = object.__hash__
-
-
-_MODEL_VOCABULARY = ModelVocabulary()
-
-
-def default_vocabulary() -> seqio.Vocabulary:
-  """The vocabulary of a registration that gets none: `set_default_vocabulary`'s, else the
-  model's own (`ModelVocabulary`: $IA3_JAX_SPM_PATH or the run's INITIAL_CHECKPOINT_PATH,
-  resolved when the task first tokenizes; never a download)."""
-  return _DEFAULT_VOCAB if _DEFAULT_VOCAB is not None else _MODEL_VOCABULARY
-
-
-# --------------------------------------------------------------------------- task ids
-
-_TASK_IDS: dict[str, int] = {}
-
-
-def register_task_id(key: str, task_id: int | None = None) -> int:
-  """Gives dataset `key` a stable task id (the given one, or the next free one >= 100)."""
-  if key in _TASK_IDS and (task_id is None or _TASK_IDS[key] == task_id):
-    return _TASK_IDS[key]
-  if task_id is None:
-    task_id = max([FIRST_USER_TASK_ID - 1, *_TASK_IDS.values()]) + 1
-  owner = next((k for k, v in _TASK_IDS.items() if v == task_id and k != key), None)
-  if owner is not None:
-    raise ValueError(f"task id {task_id} of {key!r} is already used by {owner!r}")
-  if not isinstance(task_id, int) or task_id < 0:
-    raise ValueError(f"task id of {key!r} must be a non-negative int, got {task_id!r}")
-  _TASK_IDS[key] = task_id
-  return task_id
-
-
-def task_id(key: str) -> int:
-  """The task id of a dataset key."""
-  if key not in _TASK_IDS:
-    raise DataError(f"no task id for dataset {key!r}; known: {sorted(_TASK_IDS)}")
-  return _TASK_IDS[key]
-
-
-def task_ids() -> dict[str, int]:
-  """All dataset keys and their task ids."""
-  return dict(_TASK_IDS)
-
 
 # --------------------------------------------------------------------------- specs
 

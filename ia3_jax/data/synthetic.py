@@ -16,7 +16,7 @@ the new read-out.
 Every family yields plain dicts (its fields plus `label`, the index of the
 correct answer in the templates' answer choices), ready for
 `ia3_jax.data.sources.InMemorySource` and the promptsource-format templates in
-`tasks/demo/templates/<family>.yaml`. Splits are disjoint (no example appears
+`ia3_jax/tasks/demo/templates/<family>.yaml`. Splits are disjoint (no example appears
 in two splits of a family) and depend only on (family, split sizes, seed):
 sampling uses NumPy's `RandomState`, whose stream is frozen.
 """

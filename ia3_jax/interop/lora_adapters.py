@@ -80,8 +80,7 @@ def _check_config(cfg: dict, source: str) -> None:
 
 def lora_model(config: Any, settings: LoraSettings) -> Any:
   """The network of `config`'s family (T5 or decoder-only) with LoRA as `settings` say."""
-  blocks = lora.lora_blocks(config, **settings.blocks_kwargs())
-  return families.of(config).build(config, families.blocks_for(config, blocks))
+  return families.of(config).build(config, lora.lora_blocks(config, **settings.blocks_kwargs()))
 
 
 def import_peft_lora(path: PathLike, config: Any) -> tuple[Params, LoraSettings]:

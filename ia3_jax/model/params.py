@@ -21,6 +21,8 @@ import flax
 import jax
 import numpy as np
 
+from ia3_jax.errors import ConfigError
+
 Params = dict[str, Any]
 Patterns = Union[str, Iterable[str], Callable[[str], bool]]
 
@@ -71,8 +73,8 @@ def trainable_mask(params: Mapping[str, Any], patterns: Patterns, *,
     for regex in regexes:
       if not any(re.fullmatch(regex, path) for path in flat):
         sample = ", ".join(list(flat)[:5])
-        raise ValueError(f"trainable pattern {regex!r} matches no param "
-                         f"(paths look like: {sample}, ...)")
+        raise ConfigError(f"TRAINABLE_PARAMS: trainable pattern {regex!r} matches no param "
+                          f"(paths look like: {sample}, ...)")
   return unflatten(mask)
 
 

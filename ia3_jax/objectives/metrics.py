@@ -12,6 +12,7 @@ neighbours. IQR = q75 - q25.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import pathlib
 from typing import Any, Hashable, Mapping, Optional, Sequence, Union
@@ -151,3 +152,108 @@ def template_table(summary: Mapping[str, Any], *, digits: int = 1) -> str:
     cells = [_pct(accs[s], digits) if s in accs else "" for s in map(_key, seeds)]
     lines.append(f"| {name} | " + " | ".join(cells) + f" | {_pct(t['median'], digits)} |")
   return "\n".join(lines) + "\n"
+
+
+# --------------------------------------------------------------------------- eval counts
+
+NO_ID = -1  # the task or template id of rows that carry none
+
+
+@dataclasses.dataclass
+class EvalCounts:
+  """The counts of a rank-classification pass: correct and counted rows per (task_id,
+  template_id) group (`NO_ID` where a batch carries none), plus the rows left out.
+
+  One typed home for what an eval reports: `add` counts a batch, `merge` adds another
+  pass, `summed_over_processes` all-reduces over hosts (each evaluates its shard), and
+  `as_dict` gives the result dict (accuracy, num_correct, num_examples, num_unlabelled,
+  num_batches, num_identical_choices, per_template, per_task) that eval files hold.
+  """
+
+  groups: dict[tuple[int, int], list[int]] = dataclasses.field(default_factory=dict)
+  num_unlabelled: int = 0
+  num_identical_choices: int = 0
+  num_batches: int = 0
+
+  def add(self, predictions: np.ndarray, labels: np.ndarray, counted: np.ndarray,
+          task_id: Optional[np.ndarray] = None, template_id: Optional[np.ndarray] = None) -> None:
+    """Counts the `counted` rows of one batch by (task_id, template_id)."""
+    ids = [np.full(labels.shape, NO_ID) if a is None else np.maximum(np.asarray(a), NO_ID)
+           for a in (task_id, template_id)]
+    keys = np.stack(ids, axis=1)
+    for key in np.unique(keys[counted], axis=0):
+      c, n = accuracy_counts(predictions, labels, counted & np.all(keys == key, axis=1))
+      acc = self.groups.setdefault((int(key[0]), int(key[1])), [0, 0])
+      acc[0] += c
+      acc[1] += n
+
+  def merge(self, other: "EvalCounts") -> "EvalCounts":
+    out = EvalCounts({k: list(v) for k, v in self.groups.items()},
+                     self.num_unlabelled + other.num_unlabelled,
+                     self.num_identical_choices + other.num_identical_choices,
+                     self.num_batches + other.num_batches)
+    for key, (c, n) in other.groups.items():
+      acc = out.groups.setdefault(key, [0, 0])
+      acc[0] += c
+      acc[1] += n
+    return out
+
+  def summed_over_processes(self) -> "EvalCounts":
+    """The counts summed over all processes (a no-op with one); `num_batches` stays this
+    process's."""
+    import jax  # pylint: disable=g-import-not-at-top
+    if jax.process_count() == 1:
+      return self
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    gather = lambda x: np.asarray(multihost_utils.process_allgather(np.asarray(x)))  # noqa: E731
+    top = np.max(gather([max((k[i] for k in self.groups), default=NO_ID) for i in (0, 1)]),
+                 axis=0)
+    dense = np.zeros((int(top[0]) + 2, int(top[1]) + 2, 2), np.int64)  # ids shifted by 1
+    for (task, template), cn in self.groups.items():
+      dense[task + 1, template + 1] = cn
+    dense = np.sum(gather(dense), axis=0)
+    scalars = np.sum(gather([self.num_unlabelled, self.num_identical_choices]), axis=0)
+    groups = {(int(t) - 1, int(p) - 1): [int(c) for c in dense[t, p]]
+              for t, p in zip(*np.nonzero(dense[..., 1]))}
+    return EvalCounts(groups, int(scalars[0]), int(scalars[1]), self.num_batches)
+
+  @property
+  def num_correct(self) -> int:
+    return sum(c for c, _ in self.groups.values())
+
+  @property
+  def num_examples(self) -> int:
+    return sum(n for _, n in self.groups.values())
+
+  def as_dict(self, *, per_task: bool = False) -> dict[str, Any]:
+    """The result dict; `per_template` (pooled over tasks) when rows carry templates,
+    `per_task` {task_id: dict(accuracy, num_correct, num_examples, per_template)} if asked."""
+    out = {**_accuracy_entry(self.num_correct, self.num_examples),
+           "num_unlabelled": self.num_unlabelled, "num_batches": self.num_batches,
+           "num_identical_choices": self.num_identical_choices}
+    per_template = _pooled(self.groups, lambda k: k[1])
+    if per_template:
+      out["per_template"] = per_template
+    if per_task:
+      out["per_task"] = {}
+      for task in sorted({k[0] for k in self.groups}):
+        mine = {k: v for k, v in self.groups.items() if k[0] == task}
+        entry = _accuracy_entry(sum(c for c, _ in mine.values()), sum(n for _, n in mine.values()))
+        templates = _pooled(mine, lambda k: k[1])
+        out["per_task"][task] = {**entry, "per_template": templates} if templates else entry
+    return out
+
+
+def _accuracy_entry(c: int, n: int) -> dict[str, Any]:
+  return {"accuracy": c / n if n else math.nan, "num_correct": int(c), "num_examples": int(n)}
+
+
+def _pooled(groups: Mapping[tuple[int, int], list[int]], by) -> dict[int, dict[str, Any]]:
+  """Counts summed per `by(key)` (a template id), for ids >= 0 with counted rows."""
+  pooled: dict[int, list[int]] = {}
+  for key, (c, n) in groups.items():
+    if by(key) >= 0 and n:
+      acc = pooled.setdefault(by(key), [0, 0])
+      acc[0] += c
+      acc[1] += n
+  return {k: _accuracy_entry(c, n) for k, (c, n) in sorted(pooled.items())}

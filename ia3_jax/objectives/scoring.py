@@ -267,12 +267,7 @@ def evaluate(model: Any, params: Any, batches: Iterable[Batch], *,
              classifier: Optional[RankClassifier] = None, progress: bool = True,
              desc: str = "eval", total: Optional[int] = None,
              return_predictions: bool = False, per_task: bool = False) -> dict[str, Any]:
-  """Rank-classification accuracy over `batches`.
-
-  Rows with example_mask == 0 are skipped; rows with label < 0 (unlabelled)
-  are skipped and counted in `num_unlabelled`. A batch with fewer rows than
-  the first one (the final partial batch) is padded with empty rows so the
-  jitted classifier is not compiled again.
+  """Rank-classification accuracy over `batches` (`evaluate_counts(...).as_dict()`).
 
   Returns:
     dict(accuracy, num_correct, num_examples, num_unlabelled, num_batches,
@@ -283,92 +278,59 @@ def evaluate(model: Any, params: Any, batches: Iterable[Batch], *,
     `per_task`, also per_task {task_id: dict(accuracy, num_correct, num_examples,
     per_template)}, grouped by the batches' `task_id` (mixed-task batches).
   """
-  classifier = classifier or RankClassifier(
-      model, length_normalize=length_normalize, max_choices_per_step=max_choices_per_step)
-  rows = None
-  num_correct = num_examples = num_unlabelled = num_batches = num_identical = 0
-  per_template: dict[int, list[int]] = {}
-  per_task_template: dict[tuple[int, int], list[int]] = {}
-  kept: dict[str, list[np.ndarray]] = {"predictions": [], "labels": [], "scores": []}
-  for batch in tqdm(batches, desc=desc, total=total, disable=not progress):
-    num_batches += 1
-    inputs = {k: np.asarray(v) for k, v in model_inputs(batch).items()}
-    b, c, _ = _check_batch(inputs)
-    if "label" not in batch:
-      raise ValueError(f"evaluate: batch {num_batches} has no 'label' feature")
-    labels = np.asarray(batch["label"])
-    mask = np.asarray(batch.get("example_mask", np.ones((b,), bool))).astype(bool)
-    if labels.shape != (b,) or mask.shape != (b,):
-      raise ValueError(f"evaluate: batch {num_batches}: label {labels.shape} and example_mask "
-                       f"{mask.shape} must be [B] = {(b,)}")
-    rows = b if rows is None else rows
-    out = classifier(params, _pad_rows(inputs, rows) if b < rows else inputs)
-    predictions = np.asarray(out["predictions"])[:b]
-    num_unlabelled += int(np.sum(mask & (labels < 0)))
-    mask &= labels >= 0
-    num_identical += int(np.sum(features.identical_choices(
-        inputs["choice_tokens"], inputs.get("choice_mask", np.ones((b, c), np.int32)))[mask]))
-    correct, counted = metrics.accuracy_counts(predictions, labels, mask)
-    num_correct += correct
-    num_examples += counted
-    template = np.asarray(batch["template_id"]) if "template_id" in batch else None
-    if template is not None:
-      _count_groups(per_template, predictions, labels, mask & (template >= 0), template)
-    if per_task:
-      if "task_id" not in batch:
-        raise ValueError(f"evaluate(per_task=True): batch {num_batches} has no 'task_id'")
-      _count_groups(per_task_template, predictions, labels, mask, np.asarray(batch["task_id"]),
-                    np.full((b,), -1) if template is None else np.maximum(template, -1))
-    if return_predictions:
-      kept["predictions"].append(predictions[mask])
-      kept["labels"].append(labels[mask])
-      kept["scores"].append(np.asarray(out["scores"])[:b][mask])
-  result = {
-      "accuracy": num_correct / num_examples if num_examples else math.nan,
-      "num_correct": num_correct, "num_examples": num_examples,
-      "num_unlabelled": num_unlabelled, "num_batches": num_batches,
-      "num_identical_choices": num_identical,
-  }
-  if per_template:
-    result["per_template"] = _accuracies(per_template)
-  if per_task:
-    result["per_task"] = per_task_result(per_task_template)
+  counts, kept = evaluate_counts(
+      model, params, batches, length_normalize=length_normalize,
+      max_choices_per_step=max_choices_per_step, classifier=classifier, progress=progress,
+      desc=desc, total=total, per_task=per_task, keep_predictions=return_predictions)
+  result = counts.as_dict(per_task=per_task)
   if return_predictions:
     result.update({k: np.concatenate(v) if v else np.zeros((0,)) for k, v in kept.items()})
   return result
 
 
-def _count_groups(counts: dict, predictions: np.ndarray, labels: np.ndarray, mask: np.ndarray,
-                  *groups: np.ndarray) -> None:
-  """Adds [num_correct, num_examples] of the `mask` rows of each group to `counts`, keyed
-  by the group's id (one `groups` array) or its tuple of ids (several)."""
-  ids = np.stack([np.asarray(g) for g in groups], axis=1)
-  for key in np.unique(ids[mask], axis=0):
-    c, n = metrics.accuracy_counts(predictions, labels, mask & np.all(ids == key, axis=1))
-    acc = counts.setdefault(int(key[0]) if len(key) == 1 else tuple(int(k) for k in key), [0, 0])
-    acc[0] += c
-    acc[1] += n
+def evaluate_counts(model: Any, params: Any, batches: Iterable[Batch], *,
+                    length_normalize: bool = True, max_choices_per_step: Optional[int] = None,
+                    classifier: Optional[RankClassifier] = None, progress: bool = True,
+                    desc: str = "eval", total: Optional[int] = None, per_task: bool = False,
+                    keep_predictions: bool = False
+                    ) -> tuple[metrics.EvalCounts, dict[str, list[np.ndarray]]]:
+  """(`metrics.EvalCounts` of `batches`, the counted rows' predictions, labels and scores
+  per batch when `keep_predictions`).
 
-
-def _accuracies(counts: Mapping[int, Any]) -> dict[int, dict[str, Any]]:
-  return {k: {"accuracy": c / n, "num_correct": int(c), "num_examples": int(n)}
-          for k, (c, n) in sorted(counts.items())}
-
-
-def per_task_result(counts: Mapping[tuple[int, int], Any]) -> dict[int, dict[str, Any]]:
-  """{task_id: dict(accuracy, num_correct, num_examples, per_template)} from
-  [num_correct, num_examples] per (task_id, template_id) (template_id -1: none)."""
-  out: dict[int, dict[str, Any]] = {}
-  for (task, template), (c, n) in sorted(counts.items()):
-    c, n = int(c), int(n)
-    entry = out.setdefault(task, {"num_correct": 0, "num_examples": 0, "per_template": {}})
-    entry["num_correct"] += c
-    entry["num_examples"] += n
-    if template >= 0 and n:
-      entry["per_template"][template] = {"accuracy": c / n, "num_correct": c, "num_examples": n}
-  for entry in out.values():
-    n = entry["num_examples"]
-    entry["accuracy"] = entry["num_correct"] / n if n else math.nan
-    if not entry["per_template"]:
-      del entry["per_template"]
-  return out
+  Rows with example_mask == 0 are skipped; rows with label < 0 (unlabelled)
+  are skipped and counted in `num_unlabelled`. A batch with fewer rows than
+  the first one (the final partial batch) is padded with empty rows so the
+  jitted classifier is not compiled again. `per_task`: every batch must carry `task_id`.
+  """
+  classifier = classifier or RankClassifier(
+      model, length_normalize=length_normalize, max_choices_per_step=max_choices_per_step)
+  rows = None
+  counts = metrics.EvalCounts()
+  kept: dict[str, list[np.ndarray]] = {"predictions": [], "labels": [], "scores": []}
+  for batch in tqdm(batches, desc=desc, total=total, disable=not progress):
+    counts.num_batches += 1
+    inputs = {k: np.asarray(v) for k, v in model_inputs(batch).items()}
+    b, c, _ = _check_batch(inputs)
+    if "label" not in batch:
+      raise ValueError(f"evaluate: batch {counts.num_batches} has no 'label' feature")
+    labels = np.asarray(batch["label"])
+    mask = np.asarray(batch.get("example_mask", np.ones((b,), bool))).astype(bool)
+    if labels.shape != (b,) or mask.shape != (b,):
+      raise ValueError(f"evaluate: batch {counts.num_batches}: label {labels.shape} and "
+                       f"example_mask {mask.shape} must be [B] = {(b,)}")
+    if per_task and "task_id" not in batch:
+      raise ValueError(f"evaluate(per_task=True): batch {counts.num_batches} has no 'task_id'")
+    rows = b if rows is None else rows
+    out = classifier(params, _pad_rows(inputs, rows) if b < rows else inputs)
+    predictions = np.asarray(out["predictions"])[:b]
+    counts.num_unlabelled += int(np.sum(mask & (labels < 0)))
+    mask &= labels >= 0
+    counts.num_identical_choices += int(np.sum(features.identical_choices(
+        inputs["choice_tokens"], inputs.get("choice_mask", np.ones((b, c), np.int32)))[mask]))
+    counts.add(predictions, labels, mask, batch.get("task_id") if per_task else None,
+               batch.get("template_id"))
+    if keep_predictions:
+      kept["predictions"].append(predictions[mask])
+      kept["labels"].append(labels[mask])
+      kept["scores"].append(np.asarray(out["scores"])[:b][mask])
+  return counts, kept

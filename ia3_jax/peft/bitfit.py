@@ -12,14 +12,14 @@ reproduce "BitFit + LayerNorm".) Shared by all examples: no mixed-task batches.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import dataclasses
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 
 from ia3_jax.model import layers, network
-from ia3_jax.model.config import T5Config
-from ia3_jax.peft import projection_targets
+from ia3_jax.peft import projection_targets, registry
 
 Array = jax.Array
 
@@ -44,7 +44,7 @@ class BitFit(layers.Projecting):
   required: tuple[str, ...] = ()  # MLP projections named explicitly: must exist in this model
 
   def project(self, x, name, features, kernel_axes, task_id, kernel_init=None):
-    projection_targets.check_mlp_targets(self.config, self.required, "bitfit targets")
+    projection_targets.check_mlp_targets(self.config, self.required, "bitfit.BitFitConfig.targets")
     y = super().project(x, name, features, kernel_axes, task_id, kernel_init)
     return _add_bias(self, y, name, features, kernel_axes)
 
@@ -53,21 +53,38 @@ BitFitAttention = network.extend(BitFit, layers.MultiHeadDotProductAttention)  #
 BitFitMlp = network.extend(BitFit, layers.MlpBlock)
 
 
-def bitfit_blocks(config: Optional[T5Config] = None, *,
-                  targets: Sequence[str] | str = ("all",), num_tasks: int = 1,
-                  base: Optional[network.Blocks] = None) -> network.Blocks:
-  """Network blocks (`base`, default the T5 blocks) with zero-initialised biases after the
-  `targets` projections."""
-  projection_targets.require_single_task("bitfit", num_tasks)
-  names = projection_targets.normalize_targets(targets, what="bitfit targets")
-  required = projection_targets.explicit_mlp_targets(targets)
-  if config is not None:
-    projection_targets.check_mlp_targets(config, required, "bitfit targets")
-  base = base or network.Blocks()
-  attn = tuple(n for n in names if n in projection_targets.ATTENTION_PROJECTIONS)
-  mlp = tuple(n for n in names if n in projection_targets.MLP_PROJECTIONS)
-  if attn:
-    base = base.override("attention", BitFit, targets=attn)
-  if mlp:
-    base = base.override("mlp", BitFit, targets=mlp, required=required)
-  return base
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class BitFitConfig(registry.PeftMethod):
+  """BitFit: `targets` are projection names (T5X or HF: q k v o) or the groups all /
+  attention / mlp; each gets a zero-initialised bias."""
+
+  name = "bitfit"
+  trainable_patterns = TRAINABLE_PATTERNS
+  description = "BitFit: zero-initialised biases after every projection"
+
+  targets: tuple[str, ...] = ("all",)
+
+  def validate(self) -> None:
+    projection_targets.normalize_targets(self.targets, what="bitfit.BitFitConfig.targets")
+
+  def blocks(self, config: Optional[Any], base: network.Blocks,
+             num_tasks: int = 1) -> network.Blocks:
+    self.check_num_tasks(num_tasks)
+    what = "bitfit.BitFitConfig.targets"
+    attn, mlp, required = projection_targets.split_targets(self.targets, what)
+    if config is not None:
+      projection_targets.check_mlp_targets(config, required, what)
+    if attn:
+      base = base.override("attention", BitFit, targets=attn)
+    if mlp:
+      base = base.override("mlp", BitFit, targets=mlp, required=required)
+    return base
+
+
+def bitfit_blocks(config: Optional[Any] = None, *, num_tasks: int = 1,
+                  base: Optional[network.Blocks] = None, **hyperparameters: Any) -> network.Blocks:
+  """`base` (default: the blocks of `config`'s family, else T5's) with
+  BitFit (`BitFitConfig` fields as keywords)."""
+  return BitFitConfig(**hyperparameters).blocks(
+      config, registry.base_blocks(config, base), num_tasks)

@@ -4,7 +4,7 @@
     python -m ia3_jax.peft.counts --model llama_3_2_3b   # a decoder-only preset
 
 prints a markdown table: each method with its default hyper-parameters
-(`registry.METHODS[name].defaults`), its trainable params, their share of the
+(the fields of its registered config class), its trainable params, their share of the
 base model, and their fp32 size.
 """
 
@@ -15,6 +15,7 @@ import dataclasses
 import sys
 from typing import Any, Optional, Sequence
 
+from ia3_jax.errors import ConfigError
 from ia3_jax.model import config as config_lib
 from ia3_jax.model import decoder_config, families, network
 from ia3_jax.model import params as params_lib
@@ -29,9 +30,8 @@ class Count:
   base: int    # params of the base model
 
 
-def _abstract(config: Any, blocks: Optional[network.Blocks], with_task_id: bool, cache: dict):
+def _abstract(config: Any, blocks: network.Blocks, with_task_id: bool, cache: dict):
   family = families.of(config)
-  blocks = families.blocks_for(config, blocks)
   key = (blocks, with_task_id)
   if key not in cache:
     cache[key] = family.abstract_params(family.build(config, blocks), with_task_id=with_task_id)
@@ -39,15 +39,15 @@ def _abstract(config: Any, blocks: Optional[network.Blocks], with_task_id: bool,
 
 
 def count_method(config: Any, name: str, *, _cache: Optional[dict] = None,
-                 **overrides) -> Count:
+                 num_tasks: int = 1, **overrides) -> Count:
   """Trainable and total params of `name` (defaults updated by `overrides`) on `config`."""
   cache = {} if _cache is None else _cache
-  method = registry.get_method(name)
-  kw = {**method.defaults, **overrides}
-  blocks = method.blocks(config, **kw)
-  abstract = _abstract(config, blocks, kw.get("num_tasks", 1) > 1, cache)
+  method = registry.make(name, **overrides)
+  plain = families.of(config).blocks_cls()
+  abstract = _abstract(config, method.blocks(config, plain, num_tasks), num_tasks > 1, cache)
   trainable = params_lib.count(abstract, params_lib.trainable_mask(abstract, method.trainable_patterns))
-  base = params_lib.count(_abstract(config, None, False, cache))
+  base = params_lib.count(_abstract(config, plain, False, cache))
+  kw = method.hyperparameters() | ({"num_tasks": num_tasks} if num_tasks != 1 else {})
   return Count(name, _describe(kw), trainable, params_lib.count(abstract), base)
 
 
@@ -62,16 +62,6 @@ def count_all(config: Any, methods: Optional[Sequence[str]] = None) -> list[Coun
   hyper-parameters; every method applies to both model families."""
   cache: dict = {}  # methods without module overrides share the base model's shapes
   return [count_method(config, name, _cache=cache) for name in (methods or registry.method_names())]
-
-
-def get_config(name: str) -> Any:
-  """The T5 (`config.PRESETS`) or decoder-only (`decoder_config.PRESETS`) preset `name`."""
-  if name in decoder_config.PRESETS:
-    return decoder_config.get_decoder_config(name)
-  if name in config_lib.PRESETS:
-    return config_lib.get_config(name)
-  raise KeyError(f"Unknown model preset {name!r}; known: "
-                 f"{', '.join(sorted({*config_lib.PRESETS, *decoder_config.PRESETS}))}")
 
 
 def markdown_table(counts: Sequence[Count], model_name: str) -> str:
@@ -101,12 +91,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                       help="comma-separated methods (default: all)")
   args = parser.parse_args(argv)
   try:
-    config = get_config(args.model)
+    config = families.preset(args.model)
     methods = ([m.strip() for m in args.methods.split(",") if m.strip()] if args.methods
                else list(registry.method_names()))
     for m in methods:
       registry.get_method(m)
-  except KeyError as e:
+  except (KeyError, ConfigError) as e:
     parser.error(str(e.args[0]))
   print(markdown_table(count_all(config, methods), args.model))
   return 0

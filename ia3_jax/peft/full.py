@@ -6,18 +6,18 @@ fine-tuning baseline uses lr 3e-4 for 300 steps (gin/peft/full_finetune.gin).
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
 
-from ia3_jax.model import network
-from ia3_jax.model.config import T5Config
-from ia3_jax.peft import projection_targets
+from ia3_jax.peft import registry
 
 TRAINABLE_PATTERNS = (r".*",)
 
 
-def full_blocks(config: Optional[T5Config] = None, *, num_tasks: int = 1,
-                base: Optional[network.Blocks] = None) -> network.Blocks:
-  """The base blocks (full fine-tuning trains everything)."""
-  del config
-  projection_targets.require_single_task("full", num_tasks)
-  return base or network.Blocks()
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class FullConfig(registry.PeftMethod):
+  """Full fine-tuning: the base blocks, every parameter trained."""
+
+  name = "full"
+  trainable_patterns = TRAINABLE_PATTERNS
+  description = "Full fine-tuning: every parameter"

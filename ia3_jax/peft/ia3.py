@@ -27,6 +27,7 @@ scale kernel columns, input sites kernel rows: `key[:, j] * l_k[j]`,
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Mapping, Optional, Sequence
 
 import flax.linen as nn
@@ -38,7 +39,7 @@ from ia3_jax.errors import ConfigError
 from ia3_jax.model import families, layers, network, storage
 from ia3_jax.model import params as params_lib
 from ia3_jax.model.config import T5Config
-from ia3_jax.peft import banks
+from ia3_jax.peft import banks, registry
 
 Array = jax.Array
 Params = dict[str, Any]
@@ -99,21 +100,45 @@ IA3Attention = network.extend(IA3, layers.MultiHeadDotProductAttention)  # the T
 IA3Mlp = network.extend(IA3, layers.MlpBlock)
 
 
-def ia3_blocks(sites: Sequence[str] = DEFAULT_SITES, num_tasks: int = 1,
-               base: Optional[network.Blocks] = None) -> network.Blocks:
-  """`base` (default: the T5 blocks) with (IA)^3 on its attention and MLP blocks."""
-  sites = check_sites(sites)
-  if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
-    raise ValueError(f"(IA)^3 num_tasks must be a positive int, got {num_tasks!r}")
-  kw = dict(sites=sites, num_tasks=int(num_tasks))
-  base = base or network.Blocks()
-  return base.override("attention", IA3, **kw).override("mlp", IA3, **kw)
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class IA3Config(registry.PeftMethod):
+  """(IA)^3: `sites` are the activations rescaled (the paper: k, v, ff; see the table
+  above); with NUM_TASKS > 1 each vector is a bank of one row per task."""
+
+  name = "ia3"
+  trainable_patterns = TRAINABLE_PATTERNS
+  supports_mixed_tasks = True
+  description = "(IA)^3: learned rescaling of keys, values and FFN activations"
+
+  sites: tuple[str, ...] = DEFAULT_SITES
+
+  def validate(self) -> None:
+    try:
+      check_sites(self.sites)
+    except ValueError as e:
+      raise self.invalid("sites", str(e)) from None
+
+  def blocks(self, config: Optional[Any], base: network.Blocks,
+             num_tasks: int = 1) -> network.Blocks:
+    del config
+    self.check_num_tasks(num_tasks)
+    kw = dict(sites=tuple(self.sites), num_tasks=int(num_tasks))
+    return base.override("attention", IA3, **kw).override("mlp", IA3, **kw)
+
+
+def ia3_blocks(config: Optional[Any] = None, *, num_tasks: int = 1,
+               base: Optional[network.Blocks] = None, **hyperparameters: Any) -> network.Blocks:
+  """`base` (default: the blocks of `config`'s family, else T5's) with
+  (IA)^3 on its attention and MLP blocks."""
+  return IA3Config(**hyperparameters).blocks(
+      config, registry.base_blocks(config, base), num_tasks)
 
 
 def ia3_model(config: Any, sites: Sequence[str] = DEFAULT_SITES, num_tasks: int = 1) -> Any:
   """The network of `config` (T5 or decoder-only: `families.of`) with (IA)^3 blocks."""
   family = families.of(config)
-  return family.build(config, ia3_blocks(sites, num_tasks, base=family.blocks_cls()))
+  return family.build(config, ia3_blocks(config, sites=tuple(sites), num_tasks=num_tasks))
 
 
 # --------------------------------------------------------------------------- param trees
@@ -210,7 +235,7 @@ def merge(params: Mapping[str, Any], task: int = 0) -> tuple[Params, Params]:
   `originals = {"kernels": original kernels that changed, "ia3": the (IA)^3 subtree}`
   lets `unmerge` restore `params` bit for bit (no division by the vectors).
 
-  A kernel stored quantised (`model.storage`, FROZEN_DTYPE int8 / int4) is dequantised,
+  A kernel stored quantised (`model.storage`: int8 / int4) is dequantised,
   scaled and quantised again with its own scheme; `originals["requantization_error"]`
   then gives, per kernel, the largest |merged - exact fold| that the re-quantisation adds.
   A projection with a bias (Qwen2's q/k/v) whose output a vector scales gets its bias

@@ -8,18 +8,18 @@ Shared by all examples: no mixed-task batches.
 
 from __future__ import annotations
 
-from typing import Optional
+import dataclasses
 
-from ia3_jax.model import network
-from ia3_jax.model.config import T5Config
-from ia3_jax.peft import projection_targets
+from ia3_jax.peft import registry
 
 TRAINABLE_PATTERNS = (r".*(layer_norm|encoder_norm|decoder_norm)/scale",)
 
 
-def layernorm_blocks(config: Optional[T5Config] = None, *, num_tasks: int = 1,
-                     base: Optional[network.Blocks] = None) -> network.Blocks:
-  """The base blocks (LayerNorm tuning only changes what is trained)."""
-  del config
-  projection_targets.require_single_task("layernorm", num_tasks)
-  return base or network.Blocks()
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class LayerNormConfig(registry.PeftMethod):
+  """LayerNorm tuning: the base blocks; only the layer-norm scales train."""
+
+  name = "layernorm"
+  trainable_patterns = TRAINABLE_PATTERNS
+  description = "LayerNorm: the layer-norm scales"

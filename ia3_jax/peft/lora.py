@@ -22,17 +22,16 @@ batches.
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-from ia3_jax.errors import ConfigError
 from ia3_jax.model import layers, network
-from ia3_jax.model.config import T5Config
-from ia3_jax.peft import projection_targets
+from ia3_jax.peft import projection_targets, registry
 
 Array = jax.Array
 Params = Any
@@ -78,7 +77,7 @@ class Lora(layers.Projecting):
   required: tuple[str, ...] = ()  # MLP projections named explicitly: must exist in this model
 
   def project(self, x, name, features, kernel_axes, task_id, kernel_init=None):
-    projection_targets.check_mlp_targets(self.config, self.required, "lora targets")
+    projection_targets.check_mlp_targets(self.config, self.required, "lora.LoraConfig.targets")
     y = super().project(x, name, features, kernel_axes, task_id, kernel_init)
     if name not in self.targets:
       return y
@@ -89,35 +88,58 @@ LoraAttention = network.extend(Lora, layers.MultiHeadDotProductAttention)  # the
 LoraMlp = network.extend(Lora, layers.MlpBlock)
 
 
-def lora_blocks(config: Optional[T5Config] = None, *, rank: int = 4, alpha: float = 4.0,
-                dropout: float = 0.0, targets: Sequence[str] | str = DEFAULT_TARGETS,
-                use_rslora: bool = False, num_tasks: int = 1,
-                base: Optional[network.Blocks] = None) -> network.Blocks:
-  """Network blocks with LoRA on `targets` (defaults: rank 4, alpha 4, all projections).
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class LoraConfig(registry.PeftMethod):
+  """LoRA hyper-parameters (T-Few's configs/lora.json: rank 4 on every projection).
 
-  With `config`, explicitly named MLP targets are checked now (else at model
-  init): e.g. `wi` does not exist in a gated (T5 1.1) MLP. `base` (default: the
-  T5 blocks) may hold another network's blocks or another method's overrides:
-  LoRA is applied on top of them.
+  rank: r of A [in, r] and B [r, out]; alpha: scaling alpha / r (alpha / sqrt(r) with
+  use_rslora); dropout: on the LoRA input, in training only; targets: projection names
+  (T5X or HF: q k v o), or the groups all / attention / mlp.
   """
-  projection_targets.require_single_task("lora", num_tasks)
-  if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
-    raise ConfigError(f"lora: rank must be a positive int, got {rank!r} (LORA_RANK)")
-  if not isinstance(dropout, (int, float)) or not 0.0 <= dropout < 1.0:
-    raise ConfigError(f"lora: dropout must be in [0, 1), got {dropout!r} (LORA_DROPOUT)")
-  names = projection_targets.normalize_targets(targets, what="lora targets")
-  required = projection_targets.explicit_mlp_targets(targets)
-  if config is not None:
-    projection_targets.check_mlp_targets(config, required, "lora targets")
-  kw = dict(rank=rank, alpha=float(alpha), dropout_rate=float(dropout), use_rslora=use_rslora)
-  base = base or network.Blocks()
-  attn = tuple(n for n in names if n in projection_targets.ATTENTION_PROJECTIONS)
-  mlp = tuple(n for n in names if n in projection_targets.MLP_PROJECTIONS)
-  if attn:
-    base = base.override("attention", Lora, targets=attn, **kw)
-  if mlp:
-    base = base.override("mlp", Lora, targets=mlp, required=required, **kw)
-  return base
+
+  name = "lora"
+  trainable_patterns = TRAINABLE_PATTERNS
+  description = "LoRA: low-rank updates of the projection kernels"
+
+  rank: int = 4
+  alpha: float = 4.0
+  dropout: float = 0.0
+  targets: tuple[str, ...] = DEFAULT_TARGETS
+  use_rslora: bool = False
+
+  def validate(self) -> None:
+    if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
+      raise self.invalid("rank", "must be a positive int")
+    if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
+      raise self.invalid("dropout", "must be in [0, 1)")
+    if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):
+      raise self.invalid("alpha", "must be a number")
+    projection_targets.split_targets(self.targets, "lora.LoraConfig.targets")
+
+  def blocks(self, config: Optional[Any], base: network.Blocks,
+             num_tasks: int = 1) -> network.Blocks:
+    """`base` with LoRA on the targets; explicitly named MLP targets are checked against
+    `config` now (else at model init): e.g. `wi` does not exist in a gated (T5 1.1) MLP."""
+    self.check_num_tasks(num_tasks)
+    attn, mlp, required = projection_targets.split_targets(self.targets, "lora.LoraConfig.targets")
+    if config is not None:
+      projection_targets.check_mlp_targets(config, required, "lora.LoraConfig.targets")
+    kw = dict(rank=self.rank, alpha=float(self.alpha), dropout_rate=float(self.dropout),
+              use_rslora=self.use_rslora)
+    if attn:
+      base = base.override("attention", Lora, targets=attn, **kw)
+    if mlp:
+      base = base.override("mlp", Lora, targets=mlp, required=required, **kw)
+    return base
+
+
+def lora_blocks(config: Optional[Any] = None, *, num_tasks: int = 1,
+                base: Optional[network.Blocks] = None, **hyperparameters: Any) -> network.Blocks:
+  """`base` (default: the blocks of `config`'s family, else T5's) with
+  LoRA (`LoraConfig` fields as keywords)."""
+  return LoraConfig(**hyperparameters).blocks(
+      config, registry.base_blocks(config, base), num_tasks)
 
 
 # --------------------------------------------------------------------------- tree utilities

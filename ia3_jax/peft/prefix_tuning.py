@@ -30,15 +30,15 @@ to it), so its first output is checked against an explicit reference instead.
 
 from __future__ import annotations
 
-from typing import Optional, Sequence
+import dataclasses
+from typing import Any, Optional
 
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
 from ia3_jax.model import layers, network
-from ia3_jax.model.config import T5Config
-from ia3_jax.peft import banks, projection_targets
+from ia3_jax.peft import banks, registry
 
 Array = jax.Array
 
@@ -79,23 +79,46 @@ class Prefix(layers.Projecting):
     return k, v, bias
 
 
-def prefix_tuning_blocks(config: Optional[T5Config] = None, *, length: int = 10,
-                         num_tasks: int = 1, sites: Sequence[str] = tuple(SITES),
-                         init_scale: float = 1.0,
-                         base: Optional[network.Blocks] = None) -> network.Blocks:
-  """Network blocks with `length` learned key/value prefixes in each attention of `sites`."""
-  del config
-  projection_targets.check_num_tasks(num_tasks, "prefix_tuning")
-  if not isinstance(length, int) or length < 1:
-    raise ValueError(f"prefix_tuning: length must be a positive int, got {length!r}")
-  sites = (sites,) if isinstance(sites, str) else tuple(sites)
-  unknown = [s for s in sites if s not in SITES]
-  if unknown or not sites:
-    raise ValueError(f"prefix_tuning: unknown sites {unknown or sites!r}; known: "
-                     f"{', '.join(SITES)}")
-  base = base or network.Blocks()
-  return base.override("attention", Prefix, length=length, num_tasks=num_tasks,
-                       init_scale=float(init_scale), scopes=tuple(SITES[s] for s in sites))
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class PrefixTuningConfig(registry.PeftMethod):
+  """Prefix tuning: `length` key/value prefixes per task in each attention of `sites`
+  (encoder, decoder, cross), initialised N(0, init_scale^2)."""
+
+  name = "prefix_tuning"
+  trainable_patterns = TRAINABLE_PATTERNS
+  supports_mixed_tasks = True
+  description = "Prefix tuning: learned key/value prefixes in every attention"
+
+  length: int = 10
+  sites: tuple[str, ...] = tuple(SITES)
+  init_scale: float = 1.0
+
+  def validate(self) -> None:
+    if not isinstance(self.length, int) or isinstance(self.length, bool) or self.length < 1:
+      raise self.invalid("length", "must be a positive int")
+    sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+    unknown = [s for s in sites if s not in SITES]
+    if unknown or not sites:
+      raise self.invalid("sites", f"unknown {unknown or 'empty'}; known: {', '.join(SITES)}")
+
+  def blocks(self, config: Optional[Any], base: network.Blocks,
+             num_tasks: int = 1) -> network.Blocks:
+    del config
+    self.check_num_tasks(num_tasks)
+    sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
+    return base.override("attention", Prefix, length=self.length, num_tasks=int(num_tasks),
+                         init_scale=float(self.init_scale),
+                         scopes=tuple(SITES[s] for s in sites))
+
+
+def prefix_tuning_blocks(config: Optional[Any] = None, *, num_tasks: int = 1,
+                         base: Optional[network.Blocks] = None,
+                         **hyperparameters: Any) -> network.Blocks:
+  """`base` (default: the blocks of `config`'s family, else T5's) with
+  prefix tuning (`PrefixTuningConfig` fields)."""
+  return PrefixTuningConfig(**hyperparameters).blocks(
+      config, registry.base_blocks(config, base), num_tasks)
 
 
 PrefixAttention = network.extend(Prefix, layers.MultiHeadDotProductAttention)  # the T5 block

@@ -1,10 +1,10 @@
-"""Helpers shared by the PEFT baselines: projection names, target groups, task-count checks."""
+"""Helpers shared by the PEFT baselines: projection names and target groups."""
 
 from __future__ import annotations
 
 from typing import Iterable, Sequence
 
-import numpy as np
+from ia3_jax.errors import ConfigError
 
 # Every projection `layers.Projecting.project` creates, by block.
 ATTENTION_PROJECTIONS = ("query", "key", "value", "out")
@@ -35,7 +35,7 @@ def check_mlp_targets(config, required: Sequence[str], what: str) -> None:
   names = ("wi",) if len(acts) == 1 else tuple(f"wi_{i}" for i in range(len(acts)))
   missing = [t for t in required if t not in names + ("wo",)]
   if missing:
-    raise ValueError(f"{what}: this model's MLP has no {', '.join(missing)} (its projections: "
+    raise ConfigError(f"{what}: this model's MLP has no {', '.join(missing)} (its projections: "
                      f"{', '.join(names + ('wo',))}; activations {list(acts)})")
 
 
@@ -48,25 +48,17 @@ def normalize_targets(targets: Iterable[str] | str, *, what: str) -> tuple[str, 
     names = TARGET_GROUPS.get(t) or ((HF_TO_T5X[t],) if t in HF_TO_T5X else
                                      (t,) if t in PROJECTIONS else None)
     if names is None:
-      raise ValueError(f"{what}: unknown target {t!r}; use projection names "
+      raise ConfigError(f"{what}: unknown target {t!r}; use projection names "
                        f"{', '.join(PROJECTIONS)}, HF names q, k, v, o, or groups "
                        f"{', '.join(TARGET_GROUPS)}")
     out.extend(n for n in names if n not in out)
   if not out:
-    raise ValueError(f"{what}: no targets given")
+    raise ConfigError(f"{what}: no targets given")
   return tuple(out)
 
 
-def require_single_task(method: str, num_tasks: int) -> None:
-  """Clear error for methods whose parameters cannot differ per example."""
-  check_num_tasks(num_tasks, method)
-  if num_tasks != 1:
-    raise ValueError(
-        f"{method} does not support mixed-task batches (num_tasks={num_tasks}): its parameters "
-        "are shared by every example in a batch. Train one adapter per task, or use a method "
-        "with per-task banks (ia3, prompt_tuning, prefix_tuning).")
-
-
-def check_num_tasks(num_tasks: int, method: str) -> None:
-  if not isinstance(num_tasks, (int, np.integer)) or num_tasks < 1:
-    raise ValueError(f"{method}: num_tasks must be a positive int, got {num_tasks!r}")
+def split_targets(targets: Iterable[str] | str, what: str) -> tuple[tuple, tuple, tuple]:
+  """(attention projections, MLP projections, MLP ones named explicitly) of `targets`."""
+  names = normalize_targets(targets, what=what)
+  return (tuple(n for n in names if n in ATTENTION_PROJECTIONS),
+          tuple(n for n in names if n in MLP_PROJECTIONS), explicit_mlp_targets(targets))

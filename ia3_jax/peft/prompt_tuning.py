@@ -31,6 +31,7 @@ on, as peft's `PromptTuningConfig` does (tested: same logits); the param is
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any, Optional, Sequence
 
@@ -41,7 +42,7 @@ import numpy as np
 
 from ia3_jax.model import decoder, layers, network
 from ia3_jax.model.config import T5Config
-from ia3_jax.peft import banks, projection_targets
+from ia3_jax.peft import banks, registry
 
 Array = jax.Array
 Params = Any
@@ -120,9 +121,6 @@ class PromptDecoderStack(SoftPrompt, decoder.DecoderOnlyStack):
     return x, valid, position_ids, self.length
 
 
-PromptEncoder.decoder_only_stack = PromptDecoderStack  # what `families.blocks_for` moves it to
-
-
 def _as_tuple(ids: Optional[Sequence]) -> Optional[tuple]:
   if ids is None:
     return None
@@ -130,26 +128,51 @@ def _as_tuple(ids: Optional[Sequence]) -> Optional[tuple]:
   return tuple(int(i) for i in ids) if ids.ndim == 1 else tuple(tuple(int(i) for i in r) for r in ids)
 
 
-def prompt_tuning_blocks(config: Optional[T5Config] = None, *, length: int = 100,
-                         num_tasks: int = 1, init_seed: int = 0,
-                         init_token_ids: Optional[Sequence] = None,
-                         base: Optional[network.Blocks] = None) -> network.Blocks:
-  """Network blocks whose encoder prepends `length` soft-prompt vectors per task.
+@registry.register
+@dataclasses.dataclass(frozen=True)
+class PromptTuningConfig(registry.PeftMethod):
+  """Prompt tuning: `length` soft-prompt vectors per task, initialised from the embedding
+  rows of `init_token_ids` ([length] or [num_tasks, length]) or of ids drawn with
+  `init_seed` from `INIT_VOCAB_RANGE`."""
 
-  With `config` given, the init ids are validated now (else at model init).
-  """
-  projection_targets.check_num_tasks(num_tasks, "prompt_tuning")
-  if not isinstance(length, int) or length < 1:
-    raise ValueError(f"prompt_tuning: length must be a positive int, got {length!r}")
-  if config is not None:
-    prompt_init_ids(config.vocab_size, length, num_tasks, init_seed=init_seed,
-                    init_token_ids=init_token_ids)
-  base = base or network.Blocks()
-  field, cls = (("decoder", PromptDecoderStack) if isinstance(base, decoder.DecoderBlocks)
-                else ("encoder", PromptEncoder))
-  return base.replace(**{field: functools.partial(
-      cls, length=length, num_tasks=int(num_tasks), init_seed=int(init_seed),
-      init_token_ids=_as_tuple(init_token_ids))})
+  name = "prompt_tuning"
+  trainable_patterns = TRAINABLE_PATTERNS
+  supports_mixed_tasks = True
+  description = "Prompt tuning: a soft prompt before the input"
+
+  length: int = 100
+  init_seed: int = 0
+  init_token_ids: Optional[tuple] = None
+
+  def validate(self) -> None:
+    if not isinstance(self.length, int) or isinstance(self.length, bool) or self.length < 1:
+      raise self.invalid("length", "must be a positive int")
+
+  def blocks(self, config: Optional[Any], base: network.Blocks,
+             num_tasks: int = 1) -> network.Blocks:
+    """`base` whose encoder (decoder-only: stack) prepends the prompts; with `config` the
+    init ids are checked now (else at model init)."""
+    self.check_num_tasks(num_tasks)
+    if config is not None:
+      try:
+        prompt_init_ids(config.vocab_size, self.length, num_tasks, init_seed=self.init_seed,
+                        init_token_ids=self.init_token_ids)
+      except ValueError as e:
+        raise self.invalid("init_token_ids", str(e)) from None
+    field, cls = (("decoder", PromptDecoderStack) if isinstance(base, decoder.DecoderBlocks)
+                  else ("encoder", PromptEncoder))
+    return base.replace(**{field: functools.partial(
+        cls, length=self.length, num_tasks=int(num_tasks), init_seed=int(self.init_seed),
+        init_token_ids=_as_tuple(self.init_token_ids))})
+
+
+def prompt_tuning_blocks(config: Optional[Any] = None, *, num_tasks: int = 1,
+                         base: Optional[network.Blocks] = None,
+                         **hyperparameters: Any) -> network.Blocks:
+  """`base` (default: the blocks of `config`'s family, else T5's) with
+  prompt tuning (`PromptTuningConfig` fields)."""
+  return PromptTuningConfig(**hyperparameters).blocks(
+      config, registry.base_blocks(config, base), num_tasks)
 
 
 def prompt_vectors(params: Params, config: T5Config, *, length: int = 100, num_tasks: int = 1,

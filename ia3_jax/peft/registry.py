@@ -1,106 +1,157 @@
-"""One uniform description per fine-tuning method, picked by name.
+"""PEFT methods: one config dataclass per method, registered by the module that defines it.
 
-    method = registry.get_method("lora")
-    blocks = method.blocks(config, rank=8)        # module overrides -> network.Transformer
-    model = network.Transformer(config, blocks=blocks)
-    trainable, frozen = params.select(tree, method.trainable_patterns)  # ia3_jax.model.params
-    loop.train(..., blocks=blocks, trainable=method.trainable_patterns)
+    from ia3_jax.peft import registry
+    method = registry.make("lora", rank=8)        # a frozen, validated `lora.LoRA`
+    blocks = method.blocks(config, decoder.DecoderBlocks())   # overrides on that family's blocks
+    trainable = method.trainable_patterns         # regexes over "/"-joined param paths
 
-`blocks(config, **kw)` takes the method's hyper-parameters (see `defaults`),
-always including `num_tasks`; methods without per-task banks raise a clear
-ValueError for `num_tasks > 1`, and `check_task_ids` rejects non-zero task ids
-for them (and out-of-range ids for all methods) on the host.
+A method is one module of `ia3_jax.peft` holding a `PeftMethod` subclass
+decorated with `@register`: its fields are its hyper-parameters and their
+defaults (the one home of both), `__post_init__` validates them as
+`ConfigError` naming the gin binding (`lora.LoRA.rank=0: ...`), `blocks` puts
+its module overrides on the blocks of the model's family, `post_load` may
+initialise its params from the loaded base (prompt tuning). The registry finds
+the modules of the package itself, so a new method is that module alone: the
+CLI's choices, `peft-counts` and the tests parametrised over `methods()` pick
+it up.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, Callable, Mapping, Optional
+import importlib
+import pkgutil
+from typing import Any, ClassVar, Mapping, Optional
 
 import numpy as np
 
-from ia3_jax.model import network
-from ia3_jax.model.config import T5Config
-from ia3_jax.peft import bitfit, full, ia3, layernorm, lora, prefix_tuning, prompt_tuning
+from ia3_jax.errors import ConfigError, DataError
+from ia3_jax.model import families, network
+
+_METHODS: dict[str, type["PeftMethod"]] = {}
+_NOT_METHODS = {"registry", "banks", "combine", "counts", "projection_targets"}
 
 
 @dataclasses.dataclass(frozen=True)
-class Method:
-  """A fine-tuning method: module overrides, what trains, and whether batches may mix tasks.
+class PeftMethod:
+  """A fine-tuning method's hyper-parameters (subclasses add fields with defaults).
 
-  Attributes:
-    name: registry name.
-    blocks: `blocks(config, **kw) -> network.Blocks`.
-    trainable_patterns: regexes over "/"-joined T5X param paths (full match).
-    supports_mixed_tasks: whether examples of one batch may use different `task_id`s.
-    defaults: the hyper-parameters `blocks` uses when not given (documentation, counts).
-    description: one line for tables and --help.
+  Class attributes: name (registry key), trainable_patterns (regexes, `re.fullmatch` on
+  "/"-joined param paths), supports_mixed_tasks (per-task banks: examples of one batch
+  may use different `task_id`s), description (one line for tables and --help).
   """
 
-  name: str
-  blocks: Callable[..., network.Blocks]
-  trainable_patterns: tuple[str, ...]
-  supports_mixed_tasks: bool
-  defaults: Mapping[str, Any] = dataclasses.field(default_factory=dict)
-  description: str = ""
+  name: ClassVar[str] = ""
+  trainable_patterns: ClassVar[tuple[str, ...]] = ()
+  supports_mixed_tasks: ClassVar[bool] = False
+  description: ClassVar[str] = ""
 
-  def check_task_ids(self, task_id: Any, num_tasks: int = 1) -> None:
-    """Host-side check of a batch's `task_id` (None is fine) against the method and bank size."""
-    if task_id is None:
+  def __post_init__(self) -> None:
+    self.validate()
+
+  def validate(self) -> None:
+    """Raises ConfigError for a bad hyper-parameter (`self.invalid(field, why)`)."""
+
+  def invalid(self, field: str, why: str) -> ConfigError:
+    """The one-line error for `field`, naming its gin binding (`lora.LoRA.rank=0: ...`)."""
+    cls = type(self)
+    binding = f"{cls.__module__.rpartition('.')[2]}.{cls.__name__}.{field}"
+    return ConfigError(f"{binding}={getattr(self, field)!r}: {why}")
+
+  def blocks(self, config: Any, base: network.Blocks, num_tasks: int = 1) -> network.Blocks:
+    """`base` (the model family's blocks) with this method's module overrides."""
+    del config
+    self.check_num_tasks(num_tasks)
+    return base
+
+  def post_load(self, params: Any, config: Any) -> Any:
+    """The params of a fresh start after the base is loaded (default: unchanged)."""
+    del config
+    return params
+
+  def hyperparameters(self) -> dict[str, Any]:
+    return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+
+  def check_num_tasks(self, num_tasks: int) -> None:
+    """ConfigError unless `num_tasks` [NUM_TASKS] is a positive int this method supports."""
+    if not isinstance(num_tasks, (int, np.integer)) or isinstance(num_tasks, bool) or num_tasks < 1:
+      raise ConfigError(f"NUM_TASKS={num_tasks!r}: must be a positive int")
+    if num_tasks > 1 and not self.supports_mixed_tasks:
+      raise ConfigError(
+          f"NUM_TASKS={num_tasks}: {self.name} does not support mixed-task batches (its "
+          "parameters are shared by every example); train one adapter per task, or use "
+          f"{' or '.join(n for n, m in methods().items() if m.supports_mixed_tasks)}")
+
+  def check_task_ids(self, task_id: Any, num_tasks: int = 1, *, source: str = "batch") -> None:
+    """Host-side check of a batch's `task_id` (None is fine) against the bank size."""
+    if task_id is None or np.size(task_id) == 0:
       return
     ids = np.asarray(task_id)
-    if ids.size == 0:
-      return
     if not np.issubdtype(ids.dtype, np.integer):
-      raise ValueError(f"{self.name}: task_id must be integers, got dtype {ids.dtype}")
-    if not self.supports_mixed_tasks and np.any(ids != 0):
-      raise ValueError(
-          f"{self.name} does not support mixed-task batches: task_id has values "
-          f"{sorted(set(ids.ravel().tolist()))[:8]}, expected all 0. Train one adapter per "
-          "task, or use ia3, prompt_tuning or prefix_tuning.")
-    if ids.min() < 0 or ids.max() >= num_tasks:
-      raise ValueError(f"{self.name}: task_id values must lie in [0, {num_tasks}) "
-                       f"(num_tasks={num_tasks}); got min {ids.min()}, max {ids.max()}")
+      raise DataError(f"{source}: task_id must be integers, got dtype {ids.dtype}")
+    bad = ids[(ids < 0) | (ids >= num_tasks)]
+    if bad.size:
+      if not self.supports_mixed_tasks:
+        raise DataError(f"{source}: task_id {int(bad[0])}: {self.name} has one set of params "
+                        "(no mixed-task batches); every task_id must be 0")
+      raise DataError(f"{source}: task_id {int(bad[0])} is out of range: the {self.name} bank "
+                      f"has {num_tasks} rows (NUM_TASKS={num_tasks})")
 
 
-def _ia3_blocks(config: Optional[T5Config] = None, **kw) -> network.Blocks:
-  """(IA)^3 blocks (`ia3.ia3_blocks` takes no config)."""
-  return ia3.ia3_blocks(**kw)
+def base_blocks(config: Optional[Any], base: Optional[network.Blocks] = None) -> network.Blocks:
+  """`base`, or the plain blocks of `config`'s family (no config: the T5 blocks)."""
+  if base is not None:
+    return base
+  return families.of(config).blocks_cls() if config is not None else network.Blocks()
 
 
-METHODS: dict[str, Method] = {m.name: m for m in [
-    Method("ia3", _ia3_blocks, ia3.TRAINABLE_PATTERNS, True, dict(sites=("k", "v", "ff")),
-           description="(IA)^3: learned rescaling of keys, values and FFN activations"),
-    Method("lora", lora.lora_blocks, lora.TRAINABLE_PATTERNS, False,
-           dict(rank=4, alpha=4.0, dropout=0.0, targets=lora.DEFAULT_TARGETS, use_rslora=False),
-           description="LoRA: low-rank updates of the projection kernels"),
-    Method("bitfit", bitfit.bitfit_blocks, bitfit.TRAINABLE_PATTERNS, False,
-           dict(targets=("all",)),
-           description="BitFit: zero-initialised biases after every projection"),
-    Method("layernorm", layernorm.layernorm_blocks, layernorm.TRAINABLE_PATTERNS, False, {},
-           description="LayerNorm: the layer-norm scales"),
-    Method("prompt_tuning", prompt_tuning.prompt_tuning_blocks, prompt_tuning.TRAINABLE_PATTERNS,
-           True, dict(length=100, init_seed=0),
-           description="Prompt tuning: a soft prompt before the input"),
-    Method("prefix_tuning", prefix_tuning.prefix_tuning_blocks, prefix_tuning.TRAINABLE_PATTERNS,
-           True, dict(length=10, sites=tuple(prefix_tuning.SITES), init_scale=1.0),
-           description="Prefix tuning: learned key/value prefixes in every attention"),
-    Method("full", full.full_blocks, full.TRAINABLE_PATTERNS, False, {},
-           description="Full fine-tuning: every parameter"),
-]}
+def register(cls: type[PeftMethod]) -> type[PeftMethod]:
+  """Class decorator: adds a `PeftMethod` subclass to the registry under `cls.name`."""
+  if not cls.name or cls.name in _METHODS and _METHODS[cls.name] is not cls:
+    raise ValueError(f"PEFT method {cls.__name__}: name {cls.name!r} is empty or taken")
+  _METHODS[cls.name] = cls
+  return cls
 
 
-def get_method(name: str) -> Method:
-  """The registered method called `name` (ia3, lora, bitfit, layernorm, prompt_tuning, ...)."""
-  if name not in METHODS:
-    raise KeyError(f"Unknown PEFT method {name!r}; known: {', '.join(METHODS)}")
-  return METHODS[name]
+def methods() -> Mapping[str, type[PeftMethod]]:
+  """Every registered method by name, sorted (imports the modules of `ia3_jax.peft` once)."""
+  if not getattr(methods, "_discovered", False):
+    package = importlib.import_module("ia3_jax.peft")
+    for info in pkgutil.iter_modules(package.__path__):
+      if info.name not in _NOT_METHODS:
+        importlib.import_module(f"ia3_jax.peft.{info.name}")
+    methods._discovered = True  # type: ignore[attr-defined]
+  return dict(sorted(_METHODS.items()))
 
 
 def method_names() -> tuple[str, ...]:
-  return tuple(METHODS)
+  return tuple(methods())
+
+
+def get_method(name: str) -> type[PeftMethod]:
+  """The method class registered as `name` (ia3, lora, bitfit, layernorm, prompt_tuning, ...)."""
+  found = methods()
+  if name not in found:
+    raise ConfigError(f"PEFT_METHOD={name!r}: unknown PEFT method; known: {', '.join(found)}")
+  return found[name]
+
+
+def make(name: str, **hyperparameters: Any) -> PeftMethod:
+  """The method `name` with `hyperparameters` over its defaults (gin: PEFT_METHOD, PEFT_OPTIONS)."""
+  cls = get_method(name)
+  known = {f.name for f in dataclasses.fields(cls)}
+  unknown = sorted(set(hyperparameters) - known)
+  if unknown:
+    raise ConfigError(f"PEFT_OPTIONS: {name} has no hyper-parameter {unknown[0]!r}; it has "
+                      f"{', '.join(sorted(known)) or 'none'}")
+  return cls(**hyperparameters)
+
+
+def defaults(name: str) -> dict[str, Any]:
+  """The default hyper-parameters of method `name`."""
+  return get_method(name)().hyperparameters()
 
 
 def trainable_patterns(name: str) -> list[str]:
-  """The regexes of the params method `name` trains (what gin's TRAINABLE_PARAMS reads)."""
+  """The regexes of the params method `name` trains."""
   return list(get_method(name).trainable_patterns)

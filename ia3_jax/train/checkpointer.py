@@ -236,6 +236,21 @@ def resolve_step_dir(path: PathLike) -> pathlib.Path:
                         "trainable/, a directory of them, or a MODEL_DIR with checkpoints/)")
 
 
+def is_training_checkpoint(path: PathLike) -> bool:
+  """Whether `path` looks like a training checkpoint: a step directory (with trainable/), a
+  directory of them, or a MODEL_DIR with checkpoints/ (`resolve_step_dir` then finds the
+  step, or says why none is complete)."""
+  p = pathlib.Path(path)
+  return p.is_dir() and ((p / "trainable").exists() or (p / "checkpoints").exists() or any(
+      (c / "trainable").exists() for c in p.iterdir() if c.is_dir()))
+
+
+def trainable_dir(path: PathLike) -> pathlib.Path:
+  """The `<step>/trainable` orbax params of a training checkpoint (what `ia3-jax merge`,
+  `export-peft` and adapter banks read)."""
+  return resolve_step_dir(path) / "trainable"
+
+
 def read_checkpoint_meta(path: PathLike) -> tuple[pathlib.Path, dict]:
   """(step directory, its meta dict) for any path `resolve_step_dir` accepts."""
   step_dir = resolve_step_dir(path)

@@ -36,6 +36,15 @@ def check_vocabulary(source: Any, config: T5Config) -> None:
                       f"vocab_size >= {size})")
 
 
+def check_source_task_ids(source: Any, check: Callable[..., None]) -> None:
+  """The task ids a source's batches carry (`task_ids()`, if it has them) against the model's
+  banks (`check(ids, source=...)`, e.g. `ModelSpec.check_task_ids`), before the run starts."""
+  task_ids = getattr(source, "task_ids", None)
+  if callable(task_ids):
+    for key, task_id in task_ids().items():
+      check(np.asarray([task_id]), source=f"{source_name(source)} (dataset {key!r})")
+
+
 def check_token_ids(batch: Mapping[str, np.ndarray], vocab_size: int, where: str) -> None:
   """Token ids outside the embedding would turn the loss non-finite: a DataError instead."""
   for key in features.TOKEN_FEATURES:

@@ -28,16 +28,13 @@ from ia3_jax import files
 from ia3_jax.data.features import BatchSource
 from ia3_jax.errors import (CheckpointError, ConfigError, DataError, TrainingDivergedError,
                             TrainingInterrupted)
-from ia3_jax.interop import hf_checkpoints, hf_families
-from ia3_jax.model import families, network, precision
-from ia3_jax.model import params as params_lib
-from ia3_jax.model.config import T5Config
-from ia3_jax.model.decoder_config import DecoderConfig
-from ia3_jax.model.storage import FrozenStorage
+from ia3_jax.model import precision
 from ia3_jax.objectives import losses
-from ia3_jax.train import run_lock
+from ia3_jax.train import assembly, run_lock
+from ia3_jax.train.assembly import ModelSpec
 from ia3_jax.train.checkpointer import CheckpointConfig, Checkpointer
-from ia3_jax.train.checks import check_eval_result, check_vocabulary, source_name, warn_train_batch
+from ia3_jax.train.checks import (check_eval_result, check_source_task_ids, check_vocabulary,
+                                  source_name, warn_train_batch)
 from ia3_jax.train.optimizers import OptimizerConfig
 from ia3_jax.train.partitioning import PartitionConfig, Partitioner
 from ia3_jax.train.preemption import StopOnSignal
@@ -50,7 +47,6 @@ log = logging.getLogger(__name__)
 
 Params = dict[str, Any]
 Batch = Mapping[str, np.ndarray]
-ALL_PARAMS = ".*"
 FINITE_METRICS = ("loss", "grad_norm", "param_norm")
 
 
@@ -188,8 +184,7 @@ class TrainConfig:
   train_steps [TRAIN_STEPS], batch_size [BATCH_SIZE] (global, over all hosts),
   grad_accum_steps: microbatches per step; eval_period: rank-classification
   eval every N steps (0: only at the end); log_period: metrics every N steps;
-  seed [RANDOM_SEED]: init of new params and dropout; use_task_id: pass the
-  batch's task_id to the model (task banks with several rows).
+  seed [RANDOM_SEED]: init of new params, dropout and data order.
   """
 
   train_steps: int = 1000
@@ -201,8 +196,6 @@ class TrainConfig:
   log_period: int = 10
   seed: int = 42
   enable_dropout: bool = True
-  use_task_id: bool = False
-  max_choices_per_step: Optional[int] = None
   length_normalize_eval: bool = True
   progress: bool = True
   tensorboard: bool = True
@@ -224,40 +217,6 @@ class TrainConfig:
 # --------------------------------------------------------------------------- the train run
 
 
-def build_model(config: T5Config | DecoderConfig, blocks: Optional[network.Blocks] = None,
-                dropout_rate: Optional[float] = None,
-                scan_layers: Optional[bool] = None) -> Any:
-  """The network of `config`'s family (T5 `network.Transformer`, decoder-only
-  `decoder.DecoderOnly`) with `blocks` (PEFT overrides, moved to the config's family by
-  `families.blocks_for`); dropout and layer scanning overridden when given. Decoder-only
-  models have no dropout (a rate is ignored, with a warning)."""
-  family = families.of(config)
-  if dropout_rate is not None and not (isinstance(dropout_rate, (int, float))
-                                       and 0.0 <= dropout_rate < 1.0):
-    raise ConfigError(f"DROPOUT_RATE={dropout_rate!r}: must be a number in [0, 1)")
-  if family is families.DECODER_ONLY:
-    if dropout_rate:
-      log.warning("DROPOUT_RATE=%s ignored: decoder-only models have no dropout", dropout_rate)
-    dropout_rate = None
-  if dropout_rate is not None:
-    config = config.replace(dropout_rate=float(dropout_rate))
-  blocks = families.blocks_for(config, blocks)
-  if scan_layers is not None:
-    blocks = blocks.replace(scan_layers=bool(scan_layers))
-  return family.build(config, blocks)
-
-
-def load_base_params(trainer: Trainer, path: Optional[str]) -> Optional[Params]:
-  """The base params at `path` (HF directory or orbax params; None: none), each tensor
-  stored as `trainer` keeps it as it is read (no float32 copy of the model); an HF
-  directory must hold the trainer's model (the error names the first differing param)."""
-  load = hf_families.of(trainer.model.config).load_initial
-  base, hf_config = load(path, convert=trainer.store_base_tensor)
-  if base is not None and hf_config is not None:
-    hf_checkpoints.check_params_match(base, trainer.model.config, source=str(path))
-  return base
-
-
 def build_optimizer(optimizer: OptimizerConfig | optax.GradientTransformation,
                     train_steps: int) -> tuple[optax.GradientTransformation, Optional[Callable]]:
   """The optax transformation and its schedule (for logging), the schedule over `train_steps`."""
@@ -268,147 +227,151 @@ def build_optimizer(optimizer: OptimizerConfig | optax.GradientTransformation,
   return optimizer.build(), optimizer.learning_rate_fn()
 
 
-def train(*, model_dir: str, config: T5Config | DecoderConfig, train_data: BatchSource,
-          blocks: Optional[network.Blocks] = None, trainable: params_lib.Patterns = ALL_PARAMS,
+def train(*, model_dir: str, model: ModelSpec, train_data: BatchSource,
           train_config: TrainConfig = TrainConfig(),
           loss: losses.LossConfig = losses.LossConfig(),
           optimizer: OptimizerConfig | optax.GradientTransformation = OptimizerConfig(),
           partitioning: PartitionConfig = PartitionConfig(),
           checkpoint: CheckpointConfig = CheckpointConfig(),
           eval_data: Optional[BatchSource] = None,
-          initial_checkpoint_path: Optional[str] = None,
-          dropout_rate: Optional[float] = None,
           results_file: Optional[str] = "results.json",
           initial_params: Optional[Params] = None,
-          post_load: Optional[Callable[[Params, T5Config], Params]] = None,
-          frozen_dtype: str = "float32", scan_layers: Optional[bool] = None) -> dict[str, Any]:
+          post_load: Optional[Callable[[Params, Any], Params]] = None) -> dict[str, Any]:
   """Trains (or resumes training in) `model_dir`; returns the results dict.
 
   Resumes from the newest checkpoint in `<model_dir>/checkpoints` if there is
   one (same trainable params, optimizer state, step and data position), else
-  starts from `initial_checkpoint_path` (HF directory or orbax params; params
+  starts from `model.initial_checkpoint_path` (HF directory or orbax params; params
   it lacks must be trainable and are initialised with the seed), or from
-  `initial_params` (a host param tree), or from a random init. `post_load(params,
-  config) -> params` runs once on a fresh start (e.g. prompt tuning copies embedding
-  rows into its prompt; a PEFT gin file binds `loop.train.post_load`). `frozen_dtype`
-  [FROZEN_DTYPE]: storage of the frozen params, "float32", "bfloat16", "int8" or "int4"
-  (`model.storage.FrozenStorage`). `scan_layers` [SCAN_LAYERS]: run the layers with
-  `nn.scan` (`network.Blocks.scan_layers`; checkpoints then hold the scanned layout, which
-  `network.unscan_params` converts, and every tool that reads them accepts).
+  `initial_params` (a host param tree), or from a random init. `model` [MODEL] is the
+  `assembly.ModelSpec` (PEFT method, frozen storage, layer scanning, dropout, ...).
+  `post_load(params, config) -> params` runs once on a fresh start (e.g. to copy
+  params into new ones).
 
   Raises:
     TrainingDivergedError: a NaN/inf loss, grad or param norm (the diverged update is not saved).
     TrainingInterrupted: SIGINT/SIGTERM; a checkpoint of the last finished step was saved.
     CheckpointError: a checkpoint that does not fit the model (names the param).
   """
-  tc = train_config
-  transform, lr_fn = build_optimizer(optimizer, tc.train_steps)
   model_dir = os.path.abspath(model_dir)
-  is_chief = jax.process_index() == 0
   created_model_dir = not os.path.exists(model_dir)
   os.makedirs(model_dir, exist_ok=True)
-  t_start = time.time()
-  with run_lock.hold(model_dir, enabled=is_chief) as lock:  # one run per MODEL_DIR
+  with run_lock.hold(model_dir, enabled=jax.process_index() == 0) as lock:  # one per MODEL_DIR
     try:
-      if initial_params is not None and initial_checkpoint_path:
-        raise ValueError("pass initial_checkpoint_path or initial_params, not both")
-      model = build_model(config, blocks, dropout_rate, scan_layers)
-      partitioner = Partitioner(partitioning)
-      trainer = Trainer(model, trainable=trainable, optimizer=transform, loss=loss,
-                        partitioner=partitioner, grad_accum_steps=tc.grad_accum_steps, seed=tc.seed,
-                        enable_dropout=tc.enable_dropout, use_task_id=tc.use_task_id,
-                        max_choices_per_step=tc.max_choices_per_step,
-                        learning_rate_fn=lr_fn, frozen_storage=FrozenStorage(frozen_dtype))
-      base = (initial_params if initial_params is not None
-              else load_base_params(trainer, initial_checkpoint_path))
-      if partitioner.replicated_dims:
-        log.info("replicated (not divisible): %s", "; ".join(partitioner.replicated_dims))
-      if tc.batch_size % (tc.grad_accum_steps * partitioner.data_size):
-        raise ConfigError(f"BATCH_SIZE={tc.batch_size} must be divisible by GRAD_ACCUM_STEPS "
-                          f"({tc.grad_accum_steps}) x data-parallel devices "
-                          f"({partitioner.data_size}, --data_parallel)")
-      counts = trainer.num_params()
-      run_meta = {"seed": tc.seed, "batch_size": tc.batch_size, "train_steps": tc.train_steps,
-                  "grad_accum_steps": tc.grad_accum_steps, "model_config": model.config.to_dict(),
-                  "trainable_params": trainer.trainable_paths, "num_trainable": counts["trainable"],
-                  "initial_checkpoint_path": initial_checkpoint_path}
-
-      show = printer(is_chief and tc.progress)
-      results_path = os.path.join(model_dir, results_file) if results_file else None
-      for source in (train_data, eval_data):
-        check_vocabulary(source, model.config)
-        if hasattr(source, "validate"):  # a bad example fails now, before anything is written
-          source.validate()  # (an evaluation example: not after all of training)
-      ckpt = Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint)
-      latest = ckpt.latest_step()
-      if latest is not None and latest >= tc.train_steps:
-        finished = _read_results(results_path, latest)
-        if finished is not None:  # a finished run: say so, rewrite nothing
-          state, _, _ = _resume(trainer, ckpt, latest, base, run_meta, lambda _: None)
-          ckpt.close()
-          if is_chief:  # printed even without progress output: the whole answer of this run
-            print(f"{model_dir}: already trained to step {latest} (TRAIN_STEPS={tc.train_steps}); "
-                  f"nothing to do, results in {results_path}", flush=True)
-          return {**finished, "state": state}
-      show(f"ia3-jax train: {partitioner.describe()}; {counts['trainable']:,} trainable of "
-           f"{counts['total']:,} params ({counts['trainable_bytes'] / 1e6:.3g} MB); "
-           f"{precision.describe_dtype(model.config.dtype)}")
-
-      history: dict[str, Any] = {"train_losses": [], "eval": {}, "truncation": {}}
-      if latest is not None:
-        state, data_position, meta = _resume(trainer, ckpt, latest, base, run_meta, show)
-        history.update(meta.get("history", {}))
-      else:
-        source = "initial_params" if initial_params is not None else str(initial_checkpoint_path)
-        state, data_position = trainer.init_state(base, source=source), 0
-        if post_load is not None:
-          state = trainer.state_from_params(trainer.place_params(post_load(state.params, model.config)))
-      start = int(jax.device_get(state.step))
-      run = _TrainRun(trainer=trainer, tc=tc, ckpt=ckpt, checkpoint=checkpoint, model_dir=model_dir,
-                      run_meta=run_meta, show=show, eval_data=eval_data, state=state, start=start,
-                      start_position=data_position, last_saved=latest, history=history)
-
-      shard_id, num_shards = partitioner.data_shard_info()
-      batches = train_data(batch_size=partitioner.local_batch_size(tc.batch_size),
-                           start_step=data_position, shard_id=shard_id,
-                           num_shards=num_shards) if start < tc.train_steps else iter(())
-      run.train_stats = getattr(batches, "stats", None)
-      loop = run.loop(source_name(train_data), is_chief)
-      try:
-        with run.stop:
-          for info in loop.steps(state, batches):
-            run.state = info.state
-        run.finish()
-      finally:
-        run.close()
-
-      truncation = run.truncation
-      truncation["train"] = _add_truncation(run.prior_train_truncation, run.train_stats)
-      if truncation.get("train") and _any_truncated(truncation["train"]):
-        show(f"truncated (train, {truncation['train']['examples']} examples seen): "
-             + _truncation_counts(truncation["train"]))
-      results = {
-          "step": run.step, "start_step": start, "model_dir": model_dir,
-          "checkpoint": ckpt.path(run.last_saved), "params": counts, "train_losses": run.losses,
-          "first_loss": run.losses[0][1] if run.losses else None,
-          "last_loss": run.losses[-1][1] if run.losses else None,
-          "eval": dict(sorted(run.eval_results.items())),
-          "truncation": truncation,
-          "mesh": {"data": partitioner.data_size, "model": partitioner.model_size,
-                   "processes": jax.process_count()},
-          "wall_time_s": time.time() - t_start,
-      }
-      if results_path and is_chief:
-        files.write_json(results_path, results)
-        show(f"results: {results_path}")
-      results["state"] = run.state
-      return results
+      return _train(model_dir, model, train_data, train_config, loss, optimizer, partitioning,
+                    checkpoint, eval_data, results_file, initial_params, post_load)
     except BaseException as e:
       if not isinstance(e, TrainingInterrupted):  # what a failed run made and left empty
         if lock is not None:
           lock.release()
         _remove_empty_dirs(model_dir, created_model_dir)
       raise
+
+
+def _train(model_dir: str, model: ModelSpec, train_data: BatchSource, tc: TrainConfig,
+           loss: losses.LossConfig, optimizer: OptimizerConfig | optax.GradientTransformation,
+           partitioning: PartitionConfig, checkpoint: CheckpointConfig,
+           eval_data: Optional[BatchSource], results_file: Optional[str],
+           initial_params: Optional[Params], post_load: Optional[Callable]) -> dict[str, Any]:
+  """`train` in `model_dir`, which this process holds the run lock of."""
+  transform, lr_fn = build_optimizer(optimizer, tc.train_steps)
+  is_chief = jax.process_index() == 0
+  t_start = time.time()
+  initial_checkpoint_path = model.initial_checkpoint_path
+  if initial_params is not None and initial_checkpoint_path:
+    raise ConfigError("pass INITIAL_CHECKPOINT_PATH or initial_params, not both")
+  partitioner = Partitioner(partitioning)
+  lay = assembly.layout(model, partitioner, seed=tc.seed)
+  trainer = Trainer(lay, optimizer=transform, loss=loss,
+                    grad_accum_steps=tc.grad_accum_steps, enable_dropout=tc.enable_dropout,
+                    learning_rate_fn=lr_fn)
+  base = (initial_params if initial_params is not None
+          else assembly.load_base_params(lay, initial_checkpoint_path))
+  if partitioner.replicated_dims:
+    log.info("replicated (not divisible): %s", "; ".join(partitioner.replicated_dims))
+  if tc.batch_size % (tc.grad_accum_steps * partitioner.data_size):
+    raise ConfigError(f"BATCH_SIZE={tc.batch_size} must be divisible by GRAD_ACCUM_STEPS "
+                      f"({tc.grad_accum_steps}) x data-parallel devices "
+                      f"({partitioner.data_size}, --data_parallel)")
+  counts = lay.num_params()
+  run_meta = {"seed": tc.seed, "batch_size": tc.batch_size, "train_steps": tc.train_steps,
+              "grad_accum_steps": tc.grad_accum_steps,
+              "model_config": lay.model.config.to_dict(),
+              "trainable_params": lay.trainable_paths, "num_trainable": counts["trainable"],
+              "initial_checkpoint_path": initial_checkpoint_path}
+
+  show = printer(is_chief and tc.progress)
+  results_path = os.path.join(model_dir, results_file) if results_file else None
+  for source in (train_data, eval_data):
+    check_vocabulary(source, lay.model.config)
+    if model.use_task_id:
+      check_source_task_ids(source, model.check_task_ids)
+    if hasattr(source, "validate"):  # a bad example fails now, before anything is written
+      source.validate()  # (an evaluation example: not after all of training)
+  ckpt = Checkpointer(os.path.join(model_dir, "checkpoints"), checkpoint)
+  latest = ckpt.latest_step()
+  if latest is not None and latest >= tc.train_steps:
+    finished = _read_results(results_path, latest)
+    if finished is not None:  # a finished run: say so, rewrite nothing
+      state, _, _ = _resume(trainer, ckpt, latest, base, run_meta, lambda _: None)
+      ckpt.close()
+      if is_chief:  # printed even without progress output: the whole answer of this run
+        print(f"{model_dir}: already trained to step {latest} (TRAIN_STEPS={tc.train_steps}); "
+              f"nothing to do, results in {results_path}", flush=True)
+      return {**finished, "state": state}
+  show(f"ia3-jax train: {partitioner.describe()}; {counts['trainable']:,} trainable of "
+       f"{counts['total']:,} params ({counts['trainable_bytes'] / 1e6:.3g} MB); "
+       f"{precision.describe_dtype(lay.model.config.dtype)}")
+
+  history: dict[str, Any] = {"train_losses": [], "eval": {}, "truncation": {}}
+  if latest is not None:
+    state, data_position, meta = _resume(trainer, ckpt, latest, base, run_meta, show)
+    history.update(meta.get("history", {}))
+  else:
+    source = "initial_params" if initial_params is not None else str(initial_checkpoint_path)
+    state, data_position = trainer.init_state(base, source=source), 0
+    if post_load is not None:
+      state = trainer.state_from_params(post_load(state.params, lay.model.config))
+  start = int(jax.device_get(state.step))
+  run = _TrainRun(trainer=trainer, tc=tc, ckpt=ckpt, checkpoint=checkpoint, model_dir=model_dir,
+                  run_meta=run_meta, show=show, eval_data=eval_data, state=state, start=start,
+                  start_position=data_position, last_saved=latest, history=history)
+
+  shard_id, num_shards = partitioner.data_shard_info()
+  batches = train_data(batch_size=partitioner.local_batch_size(tc.batch_size),
+                       start_step=data_position, shard_id=shard_id,
+                       num_shards=num_shards) if start < tc.train_steps else iter(())
+  run.train_stats = getattr(batches, "stats", None)
+  loop = run.loop(source_name(train_data), is_chief)
+  try:
+    with run.stop:
+      for info in loop.steps(state, batches):
+        run.state = info.state
+    run.finish()
+  finally:
+    run.close()
+
+  truncation = run.truncation
+  truncation["train"] = _add_truncation(run.prior_train_truncation, run.train_stats)
+  if truncation.get("train") and _any_truncated(truncation["train"]):
+    show(f"truncated (train, {truncation['train']['examples']} examples seen): "
+         + _truncation_counts(truncation["train"]))
+  results = {
+      "step": run.step, "start_step": start, "model_dir": model_dir,
+      "checkpoint": ckpt.path(run.last_saved), "params": counts, "train_losses": run.losses,
+      "first_loss": run.losses[0][1] if run.losses else None,
+      "last_loss": run.losses[-1][1] if run.losses else None,
+      "eval": dict(sorted(run.eval_results.items())),
+      "truncation": truncation,
+      "mesh": {"data": partitioner.data_size, "model": partitioner.model_size,
+               "processes": jax.process_count()},
+      "wall_time_s": time.time() - t_start,
+  }
+  if results_path and is_chief:
+    files.write_json(results_path, results)
+    show(f"results: {results_path}")
+  results["state"] = run.state
+  return results
 
 
 class _TrainRun:
@@ -600,7 +563,7 @@ def _resume(trainer: Trainer, ckpt: Checkpointer, step: int, base: Optional[Para
   abstract = trainer.abstract_state()
   trainable, opt_state, frozen, meta = ckpt.restore(step, abstract)
   if frozen is None:  # frozen params come from the initial checkpoint (or the seed)
-    frozen = trainer.init_frozen(base)
+    frozen = trainer.layout.init_frozen(base)
   state = TrainState(step=trainer.partitioner.place(np.asarray(step, np.int32),
                                                     trainer.partitioner.replicated),
                      trainable=trainable, opt_state=opt_state, frozen=frozen)
