@@ -93,20 +93,14 @@ class AdapterConfig(registry.PeftMethod):
   sites: tuple[str, ...] = ("mlp",)
 
   def validate(self) -> None:
-    factor = self.reduction_factor
-    if not isinstance(factor, int) or isinstance(factor, bool) or factor < 1:
-      raise self.invalid("reduction_factor", "must be a positive int")
-    sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
-    unknown = [s for s in sites if s not in SITES]
-    if unknown or not sites:
-      raise self.invalid("sites", f"unknown {unknown or 'empty'}; known: {', '.join(SITES)}")
+    self.require_positive_int("reduction_factor")
+    self.names_from("sites", SITES)
 
   def blocks(self, config: Optional[Any], base: network.Blocks,
              num_tasks: int = 1) -> network.Blocks:
     del config
     self.check_num_tasks(num_tasks)
-    sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
-    scopes = tuple(s for site in sites for s in SITES[site])
+    scopes = tuple(s for site in self.names_from("sites", SITES) for s in SITES[site])
     for block in ("attention", "mlp"):
       mine = tuple(s for s in scopes if (s == "mlp") == (block == "mlp"))
       if mine:

@@ -78,10 +78,8 @@ class CompacterConfig(adapter.AdapterConfig):
 
   def validate(self) -> None:
     super().validate()
-    for field in ("phm_dim", "phm_rank"):
-      value = getattr(self, field)
-      if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-        raise self.invalid(field, "must be a positive int")
+    self.require_positive_int("phm_dim")
+    self.require_positive_int("phm_rank")
 
   def blocks(self, config: Any, base: Any, num_tasks: int = 1) -> Any:
     if config is not None and config.emb_dim % self.phm_dim:

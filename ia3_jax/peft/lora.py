@@ -109,8 +109,7 @@ class LoraConfig(registry.PeftMethod):
   use_rslora: bool = False
 
   def validate(self) -> None:
-    if not isinstance(self.rank, int) or isinstance(self.rank, bool) or self.rank < 1:
-      raise self.invalid("rank", "must be a positive int")
+    self.require_positive_int("rank")
     if not isinstance(self.dropout, (int, float)) or not 0.0 <= self.dropout < 1.0:
       raise self.invalid("dropout", "must be in [0, 1)")
     if not isinstance(self.alpha, (int, float)) or isinstance(self.alpha, bool):

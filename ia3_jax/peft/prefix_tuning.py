@@ -95,21 +95,16 @@ class PrefixTuningConfig(registry.PeftMethod):
   init_scale: float = 1.0
 
   def validate(self) -> None:
-    if not isinstance(self.length, int) or isinstance(self.length, bool) or self.length < 1:
-      raise self.invalid("length", "must be a positive int")
-    sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
-    unknown = [s for s in sites if s not in SITES]
-    if unknown or not sites:
-      raise self.invalid("sites", f"unknown {unknown or 'empty'}; known: {', '.join(SITES)}")
+    self.require_positive_int("length")
+    self.names_from("sites", SITES)
 
   def blocks(self, config: Optional[Any], base: network.Blocks,
              num_tasks: int = 1) -> network.Blocks:
     del config
     self.check_num_tasks(num_tasks)
-    sites = (self.sites,) if isinstance(self.sites, str) else tuple(self.sites)
     return base.override("attention", Prefix, length=self.length, num_tasks=int(num_tasks),
                          init_scale=float(self.init_scale),
-                         scopes=tuple(SITES[s] for s in sites))
+                         scopes=tuple(SITES[s] for s in self.names_from("sites", SITES)))
 
 
 def prefix_tuning_blocks(config: Optional[Any] = None, *, num_tasks: int = 1,

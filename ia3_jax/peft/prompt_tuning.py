@@ -145,8 +145,7 @@ class PromptTuningConfig(registry.PeftMethod):
   init_token_ids: Optional[tuple] = None
 
   def validate(self) -> None:
-    if not isinstance(self.length, int) or isinstance(self.length, bool) or self.length < 1:
-      raise self.invalid("length", "must be a positive int")
+    self.require_positive_int("length")
 
   def blocks(self, config: Optional[Any], base: network.Blocks,
              num_tasks: int = 1) -> network.Blocks:

@@ -58,6 +58,21 @@ class PeftMethod:
     binding = f"{cls.__module__.rpartition('.')[2]}.{cls.__name__}.{field}"
     return ConfigError(f"{binding}={getattr(self, field)!r}: {why}")
 
+  def require_positive_int(self, field: str) -> None:
+    """ConfigError unless hyper-parameter `field` is a positive int."""
+    value = getattr(self, field)
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+      raise self.invalid(field, "must be a positive int")
+
+  def names_from(self, field: str, known: Any) -> tuple[str, ...]:
+    """Hyper-parameter `field` (a name or names) as a tuple, each one of `known`."""
+    value = getattr(self, field)
+    names = (value,) if isinstance(value, str) else tuple(value)
+    unknown = [n for n in names if n not in known]
+    if unknown or not names:
+      raise self.invalid(field, f"unknown {unknown or 'empty'}; known: {', '.join(known)}")
+    return names
+
   def blocks(self, config: Any, base: network.Blocks, num_tasks: int = 1) -> network.Blocks:
     """`base` (the model family's blocks) with this method's module overrides."""
     del config
